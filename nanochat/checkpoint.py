@@ -1,0 +1,209 @@
+"""
+Checkpoints: one directory per step, written so that a crash at any moment never leaves
+something that looks complete.
+
+    $NANOCHAT_BASE_DIR/{base,mid,sft,rl}_checkpoints/<model_tag>/step_000100/
+        model.pt           weights (rank 0)
+        optim_rank0.pt     optimizer state + RNG states of rank 0 (one file per rank: state is sharded)
+        meta.json          model config, training metadata, file sizes and hashes; written last
+
+All files are first written into `step_000100.partial/`; rank 0 writes meta.json and renames the
+directory into place only after every rank has finished. A step directory without the
+`.partial` suffix and with a readable meta.json is complete. Under several nodes the checkpoint
+directory must be on a filesystem every rank sees.
+Loading never runs code from the files: tensors via torch.load(weights_only=True), metadata as JSON.
+"""
+import glob
+import hashlib
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import atomic_write_text, get_base_dir, is_ddp_initialized, logger
+
+SOURCES = ("base", "mid", "sft", "rl")
+STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt, or does not fit the model asked for."""
+
+
+def checkpoints_root(source):
+    if source not in SOURCES:
+        raise ValueError(f"checkpoint source must be one of {SOURCES}, got {source!r}")
+    return os.path.join(get_base_dir(), f"{source}_checkpoints")
+
+
+def step_dir(ckpt_dir, step):
+    return os.path.join(ckpt_dir, f"step_{step:06d}")
+
+
+def _sha256(path, chunk=1 << 24):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _barrier():
+    if is_ddp_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, world_size=1, rng_state=None):
+    """Collective under torchrun: every rank calls it with its own optimizer state.
+    `model_state` only matters on rank 0; `meta` must be JSON-serialisable."""
+    final = step_dir(ckpt_dir, step)
+    partial = final + ".partial"
+    if rank == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a run that died mid-save
+        os.makedirs(partial)
+    _barrier()
+    if optimizer_state is not None or rng_state is not None:
+        torch.save({"optimizer": optimizer_state, "rng": rng_state}, os.path.join(partial, f"optim_rank{rank}.pt"))
+    if rank == 0:
+        torch.save(model_state, os.path.join(partial, "model.pt"))
+    _barrier()
+    if rank == 0:
+        files = sorted(os.listdir(partial))
+        meta = dict(meta, step=step, world_size=world_size,
+                    files={name: {"bytes": os.path.getsize(os.path.join(partial, name)),
+                                  "sha256": _sha256(os.path.join(partial, name))} for name in files})
+        atomic_write_text(os.path.join(partial, "meta.json"), json.dumps(meta, indent=2))
+        shutil.rmtree(final, ignore_errors=True)  # an older save of the same step
+        os.replace(partial, final)
+        logger.info(f"saved checkpoint {final}")
+    _barrier()
+    return final
+
+
+def read_meta(path):
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.exists(meta_path):
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint metadata {meta_path} is corrupt: {e}")
+
+
+def list_complete_steps(ckpt_dir):
+    steps = []
+    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
+        m = STEP_RE.match(name)
+        if m and os.path.exists(os.path.join(ckpt_dir, name, "meta.json")):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(ckpt_dir):
+    steps = list_complete_steps(ckpt_dir)
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint in {ckpt_dir}")
+    return steps[-1]
+
+
+def find_largest_model(root):
+    """The model tag with the largest depth (tags look like d12, d20), else the newest directory."""
+    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
+    tags = [t for t in tags if list_complete_steps(os.path.join(root, t))]
+    if not tags:
+        raise CheckpointError(f"no checkpoints found in {root}")
+    depth_tags = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depth_tags:
+        return max(depth_tags)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+
+
+def _load_tensor_file(path, expected, device):
+    name = os.path.basename(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint file {path} is missing")
+    if expected is not None and os.path.getsize(path) != expected["bytes"]:
+        raise CheckpointError(f"checkpoint file {path} is truncated or altered: {os.path.getsize(path)} bytes, "
+                              f"meta.json says {expected['bytes']}")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {path} ({name}) cannot be read: {e}")
+
+
+def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, verify_hash=False):
+    """Returns (model_state, optimizer_payload or None, meta)."""
+    path = step_dir(ckpt_dir, step)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"no checkpoint at {path}")
+    meta = read_meta(path)
+    files = meta.get("files", {})
+    if verify_hash:
+        for name, info in files.items():
+            if _sha256(os.path.join(path, name)) != info["sha256"]:
+                raise CheckpointError(f"checkpoint file {os.path.join(path, name)} does not match its hash in meta.json")
+    model_state = _load_tensor_file(os.path.join(path, "model.pt"), files.get("model.pt"), device)
+    optim = None
+    if load_optimizer:
+        name = f"optim_rank{rank}.pt"
+        if meta.get("world_size", 1) and name not in files:
+            raise CheckpointError(f"checkpoint {path} has no optimizer state for rank {rank} "
+                                  f"(it was saved by {meta.get('world_size')} rank(s))")
+        optim = _load_tensor_file(os.path.join(path, name), files.get(name), device)
+    return model_state, optim, meta
+
+
+def build_model(ckpt_dir, step, device, phase="eval"):
+    """Rebuild the model from the config stored with the checkpoint and load its weights.
+    Returns (model, meta)."""
+    from nanochat.gpt import GPT, GPTConfig
+    model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {step_dir(ckpt_dir, step)} has an unusable model_config: {e}")
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers such as rotary tables are not in the state dict
+    try:
+        result = model.load_state_dict(model_state, strict=False, assign=True)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"checkpoint {step_dir(ckpt_dir, step)} does not match its model config: {e}")
+    missing, unexpected = result.missing_keys, result.unexpected_keys
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {step_dir(ckpt_dir, step)} does not match its model config: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.train(phase == "train")
+    return model, meta
+
+
+def resolve_checkpoint(source, model_tag=None, step=None):
+    """(checkpoint dir, step) for a source, picking the largest model and the last step by default."""
+    root = checkpoints_root(source)
+    if not os.path.isdir(root) or not glob.glob(os.path.join(root, "*", "step_*", "meta.json")):
+        hint = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}[source]
+        raise CheckpointError(f"no {source} checkpoint in {root}: train one first with `python -m {hint}`")
+    model_tag = model_tag or find_largest_model(root)
+    ckpt_dir = os.path.join(root, model_tag)
+    if step is None:
+        step = find_last_step(ckpt_dir)
+    return ckpt_dir, step
+
+
+def load_model(source, device, phase="eval", model_tag=None, step=None):
+    """Load a trained model and the tokenizer it was trained with. Returns (model, tokenizer, meta)."""
+    from nanochat.tokenizer import get_tokenizer
+    ckpt_dir, step = resolve_checkpoint(source, model_tag, step)
+    model, meta = build_model(ckpt_dir, step, device, phase)
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise CheckpointError(f"the tokenizer in {get_base_dir()}/tokenizer has {tokenizer.get_vocab_size()} tokens "
+                              f"but checkpoint {step_dir(ckpt_dir, step)} was trained with {model.config.vocab_size}")
+    return model, tokenizer, meta

@@ -1,0 +1,225 @@
+"""
+Shared runtime: device and dtype choice, torch.distributed setup, the base directory,
+seeding, atomic file writes and small helpers used by every script.
+"""
+import argparse
+import functools
+import logging
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+logger = logging.getLogger("nanochat")
+
+# -----------------------------------------------------------------------------
+# Base directory: every artifact (tokenizer, data shards, checkpoints, report) lives under it.
+
+def get_base_dir():
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+# -----------------------------------------------------------------------------
+# Distributed info (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
+
+def is_ddp_requested():
+    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+def is_ddp_initialized():
+    return dist.is_available() and dist.is_initialized()
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from the torchrun environment."""
+    if is_ddp_requested():
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, so multi-process runs log once."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+# -----------------------------------------------------------------------------
+# Device and dtype policy
+
+DEVICE_TYPES = ("cuda", "mps", "cpu")
+
+def autodetect_device_type(override=None):
+    """cuda, then mps, then cpu; `override` (a flag) or NANOCHAT_DEVICE wins when set."""
+    choice = override or os.environ.get("NANOCHAT_DEVICE") or ""
+    if choice:
+        if choice not in DEVICE_TYPES:
+            raise ValueError(f"device type must be one of {DEVICE_TYPES}, got {choice!r}")
+        if choice == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("device type 'cuda' was requested but torch.cuda.is_available() is False")
+        if choice == "mps" and not torch.backends.mps.is_available():
+            raise RuntimeError("device type 'mps' was requested but MPS is not available")
+        return choice
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
+          "fp16": torch.float16, "float16": torch.float16}
+
+def _time_matmul(dtype, n=512, reps=8):
+    a = torch.randn(n, n, dtype=dtype)
+    b = torch.randn(n, n, dtype=dtype)
+    a @ b  # warm up the kernel selection
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+@functools.lru_cache(maxsize=None)
+def cpu_bf16_is_faster():
+    """Measured, not assumed: CPUs with AMX/AVX512-BF16 run bf16 matmuls several times faster than
+    fp32, older ones emulate bf16 and run it slower. Takes a few tens of milliseconds, once per process."""
+    try:
+        return _time_matmul(torch.bfloat16) < 0.8 * _time_matmul(torch.float32)
+    except RuntimeError:
+        return False
+
+def get_compute_dtype(device_type):
+    """bf16 on CUDA sm80+, on CPUs where it measures faster; fp32 otherwise. NANOCHAT_DTYPE overrides."""
+    override = os.environ.get("NANOCHAT_DTYPE")
+    if override:
+        if override not in DTYPES:
+            raise ValueError(f"NANOCHAT_DTYPE must be one of {sorted(DTYPES)}, got {override!r}")
+        return DTYPES[override]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float32
+    if device_type == "cpu":
+        return torch.bfloat16 if cpu_bf16_is_faster() else torch.float32
+    return torch.float32  # mps: bf16 support varies by OS version; stay safe
+
+def autocast_context(device_type, dtype):
+    """Mixed precision for forward passes; a no-op context in fp32."""
+    if dtype == torch.float32:
+        return torch.autocast(device_type=device_type, enabled=False)
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+def synchronize(device_type):
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    elif device_type == "mps":
+        torch.mps.synchronize()
+
+def get_peak_memory(device_type):
+    """Peak bytes allocated on the accelerator, or the process's peak resident set on CPU."""
+    if device_type == "cuda":
+        return torch.cuda.max_memory_allocated()
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+# -----------------------------------------------------------------------------
+# Seeding and process setup
+
+def seed_everything(seed):
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % (2**32))
+    except ImportError:
+        pass
+
+def compute_init(device_type=None, seed=42):
+    """Pick the device, join the torchrun process group if there is one, seed, and set precision.
+    Returns (is_ddp, rank, local_rank, world_size, device)."""
+    device_type = autodetect_device_type(device_type)
+    seed_everything(seed)
+    if device_type == "cuda":
+        torch.set_float32_matmul_precision("high")  # tf32 for any fp32 matmul left
+    is_ddp, rank, local_rank, world_size = get_dist_info()
+    if device_type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_type)
+    if is_ddp and not is_ddp_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            dist.init_process_group(backend=backend, device_id=device)
+        else:
+            dist.init_process_group(backend=backend)
+        dist.barrier()
+    return is_ddp, rank, local_rank, world_size, device
+
+def compute_cleanup():
+    if is_ddp_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+# -----------------------------------------------------------------------------
+# Atomic writes: a reader (or a resumed run) never sees a half-written file.
+
+@contextmanager
+def atomic_open(path, mode="wb"):
+    """Open a temp file next to `path`; on success fsync and rename it over `path`, on error remove it."""
+    assert "w" in mode, "atomic_open is for writing"
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+def atomic_write_bytes(path, data):
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+def atomic_write_text(path, text):
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+# -----------------------------------------------------------------------------
+# Command-line helpers. Scripts use plain argparse with these so `--help` shows every default,
+# `--flag=value` works, and unknown flags or bad values are errors that name the flag.
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+def make_parser(description):
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+
+def str2bool(value):
+    v = str(value).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+def positive_int(value):
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return n
+
+class DummyWandb:
+    """Stands in for a wandb run when none is requested, so training code logs unconditionally."""
+    def log(self, *args, **kwargs):
+        pass
+    def finish(self):
+        pass

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv and install nanochat into it, with the dev and web extras.
+# A torch that already satisfies the requirement is reused. Where none is installed and no
+# NVIDIA GPU is visible we pin the CPU build first, so pip never resolves `torch>=2.8`
+# to several GB of CUDA wheels. Override the pin with NANOCHAT_TORCH_SPEC (e.g. "torch==2.9.1").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${NANOCHAT_VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+VPY="$VENV/bin/python"
+extra=()
+if ! "$VPY" -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2]); sys.exit(v < (2, 8))' 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        spec=${NANOCHAT_TORCH_SPEC:-torch>=2.8}
+    else
+        spec=${NANOCHAT_TORCH_SPEC:-torch==2.13.0}
+        # machines with a local wheel directory (pip's find-links) take the wheel from there;
+        # elsewhere the CPU-only index serves the same version without the CUDA libraries
+        if [ -z "${PIP_FIND_LINKS:-}" ] && ! "$VPY" -m pip config list 2>/dev/null | grep -q find-links; then
+            extra=(--extra-index-url https://download.pytorch.org/whl/cpu)
+        fi
+    fi
+    "$VPY" -m pip install -q "${extra[@]}" "$spec"
+fi
+"$VPY" -m pip install -q -e ".[dev,web]"
+"$VPY" -c 'import torch, nanochat; print(f"nanochat ready: torch {torch.__version__}, python at '"$VENV"'/bin/python")'
