@@ -223,3 +223,46 @@ class DummyWandb:
         pass
     def finish(self):
         pass
+
+# -----------------------------------------------------------------------------
+# Peak throughput, for MFU. GPUs: dense bf16 tensor-core FLOP/s from vendor datasheets (no sparsity).
+# CPUs have no datasheet figure we can trust, so we measure a large matmul in the compute dtype.
+
+GPU_PEAK_BF16_FLOPS = (  # (substring of torch.cuda.get_device_name(), FLOP/s); first match wins
+    ("GB200", 2.5e15), ("B200", 2.25e15), ("H200", 989e12), ("GH200", 989e12),
+    ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12), ("A800", 312e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A10G", 125e12), ("A10", 125e12),
+    ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+
+def gpu_peak_flops(device_name):
+    """Datasheet dense bf16 FLOP/s for a GPU name, or None when unknown."""
+    for key, flops in GPU_PEAK_BF16_FLOPS:
+        if key.lower() in device_name.lower():
+            return flops
+    return None
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_flops(device_type="cpu", dtype=torch.bfloat16, n=1024, reps=5):
+    """Best-of-reps dense matmul FLOP/s on this device: the practical ceiling to quote MFU against."""
+    device = "cuda" if device_type == "cuda" else device_type
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    synchronize(device_type)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device_type)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+def get_peak_flops(device_type, dtype):
+    """The denominator of MFU: datasheet bf16 peak for known GPUs, a measured matmul rate otherwise."""
+    if device_type == "cuda":
+        peak = gpu_peak_flops(torch.cuda.get_device_name())
+        if peak is not None:
+            return peak
+        return measure_matmul_flops("cuda", dtype, n=8192)
+    return measure_matmul_flops(device_type, dtype)

@@ -1,12 +1,56 @@
 """
-The report card. Each stage writes its own markdown section into $NANOCHAT_BASE_DIR/report/;
-assembling them into report.md comes with the end-to-end runs.
+The report card. Each stage writes its own section into $NANOCHAT_BASE_DIR/report/ and the
+end of a run assembles them into report.md:
+
+    python -m nanochat.report reset       # start of a run: clear the report dir, stamp the start time
+    python -m nanochat.report generate    # end of a run: report.md (+ PNG plots) from whatever is there
+
+A section is `<slug>.md` (human-readable markdown). When the stage also passes `metrics` (a flat
+dict), `<slug>.json` is written next to it: the summary table reads only those JSON files, never
+the markdown. Metric names are matched ignoring case and punctuation ("ARC-Easy" = "arc_easy");
+the ones the summary knows are SUMMARY_METRICS below, plus:
+    gpu_hours                  GPU-hours the stage used (summed into the cost estimate)
+    chars_per_token            on the "Tokenizer evaluation" section: text characters per token on the
+                               training mix (scripts.plan reads it; bytes_per_token is the fallback)
+Assembling never fails on missing, partial or unreadable sections: what is absent shows as "-".
 """
+import glob
+import json
+import math
 import os
+import platform
 import re
+import shutil
+import subprocess
+import sys
+import time
 from datetime import datetime
 
-from nanochat.common import atomic_write_text, get_base_dir
+from nanochat.common import atomic_write_text, get_base_dir, make_parser
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+START_FILE = "_start.json"  # the reset stamp; a leading underscore can never be a section slug
+REPORT_FILE = "report.md"
+
+# Pipeline order of the known sections; any other section follows, sorted by file name.
+SECTION_ORDER = [
+    "Budget plan", "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
+    "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
+    "Chat RL", "Chat evaluation rl",
+]
+# Which sections feed each column of the summary table; a later section overrides an earlier one.
+STAGE_SECTIONS = {
+    "BASE": ["Base model training", "Base model loss", "Base model evaluation"],
+    "MID": ["Midtraining", "Chat evaluation mid"],
+    "SFT": ["Chat SFT", "Chat evaluation sft"],
+    "RL": ["Chat RL", "Chat evaluation rl"],
+}
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "train_bpb", "val_bpb"]
+# Training logs the plots read: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/log.jsonl
+LOG_STAGES = ("base", "mid", "sft", "rl")
+SOURCE_EXTS = (".py", ".sh", ".rs", ".html", ".js", ".css", ".toml", ".md")
+PACKAGE_DIRS = ("nanochat", "scripts", "tasks", "tests", "runs", "bench", "docs", "rustbpe")
+DEFAULT_GPU_HOUR_COST = 3.0  # $/GPU-hour, roughly an on-demand 8xH100 node rented per GPU
 
 
 def get_report_dir():
@@ -19,9 +63,470 @@ def slugify(title):
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-def write_section(title, body):
-    """Write (or replace) one stage's section; returns its path. `body` is markdown."""
-    path = os.path.join(get_report_dir(), slugify(title) + ".md")
+def _norm(name):
+    return re.sub(r"[^a-z0-9]", "", str(name).lower())
+
+
+def _check_metrics(metrics):
+    if not isinstance(metrics, dict):
+        raise ValueError(f"metrics must be a flat dict of name -> number/string, got {type(metrics).__name__}")
+    out = {}
+    for k, v in metrics.items():
+        if not isinstance(k, str):
+            raise ValueError(f"metric names must be strings, got {k!r}")
+        if hasattr(v, "item") and not isinstance(v, (str, bytes)):  # a numpy or 0-d torch scalar
+            v = v.item()
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ValueError(f"metric {k!r} must be a number, string, bool or None (a flat dict), got {type(v).__name__}")
+        out[k] = v
+    return out
+
+
+def write_section(title, body, metrics=None):
+    """Write (or replace) one stage's section; returns the .md path. `body` is markdown; `metrics`,
+    a flat dict, also goes to <slug>.json for the summary table (a stale one is removed when None)."""
+    slug = slugify(title)
+    if not slug or slug == "report":
+        raise ValueError(f"section title {title!r} is not usable (its file name would be {slug or 'empty'!r})")
+    report_dir = get_report_dir()
+    path = os.path.join(report_dir, slug + ".md")
+    json_path = os.path.join(report_dir, slug + ".json")
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    if metrics is not None:
+        record = {"title": title, "timestamp": stamp, "metrics": _check_metrics(metrics)}
+        atomic_write_text(json_path, json.dumps(record, indent=1) + "\n")
+    elif os.path.exists(json_path):
+        os.remove(json_path)
     atomic_write_text(path, f"## {title}\n\ntimestamp: {stamp}\n\n{body.rstrip()}\n")
     return path
+
+
+def read_section_metrics(title, report_dir=None):
+    """The metrics dict a section recorded, or {} when it has none (missing or unreadable file)."""
+    path = os.path.join(report_dir or get_report_dir(), slugify(title) + ".json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            metrics = json.load(f).get("metrics", {})
+        return metrics if isinstance(metrics, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def find_metric(metrics, name):
+    """metrics[name] matching names without case or punctuation; None when absent."""
+    wanted = _norm(name)
+    for k, v in metrics.items():
+        if _norm(k) == wanted:
+            return v
+    return None
+
+# -----------------------------------------------------------------------------
+# Reset: a fresh report dir with the start time, so generate can tell the total wall time.
+
+def reset():
+    report_dir = get_report_dir()
+    shutil.rmtree(report_dir)
+    report_dir = get_report_dir()
+    now = time.time()
+    stamp = {"start_unix": now, "start_time": datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")}
+    atomic_write_text(os.path.join(report_dir, START_FILE), json.dumps(stamp) + "\n")
+    return report_dir
+
+
+def read_start(report_dir):
+    try:
+        with open(os.path.join(report_dir, START_FILE), encoding="utf-8") as f:
+            return float(json.load(f)["start_unix"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+# -----------------------------------------------------------------------------
+# Environment: git, hardware, software, code size. Each part answers "unknown" rather than failing.
+
+def _run(cmd, cwd=REPO_ROOT):
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout if r.returncode == 0 else None
+
+
+def git_info():
+    commit = _run(["git", "rev-parse", "--short", "HEAD"])
+    if not commit:
+        return {"commit": "unknown", "branch": "unknown", "dirty": "unknown"}
+    branch = _run(["git", "rev-parse", "--abbrev-ref", "HEAD"]) or "unknown"
+    status = _run(["git", "status", "--porcelain"])
+    dirty = "unknown" if status is None else ("dirty" if status.strip() else "clean")
+    return {"commit": commit.strip(), "branch": branch.strip(), "dirty": dirty}
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def hardware_info():
+    info = {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": None, "memory_gib": None, "gpus": []}
+    try:
+        import psutil
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+        info["memory_gib"] = psutil.virtual_memory().total / 2**30
+    except Exception:
+        pass
+    try:
+        import torch
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                p = torch.cuda.get_device_properties(i)
+                info["gpus"].append((p.name, p.total_memory / 2**30))
+    except Exception:
+        pass
+    return info
+
+
+def software_info():
+    try:
+        import torch
+        torch_version = torch.__version__
+    except Exception:
+        torch_version = "unknown"
+    return {"python": platform.python_version(), "torch": torch_version, "platform": platform.platform()}
+
+
+def source_files(root=REPO_ROOT):
+    """Source files of the repo: what git knows (tracked, plus untracked files not ignored) or,
+    without git, the files under the package directories."""
+    listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root)
+    if listed:
+        names = sorted(set(n for n in listed.split("\0") if n))
+    else:
+        names = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))]
+        for d in PACKAGE_DIRS:
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, d)):
+                dirnames[:] = [x for x in dirnames if not x.startswith(".") and x != "__pycache__"]
+                names += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]
+    return [n for n in names if n.endswith(SOURCE_EXTS) and os.path.isfile(os.path.join(root, n))]
+
+
+def code_size(root=REPO_ROOT):
+    files, lines, chars, by_ext = 0, 0, 0, {}
+    for name in source_files(root):
+        try:
+            with open(os.path.join(root, name), encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except OSError:
+            continue
+        n = text.count("\n") + (0 if text.endswith("\n") or not text else 1)
+        files, lines, chars = files + 1, lines + n, chars + len(text)
+        ext = os.path.splitext(name)[1]
+        by_ext[ext] = by_ext.get(ext, 0) + n
+    return {"files": files, "lines": lines, "chars": chars, "lines_by_ext": by_ext,
+            "dependencies": len(project_dependencies(os.path.join(root, "pyproject.toml")))}
+
+
+def _simple_dependencies(text):
+    """[project].dependencies from pyproject.toml text without tomllib (Python 3.10): the quoted
+    strings of the `dependencies = [...]` array inside the [project] table."""
+    table = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    if not table:
+        return []
+    body = re.sub(r"#[^\n]*", "", table.group(1))  # comments may hold quotes; no '#' inside our specs
+    start = re.search(r"^\s*dependencies\s*=\s*\[", body, re.M)
+    if not start:
+        return []
+    deps = []
+    for token in re.finditer(r""""([^"]*)"|'([^']*)'|\]""", body[start.end():]):  # strings until the closing ]
+        if token.group(0) == "]":
+            break
+        deps.append(token.group(1) if token.group(1) is not None else token.group(2))
+    return deps
+
+
+def project_dependencies(pyproject_path):
+    try:
+        with open(pyproject_path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return []
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        return _simple_dependencies(text)
+    try:
+        deps = tomllib.loads(text).get("project", {}).get("dependencies", [])
+    except tomllib.TOMLDecodeError:
+        return _simple_dependencies(text)
+    return list(deps) if isinstance(deps, list) else []
+
+# -----------------------------------------------------------------------------
+# Sections and the summary table
+
+def list_sections(report_dir):
+    """Section slugs present, in pipeline order, then the others sorted."""
+    present = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(report_dir, "*.md"))}
+    present.discard(REPORT_FILE[:-3])
+    known = [slugify(t) for t in SECTION_ORDER if slugify(t) in present]
+    return known + sorted(present - set(known))
+
+
+def load_all_metrics(report_dir):
+    """{slug: metrics} of every readable <slug>.json."""
+    out = {}
+    for path in glob.glob(os.path.join(report_dir, "*.json")):
+        name = os.path.basename(path)
+        if name.startswith("_"):
+            continue
+        metrics = read_section_metrics(name[:-5], report_dir)  # slugify(slug) == slug
+        if metrics:
+            out[name[:-5]] = metrics
+    return out
+
+
+def summary_values(all_metrics):
+    """{metric: {stage: value}} for SUMMARY_METRICS; later sections of a stage override earlier ones."""
+    table = {m: {} for m in SUMMARY_METRICS}
+    for stage, titles in STAGE_SECTIONS.items():
+        for title in titles:
+            metrics = all_metrics.get(slugify(title), {})
+            for m in SUMMARY_METRICS:
+                v = find_metric(metrics, m)
+                if v is not None:
+                    table[m][stage] = v
+    return table
+
+
+def _fmt(v):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return "-" if math.isnan(v) else f"{v:.4f}"
+    return str(v)
+
+
+def format_duration(seconds):
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def summary_markdown(all_metrics, wall_seconds):
+    table = summary_values(all_metrics)
+    stages = list(STAGE_SECTIONS)
+    lines = ["## Summary", "", "| Metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
+    for m in SUMMARY_METRICS:
+        lines.append(f"| {m.replace('_', ' ')} | " + " | ".join(_fmt(table[m].get(s)) for s in stages) + " |")
+    wall = "unknown (no start stamp: run `python -m nanochat.report reset` at the start of a run)" \
+        if wall_seconds is None else format_duration(wall_seconds)
+    lines += ["", f"Total wall clock time: {wall}"]
+    return "\n".join(lines)
+
+
+def cost_markdown(all_metrics, gpu_hour_cost, wall_seconds, num_gpus):
+    recorded = {slug: find_metric(m, "gpu_hours") for slug, m in all_metrics.items()}
+    recorded = {k: float(v) for k, v in recorded.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    rate = f"${gpu_hour_cost:.2f} per GPU-hour (--gpu-hour-cost; default {DEFAULT_GPU_HOUR_COST} is an H100 assumption)"
+    if recorded:
+        hours = sum(recorded.values())
+        parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(recorded.items()))
+        return (f"- GPU-hours recorded by the stages: {hours:.2f} ({parts})\n"
+                f"- Estimated cost at {rate}: ${hours * gpu_hour_cost:,.2f}")
+    if num_gpus and wall_seconds is not None:
+        hours = num_gpus * wall_seconds / 3600
+        return (f"- No stage recorded GPU-hours; wall time x {num_gpus} GPU(s) = {hours:.2f} GPU-hours\n"
+                f"- Estimated cost at {rate}: ${hours * gpu_hour_cost:,.2f}")
+    return "- unknown: no stage recorded GPU-hours (metric `gpu_hours`) and no GPU run was timed"
+
+# -----------------------------------------------------------------------------
+# Plots from the training logs
+
+def read_log(path):
+    """The JSON records of a log.jsonl; a torn or bad line (a run still writing) is skipped."""
+    records = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
+                    records.append(r)
+    except OSError:
+        pass
+    return records
+
+
+def find_logs(base_dir, since=None):
+    """[(stage, model_tag, path)] of training logs, modified at or after `since` when given."""
+    out = []
+    for stage in LOG_STAGES:
+        for path in sorted(glob.glob(os.path.join(base_dir, f"{stage}_checkpoints", "*", "log.jsonl"))):
+            if since is None or os.path.getmtime(path) >= since:
+                out.append((stage, os.path.basename(os.path.dirname(path)), path))
+    return out
+
+
+def _series(records, x, y):
+    pts = [(r[x], r[y]) for r in records if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_run(records, title, out_path):
+    """One PNG per run: training loss and validation bpb against step and against training FLOPs,
+    and the learning-rate multiplier. False when the log has nothing to plot."""
+    from matplotlib.figure import Figure  # the object API draws with Agg and touches no global state
+    train_key = "smooth_loss" if any("smooth_loss" in r for r in records) else "loss"
+    val_key = "val_bpb" if any("val_bpb" in r for r in records) else "val_loss"
+    if not any(train_key in r or val_key in r or "lrm" in r for r in records):
+        return False
+    fig = Figure(figsize=(16, 4.5), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 3)
+    for ax, x, xlabel in ((axes[0], "step", "step"), (axes[1], "total_training_flops", "training FLOPs")):
+        handles = []
+        xs, raw = _series(records, x, "loss")
+        if train_key == "smooth_loss" and xs:
+            handles += ax.plot(xs, raw, color="tab:blue", alpha=0.25, lw=0.8, label="train loss")
+        xs, ys = _series(records, x, train_key)
+        if xs:
+            label = "train loss (smoothed)" if train_key == "smooth_loss" else "train loss"
+            handles += ax.plot(xs, ys, color="tab:blue", lw=1.5, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("train loss (nats/token)")
+        ax.grid(alpha=0.3)
+        xs, ys = _series(records, x, val_key)
+        if xs:
+            ax2 = ax.twinx()
+            label = "validation bpb" if val_key == "val_bpb" else "validation loss"
+            handles += ax2.plot(xs, ys, "o-", color="tab:orange", ms=3, lw=1.2, label=label)
+            ax2.set_ylabel(f"validation {'bits/byte' if val_key == 'val_bpb' else 'loss'}")
+        if handles:
+            ax.legend(handles=handles, loc="upper right", fontsize=8)
+        ax.set_title(f"loss vs {xlabel}")
+    xs, ys = _series(records, "step", "lrm")
+    axes[2].plot(xs, ys, color="tab:green")
+    axes[2].set_xlabel("step")
+    axes[2].set_ylabel("LR multiplier")
+    axes[2].set_title("learning-rate schedule")
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(out_path)
+    return True
+
+
+def make_plots(report_dir, base_dir, since=None):
+    """Writes plot-<stage>-<tag>.png next to report.md; returns ([(caption, file name)], [(caption, error)]).
+    Raises ImportError when matplotlib is missing; any other failure skips that one plot."""
+    import matplotlib  # noqa: F401  (fail early and clearly)
+    for old in glob.glob(os.path.join(report_dir, "plot-*.png")):
+        os.remove(old)
+    made, failed = [], []
+    for stage, tag, path in find_logs(base_dir, since):
+        name = f"plot-{stage}-{slugify(tag) or 'run'}.png"
+        caption = f"{stage} {tag}"
+        tmp = os.path.join(report_dir, name + ".tmp.png")
+        try:
+            if plot_run(read_log(path), f"{caption}  ({os.path.relpath(path, base_dir)})", tmp):
+                os.replace(tmp, os.path.join(report_dir, name))
+                made.append((caption, name))
+        except Exception as e:  # a report is still worth having without one plot
+            failed.append((caption, f"{type(e).__name__}: {e}"))
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return made, failed
+
+# -----------------------------------------------------------------------------
+# Assembling report.md
+
+def header_markdown(start, now, hw, sw, git, code):
+    cores = f"{hw['logical_cores']} logical"
+    if hw["physical_cores"]:
+        cores = f"{hw['physical_cores']} physical / {cores}"
+    gpus = ", ".join(f"{name} ({mem:.0f} GiB)" for name, mem in hw["gpus"]) if hw["gpus"] else "none"
+    memory = "unknown" if hw["memory_gib"] is None else f"{hw['memory_gib']:.1f} GiB"
+    exts = ", ".join(f"{e} {n:,}" for e, n in sorted(code["lines_by_ext"].items(), key=lambda kv: -kv[1]))
+    started = "unknown" if start is None else datetime.fromtimestamp(start).astimezone().isoformat(timespec="seconds")
+    return "\n".join([
+        "# nanochat training report", "",
+        f"Generated: {datetime.fromtimestamp(now).astimezone().isoformat(timespec='seconds')}  ",
+        f"Run started: {started}", "",
+        "## Environment", "",
+        f"- Git: branch {git['branch']}, commit {git['commit']} ({git['dirty']})",
+        f"- CPU: {hw['cpu']} ({cores} cores)",
+        f"- GPUs: {len(hw['gpus'])} x {gpus}" if hw["gpus"] else "- GPUs: none",
+        f"- Memory: {memory}",
+        f"- Software: Python {sw['python']}, PyTorch {sw['torch']}, {sw['platform']}",
+        f"- Code: {code['lines']:,} lines in {code['files']:,} files, {code['chars']:,} characters"
+        + (f" (lines by type: {exts})" if exts else ""),
+        f"- Dependencies: {code['dependencies']} (pyproject.toml [project].dependencies)",
+    ])
+
+
+def generate(gpu_hour_cost=DEFAULT_GPU_HOUR_COST, all_logs=False, plots=True):
+    """Assemble report.md from whatever sections exist; returns its path. Never fails for
+    missing or partial sections; plots are skipped with a note when matplotlib is missing."""
+    report_dir = get_report_dir()
+    now = time.time()
+    start = read_start(report_dir)
+    wall = None if start is None else now - start
+    hw = hardware_info()
+    all_metrics = load_all_metrics(report_dir)
+    parts = [header_markdown(start, now, hw, software_info(), git_info(), code_size()), "",
+             "## Cost", "", cost_markdown(all_metrics, gpu_hour_cost, wall, len(hw["gpus"])), ""]
+    for slug in list_sections(report_dir):
+        try:
+            with open(os.path.join(report_dir, slug + ".md"), encoding="utf-8", errors="replace") as f:
+                parts += [f.read().rstrip(), ""]
+        except OSError:
+            continue
+    if plots:
+        parts += ["## Plots", ""]
+        try:
+            made, failed = make_plots(report_dir, get_base_dir(), since=None if all_logs else start)
+            parts += [f"### {caption}\n\n![{caption}]({name})\n" for caption, name in made]
+            parts += [f"Plot for {caption} failed: {err}\n" for caption, err in failed]
+            if not made and not failed:
+                since = "" if all_logs or start is None else " since the run started (--all-logs includes older ones)"
+                parts += [f"No training logs (`<stage>_checkpoints/<tag>/log.jsonl`) found{since}.", ""]
+        except ImportError:
+            parts += ["Plots skipped: matplotlib is not installed (pip install 'nanochat[report]').", ""]
+    parts.append(summary_markdown(all_metrics, wall))
+    path = os.path.join(report_dir, REPORT_FILE)
+    atomic_write_text(path, "\n".join(parts).rstrip() + "\n")
+    return path
+
+
+def main(argv=None):
+    p = make_parser("Assemble the report card ($NANOCHAT_BASE_DIR/report/report.md) or reset it at the start of a run.")
+    p.prog = "python -m nanochat.report"
+    sub = p.add_subparsers(dest="command", required=True, metavar="{generate,reset}")
+    g = sub.add_parser("generate", help="assemble report.md and plots from the sections written so far",
+                       formatter_class=p.formatter_class, allow_abbrev=False)
+    g.add_argument("--gpu-hour-cost", type=float, default=DEFAULT_GPU_HOUR_COST,
+                   help="$ per GPU-hour for the cost estimate (the default is an H100 assumption)")
+    g.add_argument("--all-logs", action="store_true",
+                   help="plot every training log found, not only those written since the last reset")
+    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sub.add_parser("reset", help="clear the report dir and stamp the start time", formatter_class=p.formatter_class,
+                   allow_abbrev=False)
+    args = p.parse_args(argv)
+    if args.command == "reset":
+        print(f"report reset: {reset()}")
+    else:
+        if not (args.gpu_hour_cost >= 0 and math.isfinite(args.gpu_hour_cost)):
+            g.error(f"argument --gpu-hour-cost: must be a non-negative number, got {args.gpu_hour_cost}")
+        print(f"report written: {generate(args.gpu_hour_cost, args.all_logs, plots=not args.no_plots)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

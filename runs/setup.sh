@@ -24,4 +24,12 @@ if ! "$VPY" -c 'import sys, torch; v = tuple(int(x) for x in torch.__version__.s
     "$VPY" -m pip install -q "${extra[@]}" "$spec"
 fi
 "$VPY" -m pip install -q -e ".[dev,web]"
+# guard: a CPU machine must never end up with the CUDA libraries
+if ! { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }; then
+    if "$VPY" -m pip list 2>/dev/null | grep -qiE '^nvidia-'; then
+        echo "setup: CUDA packages were installed on a machine without an NVIDIA GPU:" >&2
+        "$VPY" -m pip list 2>/dev/null | grep -iE '^nvidia-' >&2
+        exit 1
+    fi
+fi
 "$VPY" -c 'import torch, nanochat; print(f"nanochat ready: torch {torch.__version__}, python at '"$VENV"'/bin/python")'

@@ -32,3 +32,22 @@ def shared_data():
 @pytest.fixture(scope="session")
 def base_dir():
     return _SESSION_BASE
+
+
+TEST_VOCAB_SIZE = 4096  # big enough for real merges (words, digit pairs), small enough for tiny models
+
+
+@pytest.fixture(scope="session")
+def tokenizer(base_dir):
+    """A BPE tokenizer (vocab TEST_VOCAB_SIZE) trained once per session on ~3 MB of the shared English
+    text (the users' 45/40/15 wikipedia/books/reddit mix, train split) and saved to
+    $NANOCHAT_BASE_DIR/tokenizer, so get_tokenizer() and get_token_bytes() work in every test."""
+    from nanochat.dataset import iter_documents
+    from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
+    from scripts.tok_train import training_texts
+    pretrain = require_shared_data("pretrain")
+    spec = ",".join(f"{os.path.join(pretrain, name)}:{w}" for name, w in (("wikipedia", 45), ("books", 40), ("reddit", 15)))
+    texts = training_texts(iter_documents(spec, split="train", infinite=False), max_chars=3_000_000, doc_cap=10_000)
+    tok = Tokenizer.train_from_iterator(texts, TEST_VOCAB_SIZE)
+    tok.save(get_tokenizer_dir())
+    return tok

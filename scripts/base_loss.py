@@ -1,0 +1,72 @@
+"""
+Train and validation bits per byte of a base checkpoint, plus a few greedy samples.
+
+    python -m scripts.base_loss --data=../shared/data/pretrain --split-tokens=65536
+    torchrun --nproc_per_node=8 -m scripts.base_loss
+"""
+import sys
+
+import torch
+
+from nanochat.checkpoint import CheckpointError, load_model
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
+                             make_parser, positive_int, print0)
+from nanochat.dataset import DataError
+
+
+def get_args(argv=None):
+    p = make_parser(__doc__)
+    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
+    p.add_argument("--data", default=None, help="data spec PATH[:WEIGHT],...; default: the downloaded reference shards")
+    p.add_argument("--model-tag", default=None, help="default: the largest model")
+    p.add_argument("--step", type=int, default=None, help="default: the last step")
+    p.add_argument("--device-batch-size", type=positive_int, default=32)
+    p.add_argument("--split-tokens", type=positive_int, default=20 * 524288, help="tokens evaluated per split")
+    p.add_argument("--seed", type=int, default=42)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    from nanochat.dataloader import DataLoader
+    from nanochat.loss_eval import evaluate_bpb
+    from nanochat.tokenizer import get_token_bytes
+    from scripts.base_train import SAMPLE_PROMPTS, greedy_samples
+
+    device_type = autodetect_device_type(args.device_type or None)
+    is_ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
+    dtype = get_compute_dtype(device_type)
+    try:
+        model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
+    token_bytes = get_token_bytes(device=device)
+    B, T = args.device_batch_size, model.config.sequence_len
+    steps = max(1, args.split_tokens // (B * T * world_size))
+    results = {}
+    for split in ("train", "val"):
+        try:
+            loader = iter(DataLoader(tokenizer, B, T, spec=args.data, split=split, device=device, seed=args.seed,
+                                     rank=rank, world_size=world_size))
+        except DataError as e:
+            raise SystemExit(f"data error: {e}")
+        with autocast_context(device_type, dtype):
+            results[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb: {results[split]:.4f}")
+    samples = []
+    if rank == 0:
+        with autocast_context(device_type, dtype):
+            samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
+        for text in samples:
+            print0(f"sample: {text!r}")
+        from nanochat.report import write_section
+        body = (f"step {meta['step']}, {steps * B * T * world_size:,} tokens per split\n\n"
+                f"| split | bpb |\n|---|---|\n| train | {results['train']:.4f} |\n| val | {results['val']:.4f} |\n\n"
+                + "\n".join(f"- `{s}`" for s in samples))
+        write_section("Base model loss", body, metrics={"train_bpb": results["train"], "val_bpb": results["val"]})
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

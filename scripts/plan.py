@@ -1,0 +1,392 @@
+"""
+Size a base model to a compute budget before spending it.
+
+    python -m scripts.plan --gpus=8 --gpu=h100 --hours=11
+    python -m scripts.plan --gpus=8 --gpu=h100 --hours=11 --tie-embeddings=true --max-seq-len=1024 \\
+        --mlp-ratio=3 --kv-head-ratio=4 --activation=silu --softcap=0 --chars-per-token=5.1
+
+For each depth: parameters by group, training tokens at --target-param-data-ratio, FLOPs, hours and
+cost at --mfu, KV-cache bytes, and the data needed. Then the largest depth whose base training fits
+the budget (less --reserve for the other stages), its base_train flags, and what each planned
+architecture change saves at that depth. The architecture flags are base_train's, and every
+model-side number comes from nanochat.gpt.GPT itself (built on the meta device: no memory, no
+weights) through base_train's own build_config, so the plan and the run cannot disagree.
+"""
+import argparse
+import dataclasses
+import math
+import sys
+
+import torch
+
+from nanochat.common import gpu_peak_flops, make_parser, positive_int, str2bool
+
+# --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak)
+GPU_NAMES = {
+    "h100": "H100", "h100-pcie": "H100 PCIe", "h200": "H200", "h800": "H800", "a100": "A100", "a800": "A800",
+    "b200": "B200", "gb200": "GB200", "l40s": "L40S", "l40": "L40", "l4": "L4", "a10g": "A10G", "a10": "A10",
+    "rtx4090": "RTX 4090", "rtx3090": "RTX 3090", "v100": "V100", "t4": "T4",
+}
+DEFAULT_CHARS_PER_TOKEN = 4.8  # the reference 65,536-token tokenizer on FineWeb-EDU text
+DEFAULT_CHARS_PER_SHARD = 250e6  # one reference FineWeb-EDU parquet shard holds about 250M characters
+KV_BYTES_PER_ELEMENT = 2  # bf16 cache
+MODEL_FLAGS = ("head_dim", "max_seq_len", "mlp_ratio", "activation", "tie_embeddings", "n_kv_head", "kv_head_ratio",
+               "softcap", "rope_base")
+
+# Each of the plan's changes alone (section 5.4), applied to the reference at the chosen depth.
+CHANGES = [
+    ("tied embeddings", dict(tie_embeddings=True)),
+    ("seq 1024", dict(max_seq_len=1024)),
+    ("seq 512", dict(max_seq_len=512)),
+    ("MLP 3x", dict(mlp_ratio=3.0)),
+    ("MLP 2.5x", dict(mlp_ratio=2.5)),
+    ("n_kv_head = n_head // 4", dict(n_kv_head=0, kv_head_ratio=4)),
+    ("GELU", dict(activation="gelu")),
+    ("SiLU", dict(activation="silu")),
+    ("softcap off", dict(softcap=0.0)),
+    ("RoPE base 100000", dict(rope_base=100000.0)),
+]
+ALL_TOGETHER = ("all together",
+                dict(tie_embeddings=True, max_seq_len=1024, mlp_ratio=3.0, n_kv_head=0, kv_head_ratio=4,
+                     activation="silu", softcap=0.0, rope_base=100000.0))
+
+
+def positive_float(value):
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    if not (x > 0 and math.isfinite(x)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return x
+
+
+def parse_depths(spec):
+    """'8:40:2' (start:stop[:step], inclusive) or '12,16,20'."""
+    try:
+        if ":" in spec:
+            parts = [int(x) for x in spec.split(":")]
+            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
+                raise ValueError
+            depths = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+        else:
+            depths = [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:STOP[:STEP] or a comma list of depths, got {spec!r}")
+    if not depths or min(depths) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive depths, got {spec!r}")
+    return sorted(set(depths))
+
+
+def build_parser():
+    p = make_parser(__doc__)
+    p.prog = "python -m scripts.plan"
+    g = p.add_argument_group("budget")
+    g.add_argument("--gpus", type=positive_int, default=8, help="GPUs training together")
+    g.add_argument("--gpu", default="h100", choices=sorted(GPU_NAMES), help="GPU kind (sets the peak bf16 FLOP/s)")
+    g.add_argument("--peak-tflops", type=positive_float, default=None, help="override the GPU's peak bf16 TFLOP/s")
+    g.add_argument("--hours", type=positive_float, default=11.0, help="wall-clock budget for the whole pipeline")
+    g.add_argument("--reserve", type=float, default=0.15,
+                   help="fraction of --hours kept for tokenizer, evals, midtraining and SFT; base training gets the rest")
+    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (a measured one when you have it)")
+    g.add_argument("--gpu-hour-cost", type=float, default=3.0, help="$ per GPU-hour (the default is an H100 assumption)")
+    g.add_argument("--depths", type=parse_depths, default="8:40:2", help="START:STOP[:STEP] or a list")
+    g = p.add_argument_group("model (the flags of scripts.base_train)")
+    g.add_argument("--vocab-size", type=positive_int, default=65536, help="tokenizer vocabulary")
+    g.add_argument("--head-dim", type=positive_int, default=128, help="channels per attention head")
+    g.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length")
+    g.add_argument("--mlp-ratio", type=positive_float, default=4.0, help="MLP hidden size / width")
+    g.add_argument("--activation", default="relu2", choices=["relu2", "gelu", "silu"])
+    g.add_argument("--tie-embeddings", type=str2bool, default=False, help="share wte and lm_head")
+    g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads (0 = n_head / --kv-head-ratio)")
+    g.add_argument("--kv-head-ratio", type=positive_int, default=1, help="n_kv_head = n_head // ratio")
+    g.add_argument("--softcap", type=float, default=15.0, help="logit softcap (0 = off)")
+    g.add_argument("--rope-base", type=positive_float, default=10000.0, help="rotary embedding base (theta)")
+    g.add_argument("--target-param-data-ratio", type=positive_float, default=20.0, help="tokens per parameter")
+    g.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step")
+    g = p.add_argument_group("data")
+    g.add_argument("--chars-per-token", type=positive_float, default=None,
+                   help="tokenizer compression (default: the report's tokenizer evaluation, else 4.8)")
+    g.add_argument("--chars-per-shard", type=positive_float, default=DEFAULT_CHARS_PER_SHARD,
+                   help="characters per data shard (250M: a reference FineWeb-EDU shard)")
+    p.add_argument("--report", type=str2bool, default=True, help="write the 'Budget plan' report section")
+    return p
+
+
+def get_args(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
+    if not 0 < args.mfu <= 1:
+        p.error(f"argument --mfu: must be in (0, 1], got {args.mfu}")
+    if not 0 <= args.reserve < 1:
+        p.error(f"argument --reserve: must be in [0, 1), got {args.reserve}")
+    if not (args.gpu_hour_cost >= 0 and math.isfinite(args.gpu_hour_cost)):
+        p.error(f"argument --gpu-hour-cost: must be a non-negative number, got {args.gpu_hour_cost}")
+    if args.n_kv_head < 0:
+        p.error(f"argument --n-kv-head: must be >= 0 (0 = n_head / --kv-head-ratio), got {args.n_kv_head}")
+    if not (args.softcap >= 0 and math.isfinite(args.softcap)):
+        p.error(f"argument --softcap: must be >= 0 (0 = off), got {args.softcap}")
+    return args
+
+# -----------------------------------------------------------------------------
+# The arithmetic (importable; main() only prints)
+
+def make_config(args, depth, **overrides):
+    """The GPTConfig base_train would build for these flags at this depth."""
+    from scripts.base_train import build_config
+    ns = argparse.Namespace(**{**vars(args), **overrides, "depth": depth})
+    return build_config(ns, args.vocab_size)
+
+
+def measure_model(config):
+    """(parameters by group, training FLOPs per token), from the model itself on the meta device."""
+    from nanochat.gpt import GPT
+    with torch.device("meta"):
+        model = GPT(config)
+    return model.num_params_by_group(), model.estimate_flops()
+
+
+def kv_cache_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_element=KV_BYTES_PER_ELEMENT):
+    return 2 * n_layer * n_kv_head * head_dim * bytes_per_element  # K and V, every layer
+
+
+def training_horizon(total_params, ratio, total_batch_size):
+    """(steps, tokens) exactly as base_train sets them from --target-param-data-ratio."""
+    steps = max(1, round(ratio * total_params / total_batch_size))
+    return steps, steps * total_batch_size
+
+
+def training_hours(total_flops, gpus, peak_flops, mfu):
+    return total_flops / (gpus * peak_flops * mfu) / 3600
+
+
+def data_needed(tokens, chars_per_token, chars_per_shard):
+    """(characters, whole shards) of text that tokenize to `tokens`."""
+    chars = tokens * chars_per_token
+    return chars, math.ceil(chars / chars_per_shard)
+
+
+def peak_flops_for(args):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    peak = gpu_peak_flops(GPU_NAMES[args.gpu])
+    assert peak is not None, f"nanochat.common.GPU_PEAK_BF16_FLOPS lacks {GPU_NAMES[args.gpu]}"
+    return peak
+
+
+def resolve_chars_per_token(flag):
+    """(chars per token, where it came from): the flag, the report's tokenizer evaluation, or the default."""
+    if flag:
+        return flag, "--chars-per-token"
+    from nanochat.report import find_metric, read_section_metrics
+    metrics = read_section_metrics("Tokenizer evaluation")
+    for key in ("chars_per_token", "bytes_per_token"):
+        v = find_metric(metrics, key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0:
+            return float(v), f"the report's tokenizer evaluation ({key})"
+    return DEFAULT_CHARS_PER_TOKEN, "default (reference tokenizer on FineWeb-EDU)"
+
+
+@dataclasses.dataclass
+class Plan:
+    depth: int
+    config: object  # GPTConfig
+    params: dict  # embedding, head, attention, mlp, total
+    flops_per_token: int
+    kv_bytes_per_token: int
+    steps: int
+    tokens: int
+    total_flops: float
+    hours: float
+    cost: float
+    chars: float
+    shards: int
+
+
+def plan_config(args, config, peak_flops, chars_per_token):
+    params, flops_per_token = measure_model(config)
+    steps, tokens = training_horizon(params["total"], args.target_param_data_ratio, args.total_batch_size)
+    total_flops = flops_per_token * tokens
+    hours = training_hours(total_flops, args.gpus, peak_flops, args.mfu)
+    chars, shards = data_needed(tokens, chars_per_token, args.chars_per_shard)
+    kv = kv_cache_bytes_per_token(config.n_layer, config.n_kv_head, config.head_dim)
+    return Plan(config.n_layer, config, params, flops_per_token, kv, steps, tokens, total_flops, hours,
+                hours * args.gpus * args.gpu_hour_cost, chars, shards)
+
+
+def plan_depths(args, depths, peak_flops, chars_per_token):
+    """([Plan] for the depths the flags allow, {depth: why not} for the others)."""
+    plans, invalid = [], {}
+    for depth in depths:
+        try:
+            config = make_config(args, depth)
+        except ValueError as e:
+            invalid[depth] = str(e)
+            continue
+        plans.append(plan_config(args, config, peak_flops, chars_per_token))
+    return plans, invalid
+
+
+def base_hours_budget(args):
+    return args.hours * (1 - args.reserve)
+
+
+def choose_depth(plans, budget_hours):
+    """The largest planned depth whose base training fits in `budget_hours`, or None."""
+    fitting = [p for p in plans if p.hours <= budget_hours]
+    return max(fitting, key=lambda p: p.depth) if fitting else None
+
+
+def compare_changes(args, depth, peak_flops, chars_per_token):
+    """[(label, Plan or error string)]: the reference, each change alone, all together, and the
+    given flags when they are none of those, all at `depth`."""
+    defaults = build_parser().parse_args([])
+    reference = {k: getattr(defaults, k) for k in MODEL_FLAGS}
+    yours = {k: getattr(args, k) for k in MODEL_FLAGS}
+    variants = [("reference", {})] + CHANGES + [ALL_TOGETHER]
+    if yours != reference and yours != {**reference, **ALL_TOGETHER[1]}:
+        variants.append(("your flags", yours))
+    rows = []
+    for label, change in variants:
+        try:
+            config = make_config(args, depth, **{**reference, **change})
+        except ValueError as e:
+            rows.append((label, str(e)))
+            continue
+        rows.append((label, plan_config(args, config, peak_flops, chars_per_token)))
+    return rows
+
+
+def base_train_command(args, depth):
+    defaults = build_parser().parse_args([])
+    flags = [f"--depth={depth}"]
+    for k in MODEL_FLAGS:
+        v = getattr(args, k)
+        if v != getattr(defaults, k):
+            flags.append(f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}")
+    flags += [f"--target-param-data-ratio={args.target_param_data_ratio:g}", f"--total-batch-size={args.total_batch_size}",
+              "--device-batch-size=auto"]
+    launcher = f"torchrun --standalone --nproc_per_node={args.gpus} -m scripts.base_train --" if args.gpus > 1 \
+        else "python -m scripts.base_train"
+    return f"{launcher} {' '.join(flags)}"
+
+# -----------------------------------------------------------------------------
+# Printing
+
+def human(n, unit=""):
+    for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_bytes(n):
+    for div, suffix in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if n >= div:
+            return f"{n / div:.1f} {suffix}"
+    return f"{n} B"
+
+
+def table(headers, rows):
+    """A markdown table padded to line up in a terminal too."""
+    cells = [[str(c) for c in r] for r in [headers] + rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+
+
+def _delta(x, ref):
+    return "-" if x == ref else f"{100 * (x - ref) / ref:+.1f}%"
+
+
+def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token, cpt_source):
+    budget = base_hours_budget(args)
+    out = [
+        f"Budget: {args.hours:g} h x {args.gpus} {GPU_NAMES[args.gpu]} = {args.hours * args.gpus:g} GPU-hours "
+        f"(${args.hours * args.gpus * args.gpu_hour_cost:,.0f} at ${args.gpu_hour_cost:.2f}/GPU-hour); base training "
+        f"gets {100 * (1 - args.reserve):.0f}% = {budget:.2f} h (--reserve {args.reserve:g} for tokenizer, evals, mid, SFT).",
+        f"Assumptions: peak {peak_flops / 1e12:.0f} TFLOP/s per GPU (bf16 dense), MFU {args.mfu:g}, "
+        f"{args.target_param_data_ratio:g} tokens per parameter, {args.total_batch_size:,} tokens per step, "
+        f"{chars_per_token:g} chars/token from {cpt_source}, {human(args.chars_per_shard)} chars per shard, "
+        f"KV cache in bf16.",
+        "",
+        "Model by depth (parameters from GPT.num_params_by_group, FLOPs from GPT.estimate_flops):",
+        "",
+        table(["depth", "width", "heads q/kv", "embedding", "head", "attention", "mlp", "total", "FLOPs/token",
+               "KV/token", "KV/1024 seq"],
+              [[p.depth, p.config.n_embd, f"{p.config.n_head}/{p.config.n_kv_head}", human(p.params["embedding"]),
+                human(p.params["head"]), human(p.params["attention"]), human(p.params["mlp"]), human(p.params["total"]),
+                f"{p.flops_per_token:.3g}", human_bytes(p.kv_bytes_per_token), human_bytes(1024 * p.kv_bytes_per_token)]
+               for p in plans]),
+        "",
+        "Training at the data ratio:",
+        "",
+        table(["depth", "steps", "tokens", "FLOPs", "hours", "cost", "chars", "shards", f"fits {budget:.2f} h"],
+              [[p.depth, f"{p.steps:,}", human(p.tokens), f"{p.total_flops:.3g}", f"{p.hours:.2f}", f"${p.cost:,.0f}",
+                human(p.chars), p.shards, "yes" if p.hours <= budget else "no"] for p in plans]),
+    ]
+    if invalid:
+        out += [""] + [f"depth {d} skipped: {why}" for d, why in invalid.items()]
+    out.append("")
+    if chosen is None:
+        smallest = f"; the smallest, depth {plans[0].depth}, needs {plans[0].hours:.2f} h" if plans else ""
+        out.append(f"No listed depth fits {budget:.2f} h{smallest}. Lower the depths, the data ratio, or raise the budget.")
+    else:
+        out += [f"Chosen: depth {chosen.depth} (the largest listed depth that fits): {human(chosen.params['total'])} "
+                f"parameters, {human(chosen.tokens)} tokens, {chosen.hours:.2f} h, ${chosen.cost:,.0f}, "
+                f"{human(chosen.chars)} chars of text ({chosen.shards} reference shards).",
+                "", "    " + base_train_command(args, chosen.depth)]
+    if comparison:
+        depth = (chosen or plans[0]).depth
+        ref = comparison[0][1]
+        rows, notes = [], []
+        for label, p in comparison:
+            if isinstance(p, str):
+                rows.append([label, "invalid"] + [""] * 8)
+                notes.append(f"{label}: {p}")
+            elif isinstance(ref, str):
+                rows.append([label, human(p.params["total"]), "", f"{p.flops_per_token:.3g}", "",
+                             human_bytes(p.kv_bytes_per_token), "", human(p.tokens), f"{p.hours:.2f}", ""])
+            else:
+                rows.append([label, human(p.params["total"]), _delta(p.params["total"], ref.params["total"]),
+                             f"{p.flops_per_token:.3g}", _delta(p.flops_per_token, ref.flops_per_token),
+                             human_bytes(p.kv_bytes_per_token), _delta(p.kv_bytes_per_token, ref.kv_bytes_per_token),
+                             human(p.tokens), f"{p.hours:.2f}", _delta(p.hours, ref.hours)])
+        out += ["", f"What each planned change saves at depth {depth} (tokens and hours at the data ratio; "
+                    "activation, softcap and RoPE base change neither parameters nor counted FLOPs; 'all together' = "
+                    "tied, seq 1024, MLP 3x, n_kv_head = n_head // 4, SiLU, softcap off, RoPE 100000):", "",
+                table(["architecture", "params", "Δ", "FLOPs/token", "Δ", "KV/token", "Δ", "tokens", "hours", "Δ"], rows)]
+        out += [f"invalid at depth {depth}: {n}" for n in notes]
+    if args.total_batch_size % (args.max_seq_len * args.gpus):
+        out += ["", f"warning: --total-batch-size {args.total_batch_size} is not a multiple of --max-seq-len x --gpus "
+                    f"= {args.max_seq_len * args.gpus}; base_train will refuse it"]
+    return "\n".join(out)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    peak = peak_flops_for(args)
+    chars_per_token, source = resolve_chars_per_token(args.chars_per_token)
+    plans, invalid = plan_depths(args, args.depths, peak, chars_per_token)
+    if not plans:
+        raise SystemExit("no listed depth gives a valid model for these flags:\n" +
+                         "\n".join(f"  depth {d}: {why}" for d, why in invalid.items()))
+    chosen = choose_depth(plans, base_hours_budget(args))
+    comparison = compare_changes(args, (chosen or plans[0]).depth, peak, chars_per_token)
+    text = render(args, plans, invalid, chosen, comparison, peak, chars_per_token, source)
+    print(text)
+    if args.report:
+        from nanochat.report import write_section
+        metrics = dict(gpus=args.gpus, gpu=GPU_NAMES[args.gpu], budget_hours=args.hours, mfu=args.mfu,
+                       chars_per_token=chars_per_token, depth=None if chosen is None else chosen.depth)
+        if chosen is not None:
+            metrics.update(parameters=chosen.params["total"], training_tokens=chosen.tokens,
+                           training_flops=chosen.total_flops, estimated_hours=chosen.hours,
+                           planned_gpu_hours=chosen.hours * args.gpus, estimated_cost=chosen.cost, shards=chosen.shards)
+        flags = " ".join(argv if argv is not None else sys.argv[1:])
+        write_section("Budget plan", f"command: `python -m scripts.plan {flags}`\n\n{text}", metrics)
+    return {"plans": plans, "invalid": invalid, "chosen": chosen, "comparison": comparison, "text": text}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,198 @@
+"""
+Fetch the evaluation data the tasks read, for machines without the shared data folder.
+
+    python -m tasks.download                      # everything, into $NANOCHAT_DATA_DIR (or ../shared/data)
+    python -m tasks.download --only=gsm8k,arc --dest=~/nanochat-data
+    NANOCHAT_EVAL_URL=https://my.mirror/data python -m tasks.download
+
+By default each file comes from its public source (raw GitHub URLs at pinned commits, see
+../shared/data/SOURCES.md). With NANOCHAT_EVAL_URL (or --base-url) set, every file is fetched from
+BASE/<path relative to the data folder> instead, i.e. a mirror with the layout of the data folder.
+Existing files are kept unless --force. `download_file` is generic: other downloaders can reuse it.
+"""
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+from nanochat.common import make_parser, logger
+
+EVAL_URL_ENV = "NANOCHAT_EVAL_URL"
+
+
+class DownloadError(RuntimeError):
+    pass
+
+
+def _fetch_to(url, fileobj, timeout):
+    """Stream `url` into `fileobj`; raise when the body is shorter than the announced Content-Length."""
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        expected = response.headers.get("Content-Length")
+        received = 0
+        while True:
+            chunk = response.read(1 << 20)
+            if not chunk:
+                break
+            fileobj.write(chunk)
+            received += len(chunk)
+    if expected is not None and received != int(expected):
+        raise DownloadError(f"{url}: incomplete download ({received} of {expected} bytes)")
+
+
+def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0, timeout=60.0):
+    """Download `url` to `dest` atomically and return `dest`.
+
+    The body goes to a temp file next to `dest`, is checked (byte count against Content-Length, `sha256`
+    if given, then `validate(temp_path)`, which should raise on bad content) and only then renamed onto
+    `dest`, so `dest` is either absent or complete. Network errors, HTTP 5xx/429 and short bodies are
+    retried `retries` times with exponential backoff (backoff, 2*backoff, ...); other HTTP errors (404...)
+    and failed checks are not retried. Raises DownloadError naming the url."""
+    dest = os.path.abspath(os.path.expanduser(dest))
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    attempt = 0
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=os.path.basename(dest) + ".", suffix=".part")
+        try:
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    _fetch_to(url, f, timeout)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except urllib.error.HTTPError as e:
+                retryable = e.code >= 500 or e.code == 429
+                error = DownloadError(f"{url}: HTTP {e.code} {e.reason}")
+            except (OSError, http.client.HTTPException, DownloadError) as e:  # refused/reset, timeout, short body
+                retryable = True
+                error = e if isinstance(e, DownloadError) else DownloadError(f"{url}: {type(e).__name__}: {e}")
+            else:
+                try:
+                    if sha256 is not None and _sha256_of(tmp) != sha256.lower():
+                        raise ValueError(f"sha256 mismatch: expected {sha256}, got {_sha256_of(tmp)}")
+                    if validate is not None:
+                        validate(tmp)
+                except Exception as e:  # the same bytes would come back: no retry
+                    raise DownloadError(f"{url}: downloaded file failed validation: {e}") from e
+                os.replace(tmp, dest)
+                return dest
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if not retryable or attempt >= retries:
+            raise error
+        wait = backoff * (2 ** attempt)
+        logger.warning(f"download failed ({error}); retrying in {wait:.1f}s ({attempt + 1}/{retries})")
+        time.sleep(wait)
+        attempt += 1
+
+
+def _sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+# -----------------------------------------------------------------------------
+# Validation hooks for the task formats: fail fast on an HTML error page or a truncated file.
+
+def validate_jsonl(path):
+    opener = gzip.open if path.endswith(".gz") or _is_gzip(path) else open
+    n = 0
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError:
+                    raise ValueError(f"line {lineno} is not JSON") from None
+                n += 1
+    if n == 0:
+        raise ValueError("no rows")
+
+
+def validate_mmlu_csv(path):
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().strip()
+    if header != "question,choice0,choice1,choice2,choice3,answer":
+        raise ValueError(f"unexpected CSV header {header[:80]!r}")
+
+
+def _is_gzip(path):
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+# -----------------------------------------------------------------------------
+# What to download: path under the data folder -> default public source
+
+def _github(repo, commit, path):
+    return f"https://raw.githubusercontent.com/{repo}/{commit}/{path}"
+
+
+def eval_files():
+    """{group: {relative path under the data folder: default url}}."""
+    from tasks.mmlu import SUBJECTS
+    gsm = ("openai/grade-school-math", "3101c7d5072418e28b9008a6636bde82a006892c")
+    humaneval = ("openai/human-eval", "6d43fb980f9fee3c892a914eda09951f772ad10d")
+    mmlu = ("HaeChan0305/MLILAB-FedLLM", "d92730e8bacd7b3a61e551e015e40588e10234b4")
+    foundry = ("mosaicml/llm-foundry", "8c8dd48f72168c5d51e2f7b151595892a8fba43d")
+    return {
+        "gsm8k": {f"eval/gsm8k/{s}.jsonl": _github(*gsm, f"grade_school_math/data/{s}.jsonl")
+                  for s in ("train", "test", "test_socratic")},
+        "humaneval": {"eval/humaneval/HumanEval.jsonl.gz": _github(*humaneval, "data/HumanEval.jsonl.gz")},
+        "mmlu": {f"eval/mmlu/{split}/{subj}_{split}.csv": _github(*mmlu, f"data/mmlu/{split}/{subj}_{split}.csv")
+                 for split in ("dev", "test") for subj in SUBJECTS},
+        "arc": {f"eval/core/eval_data/world_knowledge/{name}.jsonl":
+                _github(*foundry, f"scripts/eval/local_data/world_knowledge/{name}.jsonl")
+                for name in ("arc_easy", "arc_challenge")},
+    }
+
+
+def download_eval_data(dest_dir, groups=None, base_url=None, force=False, **kwargs):
+    """Download the task files of `groups` (default all) under `dest_dir`; returns the paths written."""
+    files = eval_files()
+    groups = list(files) if groups is None else groups
+    unknown = [g for g in groups if g not in files]
+    if unknown:
+        raise ValueError(f"unknown data group(s) {unknown}; choose from {sorted(files)}")
+    base_url = base_url if base_url is not None else os.environ.get(EVAL_URL_ENV)
+    written = []
+    for group in groups:
+        for rel, default_url in files[group].items():
+            dest = os.path.join(dest_dir, rel)
+            if os.path.exists(dest) and not force:
+                continue
+            url = f"{base_url.rstrip('/')}/{rel}" if base_url else default_url
+            check = validate_mmlu_csv if rel.endswith(".csv") else validate_jsonl
+            logger.info(f"downloading {url} -> {dest}")
+            written.append(download_file(url, dest, validate=check, **kwargs))
+    return written
+
+
+def main(argv=None):
+    from tasks.common import get_data_dir
+    parser = make_parser(__doc__)
+    parser.add_argument("--dest", default=get_data_dir(), help="data folder to fill (the tasks read NANOCHAT_DATA_DIR)")
+    parser.add_argument("--only", default="gsm8k,humaneval,mmlu,arc", help="comma-separated groups to fetch")
+    parser.add_argument("--base-url", default=os.environ.get(EVAL_URL_ENV) or "",
+                        help=f"mirror with the data folder's layout (env {EVAL_URL_ENV}); empty = public sources")
+    parser.add_argument("--force", action="store_true", help="download files that already exist again")
+    args = parser.parse_args(argv)
+    groups = [g.strip() for g in args.only.split(",") if g.strip()]
+    try:
+        written = download_eval_data(os.path.expanduser(args.dest), groups, base_url=args.base_url or None,
+                                     force=args.force)
+    except (ValueError, DownloadError) as e:
+        parser.exit(1, f"error: {e}\n")
+    print(f"{len(written)} file(s) downloaded into {args.dest}")
+    if os.path.abspath(os.path.expanduser(args.dest)) != os.path.abspath(get_data_dir()):
+        print(f"point the tasks at it with: export NANOCHAT_DATA_DIR={args.dest}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

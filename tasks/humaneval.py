@@ -1,0 +1,71 @@
+"""
+HumanEval: 164 Python functions to complete from a signature and docstring, scored by running the
+problem's unit tests on the completed program in the sandbox (nanochat/execution.py).
+
+The user message is the prompt (signature + docstring); the reference assistant reply is the whole
+function (prompt + canonical solution) in a ```python block. A model's reply may be a code block or raw
+code, and may hold the whole function or only the body that continues the prompt.
+"""
+import re
+
+from nanochat.execution import execute_code
+from tasks.common import Task, data_path, read_jsonl, content_text
+
+_CODE_BLOCK = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_code(reply):
+    """The code in a reply: the first fenced block that defines a function (else the first fenced block),
+    or the whole reply when it has no fence."""
+    blocks = _CODE_BLOCK.findall(reply)
+    if not blocks:
+        return reply
+    for block in blocks:
+        if re.search(r"^\s*def ", block, re.MULTILINE):
+            return block
+    return blocks[0]
+
+
+def build_program(prompt, completion, test, entry_point):
+    """prompt + completion + tests + check(entry_point). A completion with top-level code (a full
+    function, imports) is appended after the prompt, whose docstring-only function is valid Python and gets
+    redefined; an indented completion continues the prompt's function body."""
+    code = extract_code(completion)
+    top_level = re.search(r"^(def |import |from |class |@)", code, re.MULTILINE) is not None
+    body = prompt + "\n" + code if top_level else prompt + code
+    return f"{body}\n\n{test}\n\ncheck({entry_point})\n"
+
+
+class HumanEval(Task):
+    eval_type = "generative"
+
+    def __init__(self, path=None, timeout=5.0, **kwargs):
+        super().__init__(**kwargs)
+        self.timeout = timeout
+        self.path = data_path("eval", "humaneval", "HumanEval.jsonl.gz", path=path, what="HumanEval data")
+        self.rows = read_jsonl(self.path)
+        keys = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
+        for lineno, row in enumerate(self.rows, 1):
+            if not all(isinstance(row.get(k), str) for k in keys):
+                raise ValueError(f"{self.path}:{lineno}: expected string fields {keys}")
+
+    def num_examples(self):
+        return len(self.rows)
+
+    def get_example(self, index):
+        row = self.rows[index]
+        solution = row["prompt"] + row["canonical_solution"]
+        return {"messages": [{"role": "user", "content": row["prompt"]},
+                             {"role": "assistant", "content": f"```python\n{solution}```"}],
+                "task_id": row["task_id"], "prompt": row["prompt"], "entry_point": row["entry_point"],
+                "test": row["test"]}
+
+    def execute(self, conversation, completion):
+        """The sandbox's ExecutionResult for this completion (for inspecting failures)."""
+        program = build_program(conversation["prompt"], content_text(completion), conversation["test"],
+                                conversation["entry_point"])
+        return execute_code(program, timeout=self.timeout)
+
+    def evaluate(self, conversation, completion):
+        """True when the completed function passes all of the problem's tests."""
+        return self.execute(conversation, completion).success

@@ -1,0 +1,94 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nanochat import common
+
+
+def test_base_dir_follows_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "b"))
+    assert common.get_base_dir() == str(tmp_path / "b")
+    assert os.path.isdir(tmp_path / "b")
+
+
+def test_device_override_and_validation(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DEVICE", "cpu")
+    assert common.autodetect_device_type() == "cpu"
+    with pytest.raises(ValueError, match="device type"):
+        common.autodetect_device_type("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            common.autodetect_device_type("cuda")
+
+
+def test_dtype_policy(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "fp32")
+    assert common.get_compute_dtype("cpu") == torch.float32
+    monkeypatch.setenv("NANOCHAT_DTYPE", "bf16")
+    assert common.get_compute_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv("NANOCHAT_DTYPE", "int3")
+    with pytest.raises(ValueError, match="NANOCHAT_DTYPE"):
+        common.get_compute_dtype("cpu")
+    monkeypatch.delenv("NANOCHAT_DTYPE")
+    # without an override the CPU choice follows the measurement
+    expected = torch.bfloat16 if common.cpu_bf16_is_faster() else torch.float32
+    assert common.get_compute_dtype("cpu") == expected
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "out.bin"
+    common.atomic_write_bytes(target, b"first")
+    with pytest.raises(RuntimeError):
+        with common.atomic_open(target, "wb") as f:
+            f.write(b"half-written")
+            raise RuntimeError("crash mid-write")
+    assert target.read_bytes() == b"first"
+    assert sorted(os.listdir(tmp_path)) == ["out.bin"]
+
+
+def test_cli_helpers_reject_bad_values():
+    parser = common.make_parser("t")
+    parser.add_argument("--flag", type=common.str2bool, default=False)
+    parser.add_argument("--n", type=common.positive_int, default=1)
+    assert parser.parse_args(["--flag=true", "--n=3"]).flag is True
+    for bad in (["--flag=maybe"], ["--n=0"], ["--n=x"], ["--nope=1"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+def test_compute_init_single_process():
+    is_ddp, rank, local_rank, world, device = common.compute_init("cpu")
+    assert (is_ddp, rank, local_rank, world, device.type) == (False, 0, 0, 1, "cpu")
+
+
+def test_compute_init_two_gloo_ranks(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from nanochat.common import compute_init, compute_cleanup\n"
+        "ddp, rank, lr, ws, dev = compute_init('cpu')\n"
+        "t = torch.tensor([rank + 1.0]); dist.all_reduce(t)\n"
+        "assert ddp and ws == 2 and t.item() == 3.0, (ddp, ws, t)\n"
+        "print('rank', rank, 'ok')\n"
+        "compute_cleanup()\n")
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "rank 0 ok" in out.stdout and "rank 1 ok" in out.stdout
+
+
+def test_gpu_peak_table():
+    assert common.gpu_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert common.gpu_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert common.gpu_peak_flops("NVIDIA H200") == 989e12
+    assert common.gpu_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert common.gpu_peak_flops("Some Future GPU") is None
+
+
+def test_cpu_peak_is_measured():
+    flops = common.get_peak_flops("cpu", torch.float32)
+    assert 1e8 < flops < 1e14  # a real measurement of this machine, not a constant
