@@ -104,6 +104,20 @@ class StepLogger:
         self.wandb.finish()
 
 
+def average_gradients_(params, world_size):
+    """All-reduce gradients to their mean across ranks, in place. Only needed before gradient clipping
+    under torchrun: the clip must see the global gradient, exactly as a single process with gradient
+    accumulation would. The distributed optimizers then reduce again (sum / world_size) and get the
+    same mean back, so their update is unchanged."""
+    import torch.distributed as dist
+    works = [dist.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]
+    for work in works:
+        work.wait()
+    for p in params:
+        if p.grad is not None:
+            p.grad.div_(world_size)
+
+
 def find_device_batch_size(try_batch, candidates, device_type):
     """Largest candidate batch for which `try_batch(b)` (a forward+backward) runs without running
     out of memory; OOM backs off to the next smaller candidate."""

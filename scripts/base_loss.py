@@ -28,7 +28,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    from nanochat.dataloader import DataLoader
+    from nanochat.dataloader import DataLoader, build_val_loader
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes
     from scripts.base_train import SAMPLE_PROMPTS, greedy_samples
@@ -46,7 +46,9 @@ def main(argv=None):
     results = {}
     for split in ("train", "val"):
         try:
-            loader = iter(DataLoader(tokenizer, B, T, spec=args.data, split=split, device=device, seed=args.seed,
+            loader = iter(build_val_loader(tokenizer, B, T, spec=args.data, device=device, rank=rank, world_size=world_size)
+                          if split == "val" else
+                          DataLoader(tokenizer, B, T, spec=args.data, split="train", device=device, seed=args.seed,
                                      rank=rank, world_size=world_size))
         except DataError as e:
             raise SystemExit(f"data error: {e}")

@@ -23,7 +23,7 @@ from nanochat.common import (autocast_context, autodetect_device_type, compute_c
                              get_compute_dtype, get_peak_flops, get_peak_memory, make_parser, positive_int, print0,
                              str2bool, synchronize)
 from nanochat.dataset import DataError
-from nanochat.training import (StepLogger, find_device_batch_size, format_duration, grad_accum_steps, lr_multiplier,
+from nanochat.training import (StepLogger, average_gradients_, find_device_batch_size, format_duration, grad_accum_steps, lr_multiplier,
                                muon_momentum, set_learning_rates, throughput)
 
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -117,7 +117,7 @@ def greedy_samples(model, tokenizer, prompts, max_tokens=16):
 
 def main(argv=None):
     args = get_args(argv)
-    from nanochat.dataloader import DataLoader
+    from nanochat.dataloader import DataLoader, build_val_loader
     from nanochat.gpt import GPT
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -235,8 +235,11 @@ def main(argv=None):
         # ---- evaluation, samples, checkpoint (on the weights after `step` steps)
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
-            val_loader = iter(DataLoader(tokenizer, B, T, spec=args.data, split="val", device=device, seed=args.seed,
-                                         rank=rank, world_size=world_size))
+            try:
+                val_loader = iter(build_val_loader(tokenizer, B, T, spec=args.data, device=device, rank=rank,
+                                                   world_size=world_size))
+            except DataError as e:
+                raise SystemExit(f"data error (validation split): {e}")
             with autocast():
                 val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, val_bpb)
@@ -265,21 +268,25 @@ def main(argv=None):
         # ---- one optimizer step over `accum` micro-batches
         synchronize(device_type)
         t0 = time.perf_counter()
+        train_loss = torch.zeros((), device=device)
         for loader in loaders:
             x, y = next(loader)
             with autocast():
                 loss = train_model(x, y)
             (loss / accum).backward()
+            train_loss += loss.detach() / accum  # the mean over the whole step, whatever the split
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         set_learning_rates(optimizers, lrm, momentum=muon_momentum(step))
         if args.grad_clip > 0:
+            if is_ddp:
+                average_gradients_(list(model.parameters()), world_size)
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)
-        train_loss = loss.detach()
         if is_ddp:
-            torch.distributed.all_reduce(train_loss, op=torch.distributed.ReduceOp.AVG)
+            torch.distributed.all_reduce(train_loss)  # gloo has no AVG
+            train_loss /= world_size
         train_loss = train_loss.item()  # also a sync point, so the timing below is honest
         dt = time.perf_counter() - t0
         step += 1

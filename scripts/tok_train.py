@@ -18,21 +18,24 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer_dir
 
 
 def training_texts(documents, max_chars, doc_cap):
-    """Documents cut to doc_cap characters, stopping once max_chars characters have been given."""
+    """Documents in pieces of at most doc_cap characters, stopping once max_chars characters have been
+    given. Long documents are split, not truncated: the mixture's weights are shares of characters,
+    and cutting a 1 MB book to its first doc_cap characters would all but drop books from the mix."""
     total = 0
     for doc in documents:
-        doc = doc[:doc_cap]
-        yield doc
-        total += len(doc)
-        if total >= max_chars:
-            return
+        for start in range(0, len(doc), doc_cap):
+            piece = doc[start:start + doc_cap]
+            yield piece
+            total += len(piece)
+            if total >= max_chars:
+                return
 
 
 def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--vocab-size", type=positive_int, default=65536, help="vocab size, counting the 256 byte tokens and the special tokens")
     parser.add_argument("--max-chars", type=positive_int, default=2_000_000_000, help="train on at most this many characters")
-    parser.add_argument("--doc-cap", type=positive_int, default=10_000, help="use at most this many characters of each document")
+    parser.add_argument("--doc-cap", type=positive_int, default=10_000, help="feed documents to the trainer in pieces of at most this many characters")
     parser.add_argument("--data", default=None, help="data spec PATH[:WEIGHT][,PATH[:WEIGHT]...]; default: the reference shards in $NANOCHAT_BASE_DIR/base_data")
     args = parser.parse_args(argv)
     min_vocab = 256 + len(SPECIAL_TOKENS)

@@ -51,3 +51,20 @@ def tokenizer(base_dir):
     tok = Tokenizer.train_from_iterator(texts, TEST_VOCAB_SIZE)
     tok.save(get_tokenizer_dir())
     return tok
+
+
+TINY_TRAIN_FLAGS = ["--depth=2", "--max-seq-len=64", "--device-batch-size=4", "--total-batch-size=512",
+                    "--num-iterations=40", "--eval-every=20", "--eval-tokens=4096", "--sample-every=-1",
+                    "--core-metric-every=-1", "--warmdown-ratio=0.2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tokenizer):
+    """One tiny base model (depth 2, 64-token context) trained for 40 steps on the shared English mix,
+    saved as base checkpoint tag 'tiny'. Returns (checkpoint dir, training result dict)."""
+    from nanochat.checkpoint import checkpoints_root
+    from scripts.base_train import main
+    pretrain = require_shared_data("pretrain")
+    spec = ",".join(f"{os.path.join(pretrain, n)}:{w}" for n, w in (("wikipedia", 0.45), ("books", 0.40), ("reddit", 0.15)))
+    result = main(TINY_TRAIN_FLAGS + [f"--data={spec}", "--model-tag=tiny"])
+    return os.path.join(checkpoints_root("base"), "tiny"), result
