@@ -1,20 +1,49 @@
 """
-Pretraining text: where documents come from and how they are read.
+Pretraining text: where documents come from, how sources are mixed, and the reference shard download.
 
 A data spec names one or more sources, each a directory or a file, with an optional weight:
     --data=PATH[:WEIGHT][,PATH[:WEIGHT]...]
 Supported files: .parquet (a `text` column), .jsonl / .jsonl.gz (one {"text": ...} per line),
-and .txt (documents separated by blank lines). Files whose name starts with "val" hold the
-validation split of their source.
+and .txt (documents separated by blank lines). Without a spec, the reference shards downloaded by
+`python -m nanochat.dataset -n N` into $NANOCHAT_BASE_DIR/base_data are read.
+
+Validation split, per source (the first rule that applies):
+- the reference shards: the last shard (highest number) is validation, the others training
+  (so the validation shard moves when more shards are downloaded; a single shard is split by hash);
+- a directory with files whose name starts with "val": those files are validation, the rest training;
+- anything else: a document is validation when crc32(its UTF-8 text) % 1000 < 10, i.e. about 1%.
+  The hash is of the content, so the split is deterministic, disjoint, independent of file order
+  and of the seed, and duplicate documents land on the same side.
+
+Mixture: a weight is a source's share of the *text* (characters), not of the documents: a book and
+a joke are not worth the same. The next document comes from the source furthest below its share
+(smallest characters-read / weight), so shares track the weights to within one document at any
+point of the stream. The seed shifts each source's starting point by up to 1,000 characters, so
+seeds interleave differently. A source that runs out starts over (a new epoch), with a warning.
 """
+import collections
 import gzip
+import http.client
+import itertools
 import json
 import os
+import random
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
-from nanochat.common import logger
+from nanochat.common import get_base_dir, logger, make_parser, positive_int
 
 TEXT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
+HOLDOUT_PER_MILLE = 10  # hash-split sources: 1% of documents are validation
+SPLITS = ("train", "val")
+BAD_LINE_POLICIES = ("skip", "fail")
 
 
 class DataError(ValueError):
@@ -25,6 +54,7 @@ class DataError(ValueError):
 class DataSource:
     path: str
     weight: float = 1.0
+    reference: bool = False  # the downloaded reference shards: last shard is validation
 
 
 def parse_data_spec(spec):
@@ -50,8 +80,29 @@ def parse_data_spec(spec):
     return sources
 
 
+def get_data_dir():
+    """Where the reference shards live: $NANOCHAT_BASE_DIR/base_data."""
+    return os.path.join(get_base_dir(), "base_data")
+
+
+def resolve_sources(spec):
+    """The sources of a spec; None means the downloaded reference shards."""
+    if spec is not None:
+        return parse_data_spec(spec)
+    data_dir = get_data_dir()
+    if not list_reference_shards(data_dir):
+        raise DataError(f"no pretraining data: {data_dir} holds no shards. Download the reference shards with "
+                        "`python -m nanochat.dataset -n 8` (more for longer runs), or pass your own with --data=PATH")
+    return [DataSource(data_dir, 1.0, reference=True)]
+
+
 def is_validation_file(path):
     return os.path.basename(path).startswith("val")
+
+
+def is_held_out(text):
+    """The hash split of sources without validation files: about 1% of documents, by content."""
+    return zlib.crc32(text.encode("utf-8", "surrogatepass")) % 1000 < HOLDOUT_PER_MILLE
 
 
 def list_text_files(path):
@@ -64,64 +115,107 @@ def list_text_files(path):
         return [path]
     files = []
     for root, dirs, names in os.walk(path):
-        dirs.sort()
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(os.path.join(root, n) for n in sorted(names) if n.endswith(TEXT_SUFFIXES) and not n.startswith("."))
     if not files:
         raise DataError(f"no readable files in {path}: expected {', '.join(TEXT_SUFFIXES)} files")
     return files
 
 
+def source_files(source, split):
+    """(files of `source` that hold `split`, whether their documents are split by hash)."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+    if source.reference:
+        files = list_reference_shards(source.path)
+        if len(files) >= 2:
+            return (files[:-1] if split == "train" else files[-1:]), False
+        if not files:
+            raise DataError(f"no reference shards in {source.path}: run `python -m nanochat.dataset -n 8`")
+        return files, True  # a single shard: split it by hash
+    files = list_text_files(source.path)
+    val = [f for f in files if is_validation_file(f)] if os.path.isdir(source.path) else []
+    if not val:
+        return files, True
+    train = [f for f in files if not is_validation_file(f)]
+    if not train:
+        raise DataError(f"data source {source.path} has only validation files (names starting with 'val'), "
+                        "no training files")
+    return (train if split == "train" else val), False
+
+# -----------------------------------------------------------------------------
+# Reading one file
+
 def _iter_parquet(path):
+    import pyarrow as pa
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
         raise DataError(f"cannot read parquet file {path}: {e}")
-    if "text" not in pf.schema_arrow.names:
-        raise DataError(f"parquet file {path} has no 'text' column (columns: {pf.schema_arrow.names})")
-    for i in range(pf.num_row_groups):
-        for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
-            if text:
-                yield text
+    with pf:
+        schema = pf.schema_arrow
+        if "text" not in schema.names:
+            raise DataError(f"parquet file {path} has no 'text' column (columns: {schema.names})")
+        if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
+            raise DataError(f"parquet file {path}: column 'text' holds {schema.field('text').type}, not strings")
+        for i in range(pf.num_row_groups):
+            try:
+                texts = pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
+            except Exception as e:
+                raise DataError(f"cannot read row group {i} of parquet file {path}: {e}")
+            for text in texts:
+                if text:
+                    yield text
 
 
 def _iter_jsonl(path, on_bad_line="skip"):
     opener = gzip.open if path.endswith(".gz") else open
     bad = 0
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                text = json.loads(line)["text"]
-                if not isinstance(text, str):
-                    raise TypeError("'text' is not a string")
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                if on_bad_line == "fail":
-                    raise DataError(f"{path}:{lineno}: not a JSON object with a 'text' string ({e})")
-                bad += 1
-                continue
-            if text:
-                yield text
+    lineno = 0
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    text = json.loads(line)["text"]
+                    if not isinstance(text, str):
+                        raise TypeError("'text' is not a string")
+                except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
+                    if on_bad_line == "fail":
+                        raise DataError(f"{path}:{lineno}: not a JSON object with a 'text' string ({e}); "
+                                        "pass on_bad_line='skip' to skip such lines") from None
+                    bad += 1
+                    continue
+                if text:
+                    yield text
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as e:
+        raise DataError(f"cannot read {path} (after line {lineno}): {e}") from None
     if bad:
         logger.warning(f"{path}: skipped {bad} line(s) that were not JSON objects with a 'text' string")
 
 
 def _iter_txt(path):
-    with open(path, encoding="utf-8") as f:
-        paragraph = []
-        for line in f:
-            if line.strip():
-                paragraph.append(line)
-            elif paragraph:
+    try:
+        with open(path, encoding="utf-8") as f:
+            paragraph = []
+            for line in f:
+                if line.strip():
+                    paragraph.append(line)
+                elif paragraph:
+                    yield "".join(paragraph).rstrip("\n")
+                    paragraph = []
+            if paragraph:
                 yield "".join(paragraph).rstrip("\n")
-                paragraph = []
-        if paragraph:
-            yield "".join(paragraph).rstrip("\n")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read {path}: {e}") from None
 
 
 def iter_file_documents(path, on_bad_line="skip"):
-    """Documents (strings) of one file, in file order."""
+    """Documents (non-empty strings) of one file, in file order."""
+    if on_bad_line not in BAD_LINE_POLICIES:
+        raise DataError(f"on_bad_line must be one of {BAD_LINE_POLICIES}, got {on_bad_line!r}")
     if path.endswith(".parquet"):
         yield from _iter_parquet(path)
     elif path.endswith((".jsonl", ".jsonl.gz")):
@@ -130,3 +224,285 @@ def iter_file_documents(path, on_bad_line="skip"):
         yield from _iter_txt(path)
     else:
         raise DataError(f"unsupported data file {path}")
+
+# -----------------------------------------------------------------------------
+# One source, epoch after epoch, with a position that can be saved and restored
+
+class SourceReader:
+    """The documents of one source and split. Position: (epoch, file index, documents read from that
+    file); restoring it skips ahead within one file only."""
+
+    def __init__(self, source, split, on_bad_line="skip"):
+        self.source = source
+        self.split = split
+        self.on_bad_line = on_bad_line
+        self.files, self.hash_split = source_files(source, split)
+        self.epoch = 0
+        self.file_index = 0
+        self.doc_index = 0      # documents read from files[file_index] (before the hash split)
+        self.docs_in_epoch = 0  # documents of this split returned in this epoch
+        self._docs = None       # open iterator over files[file_index]
+
+    def next_document(self):
+        """The next document of this epoch, or None when the epoch is over (the reader then rewinds)."""
+        while self.file_index < len(self.files):
+            if self._docs is None:
+                self._docs = iter_file_documents(self.files[self.file_index], self.on_bad_line)
+                collections.deque(itertools.islice(self._docs, self.doc_index), maxlen=0)  # resume: skip ahead
+            for text in self._docs:
+                self.doc_index += 1
+                if self.hash_split and is_held_out(text) != (self.split == "val"):
+                    continue
+                self.docs_in_epoch += 1
+                return text
+            self._docs = None
+            self.file_index += 1
+            self.doc_index = 0
+        if self.docs_in_epoch == 0:
+            raise DataError(f"data source {self.source.path} has no documents in the {self.split} split"
+                            + (" (its hash-held-out 1% is empty: add a val* file)" if self.hash_split and self.split == "val" else ""))
+        self.epoch += 1
+        self.file_index = self.doc_index = self.docs_in_epoch = 0
+        return None
+
+    def state_dict(self):
+        return {"path": self.source.path, "file": os.path.basename(self.files[self.file_index]) if self.file_index < len(self.files) else None,
+                "epoch": self.epoch, "file_index": self.file_index, "doc_index": self.doc_index,
+                "docs_in_epoch": self.docs_in_epoch}
+
+    def load_state_dict(self, state):
+        if state["file_index"] > len(self.files) or (state["file"] is not None and (
+                state["file_index"] == len(self.files) or os.path.basename(self.files[state["file_index"]]) != state["file"])):
+            raise DataError(f"cannot restore the position in data source {self.source.path}: it was in file "
+                            f"{state['file']!r} (number {state['file_index']}), which is not there any more")
+        if self._docs is not None:
+            self._docs.close()
+        self._docs = None
+        self.epoch, self.file_index = state["epoch"], state["file_index"]
+        self.doc_index, self.docs_in_epoch = state["doc_index"], state["docs_in_epoch"]
+
+# -----------------------------------------------------------------------------
+# The weighted mixture of sources
+
+class DocumentMixture:
+    """An iterator of documents (str) over the sources of a spec, each source's share of the text
+    following its weight (see the module docstring). infinite=False reads each source once."""
+
+    def __init__(self, spec=None, split="train", seed=0, infinite=True, on_bad_line="skip"):
+        if split not in SPLITS:
+            raise DataError(f"split must be one of {SPLITS}, got {split!r}")
+        if on_bad_line not in BAD_LINE_POLICIES:
+            raise DataError(f"on_bad_line must be one of {BAD_LINE_POLICIES}, got {on_bad_line!r}")
+        self.sources = resolve_sources(spec)
+        self.readers = [SourceReader(s, split, on_bad_line) for s in self.sources]
+        self.split = split
+        self.infinite = infinite
+        total = sum(s.weight for s in self.sources)
+        self.shares = [s.weight / total for s in self.sources]
+        rng = random.Random(seed)
+        self.passes = [rng.random() * 1000 / share for share in self.shares]  # characters read / share
+        self.done = [False] * len(self.sources)  # one-pass mode: sources that are finished
+        self.index = 0  # documents returned so far: the position in the global stream
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            live = [i for i in range(len(self.readers)) if not self.done[i]]
+            if not live:
+                raise StopIteration
+            i = min(live, key=lambda j: (self.passes[j], j))
+            text = self.readers[i].next_document()
+            if text is None:
+                if not self.infinite:
+                    self.done[i] = True
+                    continue
+                epochs = ", ".join(f"{s.path} {r.epoch + 1}" for s, r in zip(self.sources, self.readers))
+                logger.warning(f"data source {self.sources[i].path} ({self.split}) ran out and starts epoch "
+                               f"{self.readers[i].epoch + 1}; epochs started per source: {epochs}")
+                continue
+            self.passes[i] += len(text) / self.shares[i]
+            self.index += 1
+            return text
+
+    def state_dict(self):
+        """Small and JSON-serialisable: restoring it continues the stream exactly."""
+        return {"split": self.split, "index": self.index, "passes": list(self.passes), "done": list(self.done),
+                "sources": [r.state_dict() for r in self.readers]}
+
+    def load_state_dict(self, state):
+        saved = [s["path"] for s in state["sources"]]
+        current = [s.path for s in self.sources]
+        if saved != current or state["split"] != self.split:
+            raise DataError(f"data state was saved for sources {saved} ({state['split']} split), "
+                            f"not for {current} ({self.split} split)")
+        for reader, s in zip(self.readers, state["sources"]):
+            reader.load_state_dict(s)
+        self.index = state["index"]
+        self.passes = list(state["passes"])
+        self.done = list(state["done"])
+
+
+def iter_documents(spec=None, split="train", seed=0, infinite=True, on_bad_line="skip"):
+    """Documents of the weighted mixture of `spec` (None: the reference shards). infinite=False is one
+    pass over each source (tokenizer training). Paths, weights and the split are checked here (DataError);
+    a file's contents (a parquet without `text`, a bad jsonl line with on_bad_line="fail") when it is read."""
+    return DocumentMixture(spec, split=split, seed=seed, infinite=infinite, on_bad_line=on_bad_line)
+
+# -----------------------------------------------------------------------------
+# Reference shards: download with parallel workers, retries, validation, atomic rename
+
+DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
+
+
+def get_data_url():
+    return os.environ.get("NANOCHAT_DATA_URL") or DEFAULT_DATA_URL
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+
+def list_reference_shards(data_dir):
+    if not os.path.isdir(data_dir):
+        return []
+    return sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".parquet"))
+
+
+def check_parquet(path, full=False):
+    """Raise DataError unless `path` is a parquet file with a string `text` column. full=True also
+    decodes every row group (catches corruption inside the file, not only a bad footer)."""
+    import pyarrow.parquet as pq
+    try:
+        with pq.ParquetFile(path) as pf:
+            names = pf.schema_arrow.names
+            if "text" not in names:
+                raise DataError(f"parquet file {path} has no 'text' column (columns: {names})")
+            for i in range(pf.num_row_groups if full else 0):
+                pf.read_row_group(i, columns=["text"])
+    except DataError:
+        raise
+    except Exception as e:
+        raise DataError(f"{path} is not a valid parquet file: {e}")
+
+
+class _TransferError(Exception):
+    pass
+
+
+def download_shard(index, base_url, data_dir, retries=5, backoff=2.0, timeout=60):
+    """Fetch one shard unless a valid copy is there. Returns 'skipped' or 'downloaded'; raises DataError."""
+    name = shard_name(index)
+    path = os.path.join(data_dir, name)
+    if os.path.exists(path):
+        try:
+            check_parquet(path)
+            return "skipped"
+        except DataError as e:
+            logger.warning(f"{e}; removing it and downloading {name} again")
+            os.remove(path)
+    url = f"{base_url.rstrip('/')}/{name}"
+    reason = "no attempt"
+    for attempt in range(1, retries + 1):
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
+                expected = resp.headers.get("Content-Length")
+                size = 0
+                while chunk := resp.read(1 << 20):
+                    f.write(chunk)
+                    size += len(chunk)
+                if expected is not None and size != int(expected):
+                    raise _TransferError(f"transfer interrupted: got {size} of {expected} bytes")
+                f.flush()
+                os.fsync(f.fileno())
+            check_parquet(tmp, full=True)  # never rename a truncated or corrupt file into place
+            os.replace(tmp, path)
+            return "downloaded"
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                raise DataError(f"shard {name} not found (HTTP 404) at {url}: the data set at {base_url} may have "
+                                f"fewer shards than requested; check -n and NANOCHAT_DATA_URL") from None
+            reason = f"HTTP {e.code} {e.reason}"
+        except (urllib.error.URLError, http.client.HTTPException, OSError, _TransferError, DataError) as e:
+            reason = str(e) or type(e).__name__
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if attempt < retries:
+            wait = backoff * 2 ** (attempt - 1)
+            logger.warning(f"{name}: attempt {attempt}/{retries} failed ({reason}); retrying in {wait:.1f}s")
+            time.sleep(wait)
+    raise DataError(f"could not download shard {name} from {url} after {retries} attempts: {reason}")
+
+
+class _Progress:
+    """A one-line bar on a terminal, one line per shard otherwise (logs stay readable)."""
+
+    def __init__(self, total, stream=None):
+        self.total, self.done, self.stream = total, 0, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.lock = threading.Lock()
+
+    def update(self, name, outcome):
+        with self.lock:
+            self.done += 1
+            if self.tty:
+                filled = 30 * self.done // self.total
+                self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} shards")
+                if self.done == self.total:
+                    self.stream.write("\n")
+            else:
+                self.stream.write(f"[{self.done}/{self.total}] {name} {outcome}\n")
+            self.stream.flush()
+
+
+def download_shards(num_shards, workers=4, base_url=None, data_dir=None, retries=5, backoff=2.0, timeout=60):
+    """Make shard_00000 .. shard_{num_shards-1} present and valid in data_dir. Returns their paths.
+    Raises DataError naming every shard that failed."""
+    base_url = base_url or get_data_url()
+    data_dir = data_dir or get_data_dir()
+    os.makedirs(data_dir, exist_ok=True)
+    for n in os.listdir(data_dir):  # temp files of a killed download (a live one is written to every second)
+        tmp = os.path.join(data_dir, n)
+        try:
+            if n.startswith("shard_") and n.endswith(".tmp") and time.time() - os.path.getmtime(tmp) > 3600:
+                os.remove(tmp)
+        except OSError:
+            pass  # another downloader got there first
+    progress = _Progress(num_shards)
+    errors = {}
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(download_shard, i, base_url, data_dir, retries, backoff, timeout): i for i in range(num_shards)}
+        for future in as_completed(futures):
+            i = futures[future]
+            try:
+                outcome = future.result()
+            except DataError as e:
+                errors[i], outcome = str(e), "FAILED"
+            progress.update(shard_name(i), outcome)
+    if errors:
+        raise DataError(f"{len(errors)} of {num_shards} shard(s) failed:\n" + "\n".join(errors[i] for i in sorted(errors)))
+    return [os.path.join(data_dir, shard_name(i)) for i in range(num_shards)]
+
+
+def main(argv=None):
+    parser = make_parser("Download the reference pretraining shards (FineWeb-EDU, parquet) into "
+                         "$NANOCHAT_BASE_DIR/base_data. The URL comes from $NANOCHAT_DATA_URL "
+                         f"(default {DEFAULT_DATA_URL}).")
+    parser.add_argument("-n", "--num-shards", type=positive_int, required=True, help="download shards 0 .. N-1")
+    parser.add_argument("-w", "--workers", type=positive_int, default=4, help="parallel downloads")
+    parser.add_argument("--retries", type=positive_int, default=5, help="attempts per shard")
+    args = parser.parse_args(argv)
+    try:
+        paths = download_shards(args.num_shards, workers=args.workers, retries=args.retries)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{len(paths)} shard(s) ready in {get_data_dir()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

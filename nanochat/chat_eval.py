@@ -1,0 +1,317 @@
+"""
+Chat evaluation: how well a chat model answers the task library's questions.
+
+Categorical tasks (ARC-Easy, ARC-Challenge, MMLU) are scored without sampling: each question is rendered
+as a prompt that primes the assistant's reply, and the answer is the candidate letter whose token has the
+highest logit at the answer position (the last prompt token, <|assistant_start|>). Prompts go through the
+model in right-padded batches; attention is causal, so the padding never reaches the answer position.
+
+Generative tasks (GSM8K, HumanEval) sample `num_samples` replies per problem through the inference engine
+and score each; a problem counts as solved when any sample is correct (pass@k, k = num_samples).
+
+ChatCORE is the mean over the evaluated tasks of the centered accuracy (acc - baseline) / (1 - baseline),
+so chance is 0 and perfect is 1 (baseline 0.25 for the 4-way multiple choice tasks, 0 for generative ones).
+
+    out = run_chat_eval(model, tokenizer, engine, "ARC-Easy|GSM8K", max_problems=100)
+    out["metrics"]  # {"ARC-Easy": 0.41, "GSM8K": 0.02, "ChatCORE": 0.1233}
+
+Under torchrun every rank takes problems rank::world_size and the counts are summed across ranks.
+"""
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import is_ddp_initialized, print0
+
+TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
+BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
+ORDER_SEED = 1234  # --max-problems takes a fixed shuffled sample, the same in every run
+
+# -----------------------------------------------------------------------------
+# Task names and loading
+
+
+def parse_task_names(spec):
+    """'ARC-Easy|GSM8K' (or a list of names) -> ['ARC-Easy', 'GSM8K']. Case-insensitive, duplicates dropped;
+    ValueError naming the unknown task otherwise."""
+    parts = spec.split("|") if isinstance(spec, str) else list(spec)
+    canonical = {name.lower(): name for name in TASK_NAMES}
+    names = []
+    for part in parts:
+        key = str(part).strip().lower()
+        if not key:
+            raise ValueError(f"empty task name in {spec!r}; separate task names with '|'")
+        if key not in canonical:
+            raise ValueError(f"unknown task {str(part).strip()!r}; choose from {'|'.join(TASK_NAMES)}")
+        if canonical[key] not in names:
+            names.append(canonical[key])
+    if not names:
+        raise ValueError(f"no task names in {spec!r}")
+    return names
+
+
+def load_task(name):
+    """The evaluation split of a task by name (its data found as tasks/ finds it: $NANOCHAT_DATA_DIR)."""
+    if name in ("ARC-Easy", "ARC-Challenge"):
+        from tasks.arc import ARC
+        return ARC(subset=name, split="test")
+    if name == "MMLU":
+        from tasks.mmlu import MMLU
+        return MMLU(split="test")
+    if name == "GSM8K":
+        from tasks.gsm8k import GSM8K
+        return GSM8K(split="test")
+    if name == "HumanEval":
+        from tasks.humaneval import HumanEval
+        return HumanEval()
+    raise ValueError(f"unknown task {name!r}; choose from {'|'.join(TASK_NAMES)}")
+
+
+def centered_accuracy(accuracy, baseline):
+    """Rescaled so that chance (baseline, a fraction) is 0 and perfect is 1."""
+    return (accuracy - baseline) / (1.0 - baseline)
+
+
+def chat_core(results):
+    """Mean centered accuracy over the evaluated tasks ({name: {"centered": x, ...}})."""
+    if not results:
+        raise ValueError("ChatCORE needs at least one evaluated task")
+    return sum(r["centered"] for r in results.values()) / len(results)
+
+# -----------------------------------------------------------------------------
+# Distributed helpers
+
+
+def _model_device(model):
+    if hasattr(model, "get_device"):
+        return model.get_device()
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _rank_world():
+    if is_ddp_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def problem_order(num_problems, max_problems=None):
+    """Indices to evaluate: all of them in order, or a fixed shuffled sample of max_problems."""
+    order = list(range(num_problems))
+    if max_problems is not None and max_problems < num_problems:
+        random.Random(ORDER_SEED).shuffle(order)
+        order = order[:max_problems]
+    return order
+
+
+def _sum_across_ranks(values, device):
+    """Element-wise sum of a list of ints over all ranks (identity without torch.distributed)."""
+    if not is_ddp_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    on = device if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.long, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+# -----------------------------------------------------------------------------
+# Categorical: the logits of the answer letters at the answer position
+
+
+def letter_token_ids(tokenizer, letters, cache=None):
+    """Token id of each candidate letter; ValueError unless each letter encodes to exactly one token."""
+    key = tuple(letters)
+    if cache is not None and key in cache:
+        return cache[key]
+    ids = []
+    for letter in letters:
+        tokens = tokenizer.encode(letter)
+        if len(tokens) != 1:
+            raise ValueError(f"answer letter {letter!r} encodes to {len(tokens)} tokens {tokens}; categorical "
+                             "scoring needs every candidate letter to be a single token of the tokenizer")
+        ids.append(tokens[0])
+    if cache is not None:
+        cache[key] = ids
+    return ids
+
+
+@torch.no_grad()
+def predict_letters(model, tokenizer, conversations, device=None, max_len=None, letter_cache=None):
+    """One forward pass over the conversations' prompts (right-padded); per conversation, the letter of
+    conversation["letters"] whose token has the highest logit at the answer position. Other tokens are
+    ignored however likely. Prompts longer than max_len keep their last max_len tokens."""
+    if not conversations:
+        return []
+    device = device if device is not None else _model_device(model)
+    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    if max_len:
+        prompts = [p[-max_len:] for p in prompts]
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.full((B, T), tokenizer.get_bos_token_id(), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+    # candidates padded to the longest letter list; padded slots score -inf
+    candidates = [letter_token_ids(tokenizer, c["letters"], letter_cache) for c in conversations]
+    L = max(len(c) for c in candidates)
+    cand = torch.zeros((B, L), dtype=torch.long)
+    valid = torch.zeros((B, L), dtype=torch.bool)
+    for i, c in enumerate(candidates):
+        cand[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        valid[i, :len(c)] = True
+    logits = model(ids.to(device))
+    answer_pos = torch.tensor([len(p) - 1 for p in prompts], device=logits.device)
+    last = logits[torch.arange(B, device=logits.device), answer_pos].float()  # (B, V)
+    scores = last.gather(1, cand.to(logits.device)).masked_fill(~valid.to(logits.device), float("-inf"))
+    choice = scores.argmax(dim=1).tolist()  # ties go to the earliest letter
+    return [c["letters"][j] for c, j in zip(conversations, choice)]
+
+
+def evaluate_categorical(task, model, tokenizer, indices, batch_size=8, device=None):
+    """Number of problems among `indices` answered correctly. Batches hold prompts of similar length
+    (longest first, so running out of memory happens at once, not at the end)."""
+    max_len = getattr(getattr(model, "config", None), "sequence_len", None)
+    conversations = [task[i] for i in indices]
+    lengths = [len(tokenizer.render_for_completion(c)) for c in conversations]
+    order = sorted(range(len(conversations)), key=lambda j: -lengths[j])
+    cache, correct = {}, 0
+    for start in range(0, len(order), batch_size):
+        batch = [conversations[j] for j in order[start:start + batch_size]]
+        predictions = predict_letters(model, tokenizer, batch, device, max_len, cache)
+        correct += sum(bool(task.evaluate(c, p)) for c, p in zip(batch, predictions))
+    return correct
+
+# -----------------------------------------------------------------------------
+# Generative: sample through the engine, pass@k
+
+
+def sample_replies(engine, tokenizer, conversation, num_samples=1, max_new_tokens=512, temperature=0.0, top_k=50,
+                   seed=42):
+    """num_samples decoded replies to the conversation's last user turn (generated tokens only)."""
+    prompt = tokenizer.render_for_completion(conversation)
+    results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                       temperature=temperature, top_k=top_k or None, seed=seed)
+    if len(results) != num_samples:
+        raise RuntimeError(f"engine returned {len(results)} samples, {num_samples} were asked for")
+    replies = []
+    for tokens in results:
+        if list(tokens[:len(prompt)]) != prompt:
+            raise RuntimeError("engine result does not start with the prompt tokens")
+        replies.append(tokenizer.decode(list(tokens[len(prompt):])))
+    return replies
+
+
+def pass_at_k(outcomes):
+    """A problem is solved when any of its k samples is correct."""
+    return any(bool(o) for o in outcomes)
+
+
+def evaluate_generative(task, engine, tokenizer, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
+                        top_k=50, seed=42, label=""):
+    """Number of problems among `indices` solved by at least one of num_samples replies. Problem i samples
+    with seed + i, so results do not depend on how problems are split across ranks."""
+    correct, t0 = 0, time.time()
+    for n, i in enumerate(indices, 1):
+        conversation = task[i]
+        replies = sample_replies(engine, tokenizer, conversation, num_samples, max_new_tokens, temperature, top_k,
+                                 seed + i)
+        correct += pass_at_k(task.evaluate(conversation, r) for r in replies)
+        if len(indices) >= 20 and n % (len(indices) // 10) == 0 and n < len(indices):  # rank 0's progress
+            print0(f"  {label} {n}/{len(indices)} on rank 0: {correct} solved ({time.time() - t0:.0f}s)")
+    return correct
+
+# -----------------------------------------------------------------------------
+# A whole evaluation
+
+
+def evaluate_task(name, task, model, tokenizer, engine=None, max_problems=None, batch_size=8, num_samples=1,
+                  max_new_tokens=512, temperature=0.0, top_k=50, seed=42, device=None):
+    """{"accuracy", "centered", "correct", "num_problems", "metric", ...} for one task, summed over ranks."""
+    order = problem_order(len(task), max_problems)
+    rank, world_size = _rank_world()
+    mine = order[rank::world_size]
+    if task.eval_type == "categorical":
+        correct = evaluate_categorical(task, model, tokenizer, mine, batch_size, device)
+        metric = "accuracy"
+    elif task.eval_type == "generative":
+        if engine is None:
+            raise ValueError(f"{name} is generative: pass an inference engine")
+        correct = evaluate_generative(task, engine, tokenizer, mine, num_samples, max_new_tokens, temperature,
+                                      top_k, seed, label=name)
+        metric = f"pass@{num_samples}"
+    else:
+        raise ValueError(f"{name}: unknown eval_type {task.eval_type!r}")
+    correct, total = _sum_across_ranks([correct, len(mine)], device if device is not None else _model_device(model))
+    assert total == len(order), f"ranks evaluated {total} problems, expected {len(order)}"
+    accuracy = correct / total if total else 0.0
+    baseline = BASELINES.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
+    return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, baseline), "correct": correct,
+            "num_problems": total, "metric": metric, "eval_type": task.eval_type, "baseline": baseline}
+
+
+def run_chat_eval(model, tokenizer, engine, task_names=TASK_NAMES, max_problems=None, batch_size=8, num_samples=1,
+                  max_new_tokens=512, temperature=0.0, top_k=50, seed=42, device=None, tasks=None):
+    """Evaluate the model on the named tasks ('A|B' or a list). `tasks` ({name: Task}) supplies already
+    loaded tasks, e.g. to reuse them across evaluations during training; the rest are loaded by name.
+    `engine` is only needed for generative tasks; None builds nanochat.engine.Engine(model, tokenizer).
+    Returns {"results": {name: {...}}, "chatcore": x, "metrics": {name: accuracy, ..., "ChatCORE": x},
+    "settings": {...}}. Collective under torchrun: every rank must call it with the same arguments."""
+    names = parse_task_names(task_names)
+    tasks = dict(tasks or {})
+    for name in names:
+        if name not in tasks:
+            tasks[name] = load_task(name)
+    if engine is None and any(tasks[n].eval_type == "generative" for n in names):
+        from nanochat.engine import Engine
+        engine = Engine(model, tokenizer)
+    was_training = model.training
+    model.eval()
+    results = {}
+    try:
+        for name in names:
+            t0 = time.time()
+            r = evaluate_task(name, tasks[name], model, tokenizer, engine, max_problems, batch_size, num_samples,
+                              max_new_tokens, temperature, top_k, seed, device)
+            results[name] = r
+            print0(f"{name:<14} {r['metric']:<9} {r['correct']:>5}/{r['num_problems']:<5} acc={r['accuracy']:.4f} "
+                   f"centered={r['centered']:+.4f} ({time.time() - t0:.1f}s)")
+    finally:
+        model.train(was_training)
+    core = chat_core(results)
+    metrics = {name: r["accuracy"] for name, r in results.items()}
+    metrics["ChatCORE"] = core
+    settings = {"max_problems": max_problems, "batch_size": batch_size, "num_samples": num_samples,
+                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    return {"results": results, "chatcore": core, "metrics": metrics, "settings": settings}
+
+# -----------------------------------------------------------------------------
+# Output: stdout table and report section
+
+
+def format_results_table(out):
+    lines = [f"{'Task':<14} {'Metric':<9} {'Problems':>8} {'Accuracy':>9} {'Centered':>9}"]
+    for name, r in out["results"].items():
+        lines.append(f"{name:<14} {r['metric']:<9} {r['num_problems']:>8} {r['accuracy']:>9.4f} {r['centered']:>9.4f}")
+    lines.append(f"{'ChatCORE':<14} {'':<9} {'':>8} {'':>9} {out['chatcore']:>9.4f}")
+    return "\n".join(lines)
+
+
+def report_markdown(out, info=None):
+    s = out["settings"]
+    lines = [f"- {k}: {v}" for k, v in (info or {}).items()]
+    lines.append(f"- max problems per task: {s['max_problems'] or 'all'}")
+    if any(r["eval_type"] == "generative" for r in out["results"].values()):
+        lines.append(f"- sampling: {s['num_samples']} sample(s), temperature {s['temperature']}, top-k "
+                     f"{s['top_k'] or 'off'}, up to {s['max_new_tokens']} new tokens")
+    lines.append(f"- ChatCORE: {out['chatcore']:.4f} (mean centered accuracy over {len(out['results'])} tasks)")
+    lines += ["", "| Task | Metric | Problems | Accuracy | Centered |", "|---|---|---|---|---|"]
+    for name, r in out["results"].items():
+        lines.append(f"| {name} | {r['metric']} | {r['num_problems']} | {r['accuracy']:.4f} | {r['centered']:.4f} |")
+    return "\n".join(lines)
+
+
+def write_report(out, source, info=None):
+    """The report section "Chat evaluation <source>" with metrics {task: accuracy, "ChatCORE": x} for the
+    summary table; returns its path."""
+    from nanochat.report import write_section
+    return write_section(f"Chat evaluation {source}", report_markdown(out, info), metrics=out["metrics"])

@@ -1,0 +1,100 @@
+"""
+Evaluate a chat model on ARC-Easy, ARC-Challenge, MMLU (multiple choice, scored by the answer letters'
+logits) and GSM8K, HumanEval (sampled through the inference engine, pass@k), and report ChatCORE.
+
+python -m scripts.chat_eval -i sft
+python -m scripts.chat_eval -i mid -a "ARC-Easy|GSM8K" --max-problems=100
+torchrun --nproc_per_node=8 -m scripts.chat_eval -i sft --num-samples=10 --temperature=0.8
+
+Task data is read from $NANOCHAT_DATA_DIR (default ../shared/data; `python -m tasks.download` fetches it).
+Prints a results table and writes the report section "Chat evaluation <source>".
+"""
+import argparse
+
+import torch.distributed as dist
+
+from nanochat.chat_eval import TASK_NAMES, format_results_table, load_task, parse_task_names, run_chat_eval, write_report
+from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
+                             make_parser, positive_int)
+
+
+def task_list(value):
+    try:
+        return parse_task_names(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
+
+
+def non_negative_int(value):
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+
+def non_negative_float(value):
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    if not x >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    return x
+
+
+def get_parser():
+    p = make_parser(__doc__)
+    p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="checkpoint family")
+    p.add_argument("-a", "--task-name", type=task_list, default="|".join(TASK_NAMES),
+                   help="tasks to evaluate, separated by '|'")
+    p.add_argument("--max-problems", type=positive_int, default=None,
+                   help="problems per task (a fixed shuffled sample); default all")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="prompts per forward pass (categorical tasks)")
+    p.add_argument("--num-samples", type=positive_int, default=1, help="samples per problem (generative tasks): pass@k")
+    p.add_argument("--temperature", type=non_negative_float, default=0.0, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top-k", type=non_negative_int, default=50, help="sample among the k likeliest tokens; 0 = off")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="reply length limit (generative tasks)")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (problem i uses seed + i)")
+    p.add_argument("--model-tag", default="", help="checkpoint to load; empty = the largest model")
+    p.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step; default = the last one")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="empty = autodetect")
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    names = args.task_name  # argparse ran task_list on the default too
+    from nanochat.checkpoint import CheckpointError, load_model  # imported here so --help stays fast
+    is_ddp, rank, _, _, device = compute_init(args.device_type or None)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag or None,
+                                            step=args.step)
+        tasks = {name: load_task(name) for name in names}
+    except (CheckpointError, FileNotFoundError) as e:
+        if is_ddp_initialized():
+            dist.destroy_process_group()  # no barrier: other ranks may not get this far
+        raise SystemExit(f"chat_eval: {e}")
+    engine = None
+    if any(tasks[n].eval_type == "generative" for n in names):
+        from nanochat.engine import Engine
+        engine = Engine(model, tokenizer)
+    with autocast_context(device.type, get_compute_dtype(device.type)):
+        out = run_chat_eval(model, tokenizer, engine, names, max_problems=args.max_problems,
+                            batch_size=args.batch_size, num_samples=args.num_samples,
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                            seed=args.seed, device=device, tasks=tasks)
+    if rank == 0:
+        meta = meta if isinstance(meta, dict) else {}
+        info = {"source": args.source, "model tag": args.model_tag or meta.get("model_tag") or "(largest)",
+                "step": args.step if args.step is not None else meta.get("step")}
+        print(format_results_table(out))
+        print(f"wrote {write_report(out, args.source, info)}")
+    compute_cleanup()
+    return out
+
+
+if __name__ == "__main__":
+    main()
