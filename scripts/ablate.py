@@ -1,0 +1,113 @@
+"""
+Ablation of the planned architecture changes at equal training FLOPs, tiny scale, on CPU.
+
+Trains the reference architecture, each change alone and all of them together, every run with the
+same FLOPs budget (so a cheaper architecture gets more steps), then compares validation bits per
+byte on held-out text. Writes a table and a bar chart into the report: the evidence to look at
+before spending a real budget on the changes.
+
+    python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=2e13
+"""
+import os
+import sys
+
+from nanochat.common import make_parser, positive_int, print0
+
+# (label, base_train flags) at tiny scale: the context changes keep the plan's ratios (2048 -> 1024 / 512).
+def variants(seq_len):
+    return [
+        ("reference", []),
+        ("tied embeddings", ["--tie-embeddings=true"]),
+        (f"context {seq_len // 2}", [f"--max-seq-len={seq_len // 2}"]),
+        (f"context {seq_len // 4}", [f"--max-seq-len={seq_len // 4}"]),
+        ("MLP 3x", ["--mlp-ratio=3"]),
+        ("MLP 2.5x", ["--mlp-ratio=2.5"]),
+        ("n_kv_head = n_head // 4", ["--kv-head-ratio=4"]),
+        ("GELU", ["--activation=gelu"]),
+        ("SiLU", ["--activation=silu"]),
+        ("softcap off", ["--softcap=0"]),
+        ("RoPE base 100000", ["--rope-base=100000"]),
+        ("all together", ["--tie-embeddings=true", f"--max-seq-len={seq_len // 2}", "--mlp-ratio=3",
+                          "--kv-head-ratio=4", "--activation=silu", "--softcap=0"]),
+    ]
+
+
+def get_args(argv=None):
+    p = make_parser(__doc__)
+    p.add_argument("--data", default=None, help="data spec PATH[:WEIGHT],... (default: the reference shards)")
+    p.add_argument("--depth", type=positive_int, default=4)
+    p.add_argument("--head-dim", type=positive_int, default=64)
+    p.add_argument("--max-seq-len", type=positive_int, default=256, help="the reference context at this scale")
+    p.add_argument("--target-flops", type=float, default=2e13, help="training FLOPs of every run (about 100 steps of the reference)")
+    p.add_argument("--total-batch-size", type=positive_int, default=8192)
+    p.add_argument("--device-batch-size", type=positive_int, default=8)
+    p.add_argument("--eval-tokens", type=positive_int, default=65536)
+    p.add_argument("--only", default="", help="'|'-separated labels to run (default: all)")
+    return p.parse_args(argv)
+
+
+def plot(rows, path):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    fig = Figure(figsize=(8, 0.45 * len(rows) + 1.2))
+    ax = fig.add_subplot()
+    labels = [r["label"] for r in rows][::-1]
+    values = [r["val_bpb"] for r in rows][::-1]
+    ax.barh(labels, values, color=["#4a7" if l != "reference" else "#888" for l in labels])
+    ref = next(r["val_bpb"] for r in rows if r["label"] == "reference") if any(r["label"] == "reference" for r in rows) else None
+    if ref is not None:
+        ax.axvline(ref, color="k", lw=0.8, ls="--")
+    lo = min(values)
+    ax.set_xlim(lo - 0.05 * abs(lo), max(values) + 0.02 * abs(lo))
+    ax.set_xlabel("validation bits per byte at equal training FLOPs (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None):
+    args = get_args(argv)
+    from nanochat.report import get_report_dir, write_section
+    from scripts import base_train
+    only = set(args.only.split("|")) if args.only else None
+    rows = []
+    for label, flags in variants(args.max_seq_len):
+        if only and label not in only:
+            continue
+        print0(f"=== {label}: {' '.join(flags) or '(reference)'}")
+        tag = "ablate-" + "".join(c if c.isalnum() else "-" for c in label.lower())
+        common = [f"--depth={args.depth}", f"--head-dim={args.head_dim}", f"--max-seq-len={args.max_seq_len}",
+                  f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
+                  f"--device-batch-size={args.device_batch_size}", f"--eval-tokens={args.eval_tokens}",
+                  "--eval-every=-1", "--sample-every=-1", "--core-metric-every=-1", f"--model-tag={tag}"]
+        if args.data:
+            common.append(f"--data={args.data}")
+        # a shorter context keeps the tokens per step: more rows per batch
+        seq = next((int(f.split("=")[1]) for f in flags if f.startswith("--max-seq-len=")), args.max_seq_len)
+        extra = [f"--device-batch-size={args.device_batch_size * args.max_seq_len // seq}"]
+        out = base_train.main(common + flags + extra)
+        rows.append({"label": label, "flags": " ".join(flags), "val_bpb": out["val_bpb"], "steps": out["steps"]})
+    if not rows:
+        raise SystemExit(f"--only={args.only!r} matches no variant")
+    ref = next((r["val_bpb"] for r in rows if r["label"] == "reference"), None)
+    lines = ["| variant | flags | steps | val bpb | vs reference |", "|---|---|---|---|---|"]
+    for r in rows:
+        delta = "-" if ref is None or r["label"] == "reference" else f"{r['val_bpb'] - ref:+.4f}"
+        lines.append(f"| {r['label']} | `{r['flags'] or '-'}` | {r['steps']} | {r['val_bpb']:.4f} | {delta} |")
+    table = "\n".join(lines)
+    print0(table)
+    png = plot(rows, os.path.join(get_report_dir(), "ablation.png"))
+    body = (f"Equal training FLOPs ({args.target_flops:.2e}) per run, depth {args.depth}, reference context "
+            f"{args.max_seq_len}, data `{args.data or 'reference shards'}`. Validation bpb on held-out text.\n\n{table}")
+    if png:
+        body += "\n\n![ablation](ablation.png)"
+    write_section("Ablation", body, metrics={r["label"]: r["val_bpb"] for r in rows})
+    return rows
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
