@@ -140,3 +140,142 @@ class Timer:
         t = time.perf_counter()
         dt, self.t0 = t - self.t0, t
         return dt
+
+# -----------------------------------------------------------------------------
+# Shared by the stages that continue a checkpoint (midtraining, SFT, RL)
+
+
+def rng_state(device_type):
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
+
+
+def restore_rng_state(state, device_type):
+    torch.set_rng_state(state["cpu"])
+    if device_type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def check_tokenizer_vocab(tokenizer, vocab_size, where):
+    """CheckpointError unless the tokenizer has the vocabulary size the checkpoint was trained with."""
+    from nanochat.checkpoint import CheckpointError
+    if tokenizer.get_vocab_size() != vocab_size:
+        raise CheckpointError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but {where} was trained with "
+                              f"{vocab_size}: use the tokenizer the checkpoint was trained with")
+
+
+def load_input_model(source, device, model_tag=None, step=None, phase="train"):
+    """The checkpoint a stage starts from: (model, tokenizer, meta, ckpt_dir, step). CheckpointError with a
+    clear message when it is missing or was trained with another tokenizer."""
+    from nanochat.checkpoint import load_model, resolve_checkpoint
+    ckpt_dir, step = resolve_checkpoint(source, model_tag, step)
+    model, tokenizer, meta = load_model(source, device, phase=phase, model_tag=os.path.basename(ckpt_dir), step=step)
+    return model, tokenizer, meta, ckpt_dir, step
+
+
+def save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank=0, world_size=1):
+    """A checkpoint a run can resume from exactly: weights, each rank's optimizer and loader states, RNG.
+    Collective under torchrun."""
+    from nanochat.checkpoint import save_checkpoint
+    state = {"optimizers": [opt.state_dict() for opt in optimizers], "loaders": [l.state_dict() for l in loaders]}
+    return save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank=rank, world_size=world_size,
+                           rng_state=rng_state(device_type))
+
+
+def restore_training_state(ckpt_dir, step, optimizers, loaders, device, device_type, rank=0, world_size=1, accum=1):
+    """Load what save_training_state wrote (the weights are loaded separately, e.g. by checkpoint.build_model).
+    CheckpointError when the run's world size or accumulation differs (the data order would not continue)."""
+    from nanochat.checkpoint import CheckpointError, load_checkpoint
+    _, payload, meta = load_checkpoint(ckpt_dir, step, device, load_optimizer=True, rank=rank)
+    if meta.get("world_size") != world_size or meta.get("accum") != accum:
+        raise CheckpointError(f"checkpoint was written by {meta.get('world_size')} rank(s) x {meta.get('accum')} "
+                              f"accumulation steps, this run has {world_size} x {accum}")
+    for opt, state in zip(optimizers, payload["optimizer"]["optimizers"]):
+        opt.load_state_dict(state)
+    for loader, state in zip(loaders, payload["optimizer"]["loaders"]):
+        loader.load_state_dict(state)
+    restore_rng_state(payload["rng"], device_type)
+    return meta
+
+
+def optimizer_step(model, optimizers, grad_clip=0.0, world_size=1):
+    """Clip (on the global gradient under torchrun), step every optimizer, zero the gradients."""
+    if grad_clip > 0:
+        if world_size > 1:
+            average_gradients_(list(model.parameters()), world_size)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+
+
+def all_reduce_mean(value, device, world_size):
+    """The mean of a Python number over ranks (the number itself without torchrun)."""
+    if world_size <= 1:
+        return float(value)
+    import torch.distributed as dist
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)  # gloo has no AVG
+    return t.item() / world_size
+
+
+def accumulate_gradients(train_model, batches, autocast, world_size=1):
+    """Forward and backward over one optimizer step's micro-batches [(inputs, targets)], the loss normalized
+    by the number of target tokens (targets != -1) of the whole step on all ranks: every token weighs the
+    same whichever micro-batch or rank it is in (padded SFT rows hold different numbers of tokens). The
+    distributed optimizers average gradients over ranks, hence the factor world_size. Returns the step's
+    mean loss per target token (the same on every rank)."""
+    device = batches[0][1].device
+    count = sum((y != -1).sum() for _, y in batches).double()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(count)
+    n = count.clamp(min=1)
+    for x, y in batches:
+        with autocast():
+            loss_sum = train_model(x, y, loss_reduction="sum")
+        (loss_sum * (world_size / n)).backward()
+        total += loss_sum.detach().double()
+    if world_size > 1:
+        dist.all_reduce(total)
+    return (total / n).item()
+
+
+def stage_error(message):
+    """Leave the process group (if any) and exit with `message`: every rank of a torchrun job hits the same
+    missing file or bad flag, and a clean exit beats a hung collective."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    raise SystemExit(message)
+
+
+def load_eval_tasks(spec):
+    """'ARC-Easy|MMLU' -> {name: task} for nanochat.chat_eval.run_chat_eval; 'none' or '' -> {}.
+    ValueError / FileNotFoundError with a clear message."""
+    from nanochat.chat_eval import load_task, parse_task_names
+    if not spec or spec.strip().lower() == "none":
+        return {}
+    return {name: load_task(name) for name in parse_task_names(spec)}
+
+
+def open_stage(stage, input_source, device, model_tag=None, step=None, output_tag=None, resume=False):
+    """The model a chat stage trains and where it writes. Fresh: the `input_source` checkpoint (model_tag, step;
+    default the largest model's last step), written to <stage>_checkpoints/<output_tag or the input's tag>.
+    Resume: the stage's own last checkpoint of output_tag (or model_tag, or the largest).
+    Returns (model, tokenizer, ckpt_dir, start_step, resume_meta or None, origin {source, model_tag, step}).
+    CheckpointError / OSError / ValueError with a clear message (missing checkpoint, other tokenizer)."""
+    from nanochat.checkpoint import build_model, checkpoints_root, find_largest_model, find_last_step, step_dir
+    from nanochat.tokenizer import get_tokenizer
+    if resume:
+        root = checkpoints_root(stage)
+        tag = output_tag or model_tag or find_largest_model(root)
+        ckpt_dir = os.path.join(root, tag)
+        start_step = find_last_step(ckpt_dir)
+        model, meta = build_model(ckpt_dir, start_step, device, phase="train")
+        tokenizer = get_tokenizer()
+        check_tokenizer_vocab(tokenizer, model.config.vocab_size, f"checkpoint {step_dir(ckpt_dir, start_step)}")
+        return model, tokenizer, ckpt_dir, start_step, meta, meta.get("input")
+    model, tokenizer, _, in_dir, in_step = load_input_model(input_source, device, model_tag, step)
+    ckpt_dir = os.path.join(checkpoints_root(stage), output_tag or os.path.basename(in_dir))
+    return model, tokenizer, ckpt_dir, 0, None, {"source": input_source, "model_tag": os.path.basename(in_dir), "step": in_step}

@@ -1,0 +1,321 @@
+"""
+Inference: the key/value cache, sampling, and the Engine that streams tokens with calculator tool use.
+
+    engine = Engine(model, tokenizer)
+    for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=256, temperature=0.8, top_k=50):
+        ...                                   # column[i]: row i's next token; masks[i]: 1 sampled, 0 forced
+    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=256)
+
+How a generation runs: the prompt is prefilled ONCE at batch 1 into a KV cache, the cache is replicated
+into num_samples rows, then every step feeds one token per row (batched single-token decode). Each row
+is its own little state machine: it stops at <|assistant_end|> or <|bos|>, and the text it writes
+between <|python_start|> and <|python_end|> goes to the calculator, whose answer is forced into that
+row as <|output_start|> result <|output_end|> (one token per step, marked 0 = not sampled, and fed
+through the model like any token so the cache stays consistent).
+"""
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.calculator import use_calculator
+from nanochat.common import autocast_context, get_compute_dtype
+
+
+class KVCache:
+    """
+    Preallocated keys and values for every layer: one tensor of shape (L, 2, B, Hkv, T, D).
+
+    The model's attention calls insert_kv(layer_idx, k, v) with the new chunk's keys/values of shape
+    (B, Hkv, t, D) and gets back views covering positions [0, pos + t) to attend over. The position
+    advances AUTOMATICALLY when the last layer has inserted its chunk, so one model forward = one
+    advance by t; get_pos() read before a forward is the position of the chunk's first token (the
+    model offsets its rotary embeddings by it). When a sequence outruns the preallocated length the
+    buffer grows (capacity doubles), so callers may size it for the common case.
+    """
+
+    def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, dtype=torch.float32, device="cpu"):
+        for name, value in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads), ("seq_len", seq_len),
+                            ("head_dim", head_dim), ("num_layers", num_layers)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        self.batch_size = batch_size
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.num_layers = num_layers
+        self._set_buffer(torch.zeros(num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim, dtype=dtype, device=device))
+        self.pos = 0
+
+    def _set_buffer(self, kv):
+        # per-layer views made once: insert_kv runs L times per decoded token, so it avoids re-indexing
+        self.kv = kv
+        # (plain indexing, not unbind: unbind's multi-output views refuse in-place writes of tensors
+        # that require grad, e.g. a cache used by a model outside torch.no_grad)
+        self.keys = [kv[i, 0] for i in range(kv.size(0))]
+        self.values = [kv[i, 1] for i in range(kv.size(0))]
+
+    @property
+    def capacity(self):
+        return self.kv.size(4)
+
+    def get_pos(self):
+        return self.pos
+
+    def reset(self):
+        self.pos = 0
+
+    def _ensure_capacity(self, needed):
+        if needed <= self.capacity:
+            return
+        new_len = max(needed, 2 * self.capacity)
+        bigger = self.kv.new_zeros(*self.kv.shape[:4], new_len, self.head_dim)
+        bigger[..., :self.pos, :] = self.kv[..., :self.pos, :]
+        self._set_buffer(bigger)
+
+    def insert_kv(self, layer_idx, k, v):
+        """Write this chunk at [pos, pos + t) of layer `layer_idx`; return (keys, values) for [0, pos + t)."""
+        B, H, t, D = k.shape
+        if B != self.batch_size or H != self.num_kv_heads or D != self.head_dim:
+            raise ValueError(f"KVCache: got keys of shape {tuple(k.shape)}, cache holds batch {self.batch_size}, "
+                             f"{self.num_kv_heads} kv heads, head_dim {self.head_dim}")
+        pos = self.pos
+        end = pos + t
+        if end > self.kv.size(4):
+            self._ensure_capacity(end)
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.narrow(2, pos, t).copy_(k)
+        values.narrow(2, pos, t).copy_(v)
+        if layer_idx == self.num_layers - 1:
+            self.pos = end
+        return keys.narrow(2, 0, end), values.narrow(2, 0, end)
+
+    def prefill(self, other):
+        """Copy a batch-1 cache (e.g. a prompt prefilled once) into every row of this cache."""
+        if not isinstance(other, KVCache):
+            raise TypeError(f"KVCache.prefill expects a KVCache, got {type(other).__name__}")
+        if (other.num_layers, other.num_kv_heads, other.head_dim) != (self.num_layers, self.num_kv_heads, self.head_dim):
+            raise ValueError("KVCache.prefill: caches differ in layers, kv heads or head_dim")
+        if other.batch_size != 1 and other.batch_size != self.batch_size:
+            raise ValueError(f"KVCache.prefill: source batch must be 1 or {self.batch_size}, got {other.batch_size}")
+        self.pos = 0
+        self._ensure_capacity(other.pos)
+        self.kv[..., :other.pos, :] = other.kv[..., :other.pos, :]  # broadcasts over the batch dim
+        self.pos = other.pos
+
+# -----------------------------------------------------------------------------
+# Sampling
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax; top_k / top_p do not matter).
+    Otherwise logits / temperature, then keep the top_k most likely tokens, then the smallest set of
+    those whose probability reaches top_p (the most likely token always stays), and sample with `rng`."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
+    elif top_p is not None:
+        vals, idx = torch.sort(logits, dim=-1, descending=True)
+    else:
+        probs = F.softmax(logits, dim=-1)
+        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+    if top_p is not None:
+        probs = F.softmax(vals, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # the first token has mass_before 0
+    probs = F.softmax(vals, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=rng)
+    return idx.gather(-1, choice).squeeze(-1)
+
+# -----------------------------------------------------------------------------
+# Per-row state: stopping and the calculator
+
+
+class RowState:
+    """One sample's progress: done, the python expression being collected, tokens waiting to be forced."""
+    __slots__ = ("done", "last", "in_python", "expr", "forced")
+
+    def __init__(self):
+        self.done = False
+        self.last = None
+        self.in_python = False
+        self.expr = []
+        self.forced = deque()
+
+
+def _optional_special(tokenizer, name):
+    """A special token's id, or None when this tokenizer does not have it (then that feature is off)."""
+    try:
+        return tokenizer.encode_special(name)
+    except (ValueError, KeyError):
+        return None
+
+
+class Engine:
+    """Generation for a GPT-like model (forward(idx, kv_cache=...) -> (B, T, V) logits; .config with
+    vocab_size, n_layer, n_kv_head, head_dim, sequence_len) and a nanochat Tokenizer. Special tokens the
+    tokenizer lacks turn their feature off (no <|python_start|>: no tool use; no stop tokens: every row
+    runs to max_tokens). The engine never changes the model; it generates on the model's device."""
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        special = lambda name: _optional_special(tokenizer, name)
+        self.stop_tokens = frozenset(t for t in (special("<|assistant_end|>"), special("<|bos|>")) if t is not None)
+        self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
+        self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
+        self.tools = None not in (self.python_start, self.python_end, self.output_start, self.output_end)
+
+    # --- arguments ---------------------------------------------------------
+
+    def _check_args(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        """Validated (tokens, max_tokens, top_k, top_p, seed); a clear ValueError otherwise."""
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        tokens = list(tokens)
+        vocab = self.model.config.vocab_size
+        if not tokens:
+            raise ValueError("generate: the prompt is empty (give at least one token, e.g. <|bos|>)")
+        if not all(is_int(t) and 0 <= t < vocab for t in tokens):
+            bad = next(t for t in tokens if not (is_int(t) and 0 <= t < vocab))
+            raise ValueError(f"generate: prompt token {bad!r} is not an id in [0, {vocab})")
+        if not is_int(num_samples) or num_samples <= 0:
+            raise ValueError(f"generate: num_samples must be a positive int, got {num_samples!r}")
+        if max_tokens is None:  # until every row is done, at most up to the model's context length
+            max_tokens = max(1, self.model.config.sequence_len - len(tokens))
+        elif not is_int(max_tokens) or max_tokens < 0:
+            raise ValueError(f"generate: max_tokens must be a non-negative int or None, got {max_tokens!r}")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not 0 <= temperature < float("inf"):
+            raise ValueError(f"generate: temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (not is_int(top_k) or top_k < 0):
+            raise ValueError(f"generate: top_k must be a positive int or None, got {top_k!r}")
+        if top_p is not None and (not isinstance(top_p, (int, float)) or isinstance(top_p, bool) or not 0 < top_p <= 1):
+            raise ValueError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
+        if not is_int(seed):
+            raise ValueError(f"generate: seed must be an int, got {seed!r}")
+        # top_k 0 and top_p 1 mean "no filter"
+        return tokens, max_tokens, (top_k or None), (None if top_p == 1 else top_p), seed % 2**64
+
+    # --- generation --------------------------------------------------------
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """
+        Stream num_samples continuations of the prompt `tokens` (a list of ids). Yields, once per step,
+        (token_column, token_masks): lists of length num_samples with each row's next token and 1 if it was
+        sampled, 0 if it was forced (calculator output). A row's terminal token (<|assistant_end|> or
+        <|bos|>) is yielded once, with mask 1; after that the row is done and, while other rows go on,
+        its entry repeats that terminal token with mask 0 (consumers skip done rows). The generator ends
+        when every row is done or after max_tokens steps (None: up to the model's context length).
+        Greedy at temperature 0; seeded: the same arguments give the same tokens. Arguments are checked
+        here (ValueError) before anything runs. Closing the generator early frees its KV cache.
+
+        For speed, wrap the loop in nanochat.common.autocast_context (as the web server does): the
+        weights' casts to the compute dtype are then cached across steps; each step enters autocast itself,
+        so it is correct without.
+        """
+        tokens, max_tokens, top_k, top_p, seed = self._check_args(tokens, num_samples, max_tokens, temperature,
+                                                                  top_k, top_p, seed)
+        return self._generate(tokens, num_samples, max_tokens, float(temperature), top_k, top_p, seed)
+
+    # no_grad rather than inference_mode: under inference_mode autocast does not cache the weights' casts
+    # (measured: fp32 weights + bf16 autocast decode ~1.6x slower), and a rotary table the model extends
+    # here must stay usable by a training step (RL). On a generator the decorator is active while it runs,
+    # not while it is suspended at a yield, so nothing leaks into the caller's code.
+    @torch.no_grad()
+    def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, top_p, seed):
+        if max_tokens == 0:
+            return
+        model, config = self.model, self.model.config
+        weight = next(model.parameters())
+        device = weight.device
+        compute_dtype = get_compute_dtype(device.type)
+        # keys/values come out in the compute dtype under autocast, else in the weights' dtype
+        cache_dtype = weight.dtype if compute_dtype == torch.float32 else compute_dtype
+        rng = torch.Generator(device=device)
+        rng.manual_seed(seed)
+
+        def forward(ids, cache):
+            with autocast_context(device.type, compute_dtype):
+                return model(ids, kv_cache=cache)[:, -1, :]
+
+        # prefill the prompt once at batch 1, then replicate it into num_samples rows. Room for a reply of
+        # up to the context length is preallocated; a longer one grows the cache (doubling) as it goes.
+        capacity = len(tokens) + min(max_tokens, config.sequence_len)
+        cache_args = (config.n_kv_head, capacity if num_samples == 1 else len(tokens), config.head_dim, config.n_layer)
+        cache = KVCache(1, *cache_args, dtype=cache_dtype, device=device)
+        logits = forward(torch.tensor([tokens], dtype=torch.long, device=device), cache)
+        if num_samples > 1:
+            prompt_cache = cache
+            cache = KVCache(num_samples, config.n_kv_head, capacity, config.head_dim, config.n_layer,
+                            dtype=cache_dtype, device=device)
+            cache.prefill(prompt_cache)
+            del prompt_cache
+            logits = logits.expand(num_samples, -1)
+
+        rows = [RowState() for _ in range(num_samples)]
+        try:
+            for step in range(max_tokens):
+                sampled = sample_next_token(logits, rng, temperature, top_k, top_p)
+                column, masks, any_forced = sampled.tolist(), [1] * num_samples, False
+                for i, row in enumerate(rows):
+                    if row.done:
+                        column[i], masks[i] = row.last, 0
+                        continue
+                    if row.forced:
+                        column[i], masks[i], any_forced = row.forced.popleft(), 0, True
+                    self._advance(row, column[i])
+                yield column, masks
+                if step + 1 == max_tokens or all(row.done for row in rows):
+                    return
+                # done rows are fed whatever they "sampled": their cache rows are never read again
+                ids = torch.tensor(column, dtype=torch.long, device=device) if any_forced else sampled
+                logits = forward(ids.view(num_samples, 1), cache)
+        finally:
+            del cache, logits  # on close(): free the cache now, not at garbage collection
+
+    def _advance(self, row, token):
+        """Update a row after `token` was appended: stop, collect a python expression, or queue the
+        calculator's answer. A refused or failing expression gives no output; generation just goes on."""
+        row.last = token
+        if token in self.stop_tokens:
+            row.done = True
+        elif not self.tools:
+            return
+        elif token == self.python_start:
+            row.in_python, row.expr = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            result = use_calculator(self.tokenizer.decode(row.expr))
+            row.expr = []
+            if result is not None:
+                row.forced.extend([self.output_start, *self.tokenizer.encode(result), self.output_end])
+        elif row.in_python:
+            row.expr.append(token)
+
+    def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        """
+        All of generate() at once: (results, masks), one list per row. results[i] = prompt + the row's
+        generated tokens (forced calculator outputs inline, the terminal token not included); masks[i] = 0
+        for every prompt token, then per generated token 1 if sampled, 0 if forced.
+        """
+        tokens = list(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
+        gen = self.generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)
+        results = [list(tokens) for _ in range(num_samples)]
+        masks = [[0] * len(tokens) for _ in range(num_samples)]
+        done = [False] * num_samples
+        device_type = next(self.model.parameters()).device.type
+        # one autocast around the whole loop: the weight casts are cached across steps
+        with autocast_context(device_type, get_compute_dtype(device_type)):
+            for column, column_masks in gen:
+                for i, (token, mask) in enumerate(zip(column, column_masks)):
+                    if done[i]:
+                        continue
+                    if token in self.stop_tokens:
+                        done[i] = True
+                        continue
+                    results[i].append(token)
+                    masks[i].append(mask)
+        return results, masks

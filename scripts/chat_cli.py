@@ -1,0 +1,141 @@
+"""
+Chat with a trained model in the terminal, replies streamed as they are generated.
+
+python -m scripts.chat_cli -i sft                     # interactive, multi-turn
+python -m scripts.chat_cli -i sft -p "Why is the sky blue?"   # answer once and exit (scriptable)
+python -m scripts.chat_cli -i base --model-tag d20 --step 5000 --temperature 0 --max-tokens 100
+
+In the interactive chat: `clear` (or /clear) starts a new conversation, `quit` / `exit` (or /quit, /exit)
+leaves; Ctrl-C during a reply stops the reply and keeps the session, Ctrl-C or Ctrl-D at the prompt leaves.
+The conversation is kept as tokens, so calculator calls and their outputs stay in it exactly as generated.
+"""
+import sys
+
+import torch
+
+from nanochat.common import autocast_context, autodetect_device_type, get_compute_dtype, make_parser, positive_int
+from scripts.chat_web import StreamDecoder, non_negative_float, non_negative_int
+
+CLEAR_COMMANDS = {"clear", "/clear"}
+QUIT_COMMANDS = {"quit", "exit", "/quit", "/exit"}
+
+
+def get_parser():
+    p = make_parser(__doc__)
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint family")
+    p.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
+    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; default the last")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
+    p.add_argument("-t", "--temperature", type=non_negative_float, default=0.6, help="sampling temperature; 0 = greedy")
+    p.add_argument("-k", "--top-k", type=non_negative_int, default=50, help="sample among the k likeliest tokens; 0 = off")
+    p.add_argument("-m", "--max-tokens", type=positive_int, default=512, help="reply length limit in tokens")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed (reply n uses seed + n)")
+    p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    return p
+
+
+class Chat:
+    """A conversation as token ids: <|bos|> then user / assistant turns, rendered like
+    Tokenizer.render_conversation renders them."""
+
+    def __init__(self, engine, tokenizer, device_type, args, out=None):
+        self.engine, self.tokenizer, self.args, self.out = engine, tokenizer, args, out
+        self.device_type = device_type
+        s = tokenizer.encode_special
+        self.user_start, self.user_end = s("<|user_start|>"), s("<|user_end|>")
+        self.assistant_start, self.assistant_end = s("<|assistant_start|>"), s("<|assistant_end|>")
+        self.replies = 0
+        self.clear()
+
+    def clear(self):
+        self.tokens = [self.tokenizer.get_bos_token_id()]
+
+    def reply(self, text):
+        """Stream the assistant's reply to `text`; returns it. Ctrl-C stops the reply early (the part
+        generated so far stays in the conversation) and is not raised further."""
+        self.tokens += [self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start]
+        context = self.engine.model.config.sequence_len
+        if len(self.tokens) >= context:
+            self._say(f"[note: the conversation is {len(self.tokens)} tokens, beyond the model's {context}-token "
+                      "context; replies degrade; `clear` starts over]\n")
+        a = self.args
+        decoder, generated, pieces = StreamDecoder(self.tokenizer), [], []
+        gen = self.engine.generate(self.tokens, num_samples=1, max_tokens=a.max_tokens, temperature=a.temperature,
+                                   top_k=a.top_k or None, seed=a.seed + self.replies)
+        self.replies += 1
+        try:
+            # one autocast around the whole reply: the weights' casts are cached across tokens
+            with autocast_context(self.device_type, get_compute_dtype(self.device_type)):
+                for column, _ in gen:
+                    token = column[0]
+                    if token in self.engine.stop_tokens:
+                        break
+                    generated.append(token)
+                    piece = decoder.push(token)
+                    pieces.append(piece)
+                    self._say(piece)
+        except KeyboardInterrupt:
+            pieces.append(decoder.flush())
+            self._say(pieces[-1] + " [stopped]")
+        else:
+            pieces.append(decoder.flush())
+            self._say(pieces[-1])
+        finally:
+            gen.close()  # frees the KV cache now
+            self._say("\n")
+        self.tokens += generated + [self.assistant_end]
+        return "".join(pieces)
+
+    def _say(self, text):
+        out = self.out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, redirection)
+        out.write(text)
+        out.flush()
+
+
+def interactive(chat):
+    print("nanochat: type a message; `clear` starts over, `quit` (or Ctrl-D) leaves, Ctrl-C stops a reply.", flush=True)
+    while True:
+        try:
+            text = input("\nUser: ").strip()
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave
+            print(flush=True)
+            return
+        if not text:
+            continue
+        if text.lower() in QUIT_COMMANDS:
+            return
+        if text.lower() in CLEAR_COMMANDS:
+            chat.clear()
+            print("(conversation cleared)", flush=True)
+            continue
+        print("\nAssistant: ", end="", flush=True)
+        chat.reply(text)
+
+
+def main(argv=None):
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.prompt is not None and not args.prompt.strip():
+        parser.error("-p/--prompt is empty")
+    try:
+        device_type = autodetect_device_type(args.device_type)
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--device-type: {e}")
+    from nanochat.checkpoint import CheckpointError, load_model
+    from nanochat.engine import Engine
+    try:
+        model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval", model_tag=args.model_tag,
+                                         step=args.step)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer yet, or they do not fit
+        print(f"error: cannot load the {args.source} model: {e}", file=sys.stderr)
+        return 1
+    chat = Chat(Engine(model, tokenizer), tokenizer, device_type, args)
+    if args.prompt is not None:
+        chat.reply(args.prompt)
+    else:
+        interactive(chat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

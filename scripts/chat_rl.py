@@ -1,0 +1,262 @@
+"""
+Reinforcement learning (optional stage): for each GSM8K training problem, sample --num-samples replies through
+the inference engine (with calculator tool use), reward 1 for a correct final answer, and take a policy-gradient
+step on the sampled tokens weighted by reward minus the group's mean reward (nanochat/rl.py). Forced tool
+outputs and the prompt never receive gradient. Evaluates pass@k on GSM8K test problems during training;
+writes rl checkpoints.
+
+    python -m scripts.chat_rl                                             # largest sft model, GSM8K
+    torchrun --nproc_per_node=8 -m scripts.chat_rl -- --num-samples=16
+    python -m scripts.chat_rl --task=toy --model-tag=d4 --prompts-per-step=4 --num-samples=8 \\
+        --max-new-tokens=8 --num-iterations=30                            # a toy reward a tiny CPU model can learn
+
+--task=toy asks for a letter repeated and rewards the fraction of the reply's letters that are that letter
+(tasks/toy.py): a dense reward for testing the machinery on CPU. Each prompt's samples are seeded by the
+prompt's position in the run, so the samples do not depend on how prompts are split across ranks.
+"""
+import dataclasses
+import sys
+import time
+
+import torch
+
+from nanochat.checkpoint import CheckpointError
+from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
+                             get_peak_memory, is_ddp_initialized, make_parser, positive_int, print0, str2bool,
+                             synchronize)
+from nanochat.training import (StepLogger, all_reduce_mean, format_duration, lr_multiplier, open_stage, optimizer_step,
+                               restore_training_state, save_training_state, set_learning_rates, stage_error)
+
+TASKS = ("gsm8k", "toy")
+
+
+def get_args(argv=None):
+    p = make_parser(__doc__)
+    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
+    p.add_argument("--seed", type=int, default=42, help="sampling seed")
+    g = p.add_argument_group("input and output")
+    g.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="checkpoint family to start from")
+    g.add_argument("--model-tag", default=None, help="input checkpoint (default: the largest)")
+    g.add_argument("--step", type=int, default=None, help="input checkpoint step (default: the last)")
+    g.add_argument("--output-tag", default=None, help="rl checkpoint directory name (default: the input's tag)")
+    g.add_argument("--resume", type=str2bool, default=False, help="continue from the last rl checkpoint of the output tag")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    g = p.add_argument_group("task and sampling")
+    g.add_argument("--task", default="gsm8k", choices=TASKS, help="gsm8k: train split for training, test split for pass@k")
+    g.add_argument("--toy-letter", default="e", help="the letter the toy task rewards")
+    g.add_argument("--prompts-per-step", type=positive_int, default=16, help="prompts per optimizer step (all ranks)")
+    g.add_argument("--num-samples", type=positive_int, default=16, help="completions sampled per prompt")
+    g.add_argument("--device-batch-size", type=positive_int, default=8, help="rows per generate call and per forward pass")
+    g.add_argument("--max-new-tokens", type=positive_int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=50, help="0 = off")
+    g.add_argument("--normalize-advantages", type=str2bool, default=False, help="divide advantages by the group's std")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--num-epochs", type=positive_int, default=1, help="passes over the training prompts")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
+    g.add_argument("--embedding-lr", type=float, default=0.2)
+    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--matrix-lr", type=float, default=0.02)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--init-lr-frac", type=float, default=0.05, help="every learning rate above is scaled by this")
+    g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps of linear decay (1 = all)")
+    g.add_argument("--final-lr-frac", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (-1 = start and end only)")
+    g.add_argument("--eval-problems", type=positive_int, default=400, help="evaluation problems (a fixed sample)")
+    g.add_argument("--eval-samples", type=positive_int, default=4, help="samples per problem: pass@1 .. pass@k")
+    args = p.parse_args(argv)
+    for name in ("warmdown_ratio", "final_lr_frac"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            p.error(f"argument --{name.replace('_', '-')}: must be between 0 and 1")
+    if not args.init_lr_frac > 0:
+        p.error("argument --init-lr-frac: must be positive")
+    if not args.temperature > 0:
+        p.error("argument --temperature: must be positive (RL samples)")
+    if args.top_k < 0:
+        p.error("argument --top-k: must be >= 0")
+    return args
+
+
+def make_tasks(args):
+    """(training task, evaluation task)."""
+    if args.task == "toy":
+        from tasks.toy import ToyLetters
+        return ToyLetters(args.toy_letter), ToyLetters(args.toy_letter, num_examples=64, seed=1)
+    from tasks.gsm8k import GSM8K
+    return GSM8K(split="train"), GSM8K(split="test")
+
+
+def main(argv=None):
+    args = get_args(argv)
+    from nanochat.chat_eval import problem_order
+    from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch, split_completion
+
+    device_type = autodetect_device_type(args.device_type or None)
+    _, rank, _, world_size, device = compute_init(device_type, seed=args.seed)
+    dtype = get_compute_dtype(device_type)
+    autocast = lambda: autocast_context(device_type, dtype)
+
+    try:
+        model, tokenizer, ckpt_dir, start_step, resume_meta, origin = open_stage(
+            "rl", args.source, device, args.model_tag, args.step, args.output_tag, args.resume)
+    except (CheckpointError, OSError, ValueError) as e:
+        stage_error(f"chat_rl: cannot {'resume' if args.resume else f'load the {args.source} model'}: {e}")
+    try:
+        train_task, eval_task = make_tasks(args)
+    except (OSError, ValueError) as e:
+        stage_error(f"chat_rl: data error: {e}")
+    if args.prompts_per_step % world_size:
+        stage_error(f"chat_rl: --prompts-per-step={args.prompts_per_step} is not a multiple of the world size {world_size}")
+    from nanochat.engine import Engine
+    engine = Engine(model, tokenizer)
+    P, B, K = args.prompts_per_step, args.device_batch_size, args.eval_samples
+    steps_per_epoch = len(train_task) // P
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif steps_per_epoch == 0:
+        stage_error(f"chat_rl: {len(train_task)} training prompts are fewer than --prompts-per-step={P}")
+    else:
+        num_iterations = args.num_epochs * steps_per_epoch
+    print0(f"rl on {args.task}: {origin['source']} {origin['model_tag']} step {origin['step']} -> {ckpt_dir}")
+    print0(f"{P} prompts x {args.num_samples} samples per step over {world_size} rank(s); {num_iterations:,} steps")
+
+    lr = args.init_lr_frac
+    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr, embedding_lr=args.embedding_lr * lr,
+                                        matrix_lr=args.matrix_lr * lr, weight_decay=args.weight_decay)
+    user_config = dict(vars(args))
+    logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
+    if args.resume:
+        try:
+            restore_training_state(ckpt_dir, start_step, optimizers, [], device, device_type, rank, world_size, 1)
+        except (CheckpointError, ValueError) as e:
+            stage_error(f"chat_rl: cannot resume: {e}")
+        logger.truncate_after(start_step)
+        print0(f"resumed from {ckpt_dir} step {start_step}")
+
+    def sample(prompt, n, seed):
+        """n completions of one prompt: (token lists, sampled-flag lists)."""
+        completions, sampled = [], []
+        for chunk, start in enumerate(range(0, n, B)):
+            with autocast():
+                results, masks = engine.generate_batch(prompt, num_samples=min(B, n - start), max_tokens=args.max_new_tokens,
+                                                       temperature=args.temperature, top_k=args.top_k or None,
+                                                       seed=seed * 1009 + chunk)
+            for result, mask in zip(results, masks):
+                c, m = split_completion(prompt, result, mask)
+                completions.append(c)
+                sampled.append(m)
+        return completions, sampled
+
+    def evaluate(step):
+        """pass@1..K on a fixed sample of evaluation problems, summed over ranks."""
+        model.eval()
+        order = problem_order(len(eval_task), args.eval_problems)
+        counts = torch.zeros(K + 1, dtype=torch.float64)  # pass@1..K, number of problems
+        for i in order[rank::world_size]:
+            conv = eval_task[i]
+            completions, _ = sample(tokenizer.render_for_completion(conv), K, seed=10**9 + args.seed * 100_003 + i)
+            outcomes = [eval_task.evaluate(conv, tokenizer.decode(c)) for c in completions]
+            counts[:K] += torch.tensor([pass_at_k(outcomes, k) for k in range(1, K + 1)], dtype=torch.float64)
+            counts[K] += 1
+        if is_ddp_initialized():
+            on = device if torch.distributed.get_backend() == "nccl" else "cpu"
+            counts = counts.to(on)
+            torch.distributed.all_reduce(counts)
+            counts = counts.cpu()
+        model.train()
+        result = {f"pass@{k}": (counts[k - 1] / counts[K]).item() for k in range(1, K + 1)}
+        logger.log({"step": step, **result}, f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
+    def save(step, evals):
+        meta = {"model_config": dataclasses.asdict(model.config), "user_config": user_config, "input": origin,
+                "task": args.task, "pass_at_k": evals, "accum": 1, "num_iterations": num_iterations,
+                "tokenizer_vocab_size": tokenizer.get_vocab_size()}
+        save_training_state(ckpt_dir, step, model, optimizers, [], meta, device_type, rank, world_size)
+
+    first_eval, evals = None, resume_meta.get("pass_at_k") if resume_meta else None
+    rewards_log, total_time = [], 0.0
+    step = start_step
+    while True:
+        last = step == num_iterations
+        fresh = not (args.resume and step == start_step)
+        if fresh and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
+            evals = evaluate(step)
+            first_eval = evals if first_eval is None else first_eval
+        if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
+            save(step, evals)
+        if last:
+            break
+
+        synchronize(device_type)
+        t0 = time.perf_counter()
+        # ---- sample this rank's prompts (prompt j of the step is global prompt step * P + j)
+        model.eval()
+        rollouts, rewards_mine, lengths = [], [], []
+        for j in range(rank, P, world_size):
+            index = step * P + j
+            conv = train_task[index % len(train_task)]
+            prompt = tokenizer.render_for_completion(conv)
+            completions, sampled = sample(prompt, args.num_samples, seed=args.seed * 100_003 + index)
+            rewards = [train_task.reward(conv, tokenizer.decode(c)) for c in completions]
+            rollouts.append((prompt, completions, sampled, group_advantages(rewards, args.normalize_advantages)))
+            rewards_mine += rewards
+            lengths += [len(c) for c in completions]
+        model.train()
+        # ---- one policy-gradient step, normalized by the sampled tokens of the whole step on all ranks
+        count = torch.tensor(float(sum(sum(m) for _, _, sampled, _ in rollouts for m in sampled)), device=device)
+        if world_size > 1:
+            torch.distributed.all_reduce(count)
+        normalizer = count.clamp(min=1.0) / world_size  # the distributed optimizers average over ranks
+        for prompt, completions, sampled, adv in rollouts:
+            for s in range(0, len(completions), B):
+                x, y = rollout_batch(prompt, completions[s:s + B], sampled[s:s + B], tokenizer.get_bos_token_id())
+                with autocast():
+                    loss = policy_gradient_loss(model, x.to(device), y.to(device), adv[s:s + B], normalizer)
+                loss.backward()
+        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, args.final_lr_frac)
+        set_learning_rates(optimizers, lrm)
+        optimizer_step(model, optimizers, args.grad_clip, world_size)
+        synchronize(device_type)
+        dt = time.perf_counter() - t0
+        step += 1
+        total_time += dt
+        mean_reward = all_reduce_mean(sum(rewards_mine) / len(rewards_mine), device, world_size)
+        mean_length = all_reduce_mean(sum(lengths) / len(lengths), device, world_size)
+        rewards_log.append(mean_reward)
+        logger.log({"step": step, "reward": mean_reward, "completion_tokens": mean_length, "lrm": lrm, "dt": dt},
+                   f"step {step:05d}/{num_iterations:05d} | reward {mean_reward:.4f} | completion {mean_length:.1f} tokens | "
+                   f"lrm {lrm:.2f} | {dt:.2f}s")
+
+    peak_mem = get_peak_memory(device_type)
+    window = max(1, min(10, len(rewards_log) // 4))
+    reward_start = sum(rewards_log[:window]) / window if rewards_log else None
+    reward_end = sum(rewards_log[-window:]) / window if rewards_log else None
+    print0(f"peak memory {peak_mem / 2**20:,.0f} MiB | training time {format_duration(total_time)}")
+    if rank == 0:
+        from nanochat.report import write_section
+        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+        rows = [("input", f"{origin['source']} {origin['model_tag']} step {origin['step']}"), ("output", ckpt_dir),
+                ("task", args.task), ("steps", num_iterations), ("prompts x samples per step", f"{P} x {args.num_samples}"),
+                (f"mean reward, first {window} steps", fmt(reward_start)), (f"mean reward, last {window} steps", fmt(reward_end))]
+        for k in range(1, K + 1):
+            rows.append((f"pass@{k} start -> end ({args.eval_problems} problems max)",
+                         f"{fmt((first_eval or {}).get(f'pass@{k}'))} -> {fmt((evals or {}).get(f'pass@{k}'))}"))
+        rows += [("training time", format_duration(total_time)), ("peak memory (MiB)", f"{peak_mem / 2**20:,.0f}"),
+                 ("world size", world_size), ("device", device_type)]
+        body = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+        flags = " ".join(f"--{k.replace('_', '-')}={v}" for k, v in user_config.items() if v not in (None, ""))
+        metrics = {"mean_reward": reward_end, "training_seconds": total_time, **(evals or {})}
+        if device_type == "cuda":
+            metrics["gpu_hours"] = world_size * total_time / 3600
+        write_section("Chat RL", f"{body}\n\nflags: `{flags}`", metrics=metrics)
+    logger.finish()
+    compute_cleanup()
+    return {"rewards": rewards_log, "first_eval": first_eval, "eval": evals, "steps": num_iterations, "ckpt_dir": ckpt_dir}
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

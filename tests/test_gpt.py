@@ -1,0 +1,421 @@
+"""GPT model: parameter counts, config validation, causality, KV cache, tying, training, compile."""
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanochat.engine import KVCache
+from nanochat.gpt import GPT, GPTConfig, config_for_depth
+
+
+def build(config, device="cpu", randomize=True, seed=0):
+    """Meta-device build + init; `randomize` also gives the zero-initialized matrices random values
+    so every path through the network (c_proj, lm_head) affects the logits."""
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    torch.manual_seed(seed)
+    model.init_weights()
+    if randomize:
+        with torch.no_grad():
+            for p in model.parameters():
+                if (p == 0).all():
+                    p.normal_(0, 0.5 / math.sqrt(p.size(1)))
+    return model
+
+
+def tiny(**kw):
+    base = dict(sequence_len=32, vocab_size=101, n_layer=2, n_head=4, n_kv_head=4, n_embd=32)
+    base.update(kw)
+    return GPTConfig(**base)
+
+
+def meta_params(config):
+    with torch.device("meta"):
+        return GPT(config).num_params_by_group()
+
+
+def closed_form(c):
+    """Parameter count written out independently of the model code."""
+    hd = c.n_embd // c.n_head
+    hidden = max(64, 64 * math.floor(c.mlp_ratio * c.n_embd / 64 + 0.5))
+    attn = c.n_embd * c.n_embd * 2 + 2 * c.n_embd * c.n_kv_head * hd  # q, proj, k, v
+    mlp = 2 * c.n_embd * hidden
+    emb = c.vocab_size * c.n_embd
+    return c.n_layer * (attn + mlp) + emb * (1 if c.tie_embeddings else 2)
+
+
+# -----------------------------------------------------------------------------
+# parameter counts (meta device: instant even at depth 20)
+
+def test_reference_param_count_and_savings():
+    ref = GPTConfig()
+    assert ref.n_layer == 20 and ref.n_embd == 1280 and ref.n_head == 10 and ref.vocab_size == 65536
+    g = meta_params(ref)
+    assert g["total"] == 560_988_160
+    assert g == dict(embedding=83_886_080, head=83_886_080, attention=131_072_000, mlp=262_144_000, total=560_988_160)
+    assert g["total"] - meta_params(GPTConfig(tie_embeddings=True))["total"] == 83_886_080
+    assert g["total"] - meta_params(GPTConfig(mlp_ratio=3.0))["total"] == 65_536_000
+    assert g["total"] - meta_params(GPTConfig(n_kv_head=2))["total"] == 52_428_800
+    assert config_for_depth(20, 65536) == ref
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),
+    dict(tie_embeddings=True),
+    dict(mlp_ratio=3.0),
+    dict(mlp_ratio=2.5, n_kv_head=5),
+    dict(n_kv_head=2, tie_embeddings=True, activation="silu"),
+    dict(n_layer=12, n_embd=768, n_head=6, n_kv_head=3, vocab_size=50304, mlp_ratio=3.0),
+    dict(n_layer=2, n_embd=48, n_head=3, n_kv_head=1, vocab_size=97, mlp_ratio=2.0),
+])
+def test_param_counts_closed_form(kw):
+    c = GPTConfig(**kw)
+    assert meta_params(c)["total"] == closed_form(c)
+
+
+def test_mlp_hidden_dim_rounding():
+    assert GPTConfig().mlp_hidden_dim == 5120
+    assert GPTConfig(mlp_ratio=3.0).mlp_hidden_dim == 3840
+    assert GPTConfig(mlp_ratio=2.5).mlp_hidden_dim == 3200
+    assert GPTConfig(n_embd=320, n_head=5, n_kv_head=5, mlp_ratio=2.5).mlp_hidden_dim == 832  # 800 -> nearest 64
+    assert GPTConfig(n_embd=16, n_head=2, n_kv_head=2, mlp_ratio=1.0).mlp_hidden_dim == 64  # floor of 64
+
+
+def test_estimate_flops_formula():
+    c = GPTConfig()
+    n_matmul = 131_072_000 + 262_144_000 + 83_886_080
+    assert GPT.estimate_flops(_meta(c)) == 6 * n_matmul + 12 * 20 * 10 * 128 * 2048
+    # the tied head still does the head matmul: same FLOPs
+    assert _meta(GPTConfig(tie_embeddings=True)).estimate_flops() == _meta(c).estimate_flops()
+
+
+def _meta(c):
+    with torch.device("meta"):
+        return GPT(c)
+
+
+# -----------------------------------------------------------------------------
+# config validation
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(n_embd=30), "n_embd"),
+    (dict(n_kv_head=3), "n_kv_head"),
+    (dict(n_embd=36, n_head=12, n_kv_head=12), "n_head"),  # head_dim 3 is odd
+    (dict(n_layer=0), "n_layer"),
+    (dict(vocab_size=-1), "vocab_size"),
+    (dict(sequence_len=0), "sequence_len"),
+    (dict(n_head=2.5), "n_head"),
+    (dict(mlp_ratio=0), "mlp_ratio"),
+    (dict(activation="swish"), "activation"),
+    (dict(softcap=-1.0), "softcap"),
+    (dict(rope_base=0), "rope_base"),
+    (dict(tie_embeddings="yes"), "tie_embeddings"),
+])
+def test_config_errors(kw, field):
+    with pytest.raises(ValueError, match=field):
+        GPT(tiny(**kw))
+
+
+def test_config_for_depth():
+    c = config_for_depth(7, 1000, sequence_len=256, n_kv_head=1, mlp_ratio=3.0)
+    assert c.n_embd == 448 and c.n_embd % c.n_head == 0 and c.n_kv_head == 1 and c.sequence_len == 256
+    assert config_for_depth(2, 100).n_head == 1
+    with pytest.raises(ValueError, match="n_embd"):
+        config_for_depth(4, 100, n_embd=3)
+    with pytest.raises(ValueError, match="depth"):
+        config_for_depth(0, 100)
+
+
+# -----------------------------------------------------------------------------
+# forward semantics
+
+def test_init_weights_reference_scheme():
+    torch.manual_seed(0)
+    m = build(tiny(vocab_size=2000, n_embd=64), randomize=False)
+    assert (m.lm_head.weight == 0).all()
+    for b in m.transformer.h:
+        assert (b.attn.c_proj.weight == 0).all() and (b.mlp.c_proj.weight == 0).all()
+        assert abs(b.attn.c_q.weight.std().item() - 64 ** -0.5) < 0.02
+    assert abs(m.transformer.wte.weight.std().item() - 1.0) < 0.05
+    idx = torch.randint(0, 2000, (2, 8))
+    assert torch.allclose(m(idx), torch.zeros(1))  # zero head: uniform predictions at init
+    t = build(tiny(vocab_size=2000, n_embd=64, tie_embeddings=True), randomize=False)
+    assert t.lm_head is None and abs(t.transformer.wte.weight.std().item() - 64 ** -0.75) < 0.005
+    logits = t(idx)
+    # the input token's own logit is ~n_embd**0.25, the rest ~0: near-uniform predictions at init
+    self_logit = logits.gather(-1, idx[..., None]).squeeze(-1)
+    assert (self_logit - 64 ** 0.25).abs().max() < 1.0 and logits.std() < 0.5
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 1])
+def test_causality(n_kv_head):
+    m = build(tiny(n_kv_head=n_kv_head))
+    idx = torch.randint(0, 101, (2, 16))
+    changed = idx.clone()
+    changed[:, 9] = (changed[:, 9] + 1) % 101
+    a, b = m(idx), m(changed)
+    assert torch.equal(a[:, :9], b[:, :9])
+    assert (a[:, 9:] - b[:, 9:]).abs().amax(dim=-1).min() > 1e-4
+
+
+def test_loss_reductions_and_ignore_index():
+    m = build(tiny())
+    idx = torch.randint(0, 101, (2, 12))
+    tgt = torch.randint(0, 101, (2, 12))
+    tgt[0, :5] = -1
+    per_tok = m(idx, tgt, loss_reduction="none")
+    assert per_tok.shape == (2, 12) and (per_tok[0, :5] == 0).all()
+    from_logits = F.cross_entropy(m(idx).view(-1, 101), tgt.view(-1), ignore_index=-1, reduction="none")
+    torch.testing.assert_close(per_tok, from_logits.view(2, 12), atol=1e-5, rtol=1e-5)
+    valid = tgt != -1
+    assert torch.allclose(m(idx, tgt, loss_reduction="sum"), per_tok.sum(), rtol=1e-5)
+    assert torch.allclose(m(idx, tgt), per_tok.sum() / valid.sum(), rtol=1e-5)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        m(idx, tgt, loss_reduction="avg")
+
+
+@pytest.mark.parametrize("cap", [15.0, 50.0])  # constant-shift and logsumexp branches
+@pytest.mark.parametrize("compiled", [False, True])  # eager in-place path / the exp form traced by dynamo
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_cross_entropy_matches_reference(dtype, compiled, cap):
+    from nanochat.gpt import SoftcapCrossEntropy
+    torch.manual_seed(0)
+    z = (torch.randn(64, 50) * 20).to(dtype)
+    z[0, :5] = torch.tensor([1e4, -1e4, 700.0, -700.0, 0.0])  # extreme logits: finite loss and gradient
+    tgt = torch.randint(0, 50, (64,))
+    tgt[3] = -1
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    fn = lambda z, t: SoftcapCrossEntropy.apply(z, t, cap)
+    if compiled:
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    z_before = z.clone()
+    ours = fn(a, tgt)
+    ref = F.cross_entropy(cap * torch.tanh(b.float() / cap), tgt, ignore_index=-1, reduction="none")
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(64)
+    (ours * w).sum().backward()
+    (ref * w).sum().backward()
+    assert torch.isfinite(a.grad.float()).all() and (a.grad[3] == 0).all()
+    assert torch.equal(a.detach(), z_before)  # the input logits are not modified in place
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2])  # MHA and GQA
+def test_kv_cache_prefill_and_decode_match_full_forward(n_kv_head):
+    cfg = tiny(n_kv_head=n_kv_head)
+    m = build(cfg)
+    idx = torch.randint(0, 101, (2, 24))
+    full = m(idx)
+    # cache deliberately shorter than the sequence: it must grow
+    cache = KVCache(2, n_kv_head, 8, cfg.head_dim, cfg.n_layer)
+    pieces = [m(idx[:, :6], kv_cache=cache)]             # prefill into an empty cache
+    pieces.append(m(idx[:, 6:13], kv_cache=cache))       # a chunk after existing cache content
+    assert cache.get_pos() == 13
+    for t in range(13, 24):                              # single-token decode
+        pieces.append(m(idx[:, t:t + 1], kv_cache=cache))
+    assert cache.get_pos() == 24 and cache.capacity >= 24
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_beyond_rotary_table():
+    cfg = tiny(sequence_len=4)  # rotary tables cover 40 positions; decode further
+    m = build(cfg)
+    idx = torch.randint(0, 101, (1, 50))
+    cache = KVCache(1, cfg.n_kv_head, 16, cfg.head_dim, cfg.n_layer)
+    out = [m(idx[:, :30], kv_cache=cache)] + [m(idx[:, t:t + 1], kv_cache=cache) for t in range(30, 50)]
+    torch.testing.assert_close(torch.cat(out, 1), m(idx), atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_prefill_batch1_into_batch():
+    cfg = tiny(n_kv_head=2)
+    m = build(cfg)
+    prompt = torch.randint(0, 101, (1, 10))
+    one = KVCache(1, 2, 16, cfg.head_dim, cfg.n_layer)
+    m(prompt, kv_cache=one)
+    many = KVCache(3, 2, 4, cfg.head_dim, cfg.n_layer)  # smaller: prefill must grow it
+    many.prefill(one)
+    assert many.get_pos() == 10
+    nxt = torch.tensor([[5], [17], [99]])
+    got = m(nxt, kv_cache=many)[:, -1]
+    want = m(torch.cat([prompt.expand(3, -1), nxt], dim=1))[:, -1]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    many.reset()
+    assert many.get_pos() == 0
+
+
+def test_kv_cache_errors():
+    with pytest.raises(ValueError, match="num_layers"):
+        KVCache(1, 2, 8, 8, 0)
+    cache = KVCache(2, 2, 8, 8, 1)
+    with pytest.raises(ValueError, match="kv heads"):
+        cache.insert_kv(0, torch.zeros(2, 4, 1, 8), torch.zeros(2, 4, 1, 8))
+    with pytest.raises(ValueError, match="source batch"):
+        cache.prefill(KVCache(3, 2, 8, 8, 1))
+
+
+def test_eval_no_grad_and_inference_mode():
+    m = build(tiny()).eval()
+    idx = torch.randint(0, 101, (2, 10))
+    with torch.no_grad():
+        a = m(idx)
+    with torch.inference_mode():
+        b = m(idx)
+    assert not a.requires_grad and torch.equal(a, b)
+
+
+def test_bf16_autocast_cpu():
+    m = build(tiny(n_kv_head=2))
+    idx = torch.randint(0, 101, (2, 12))
+    ref = m(idx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(idx)
+        cache = KVCache(2, 2, 16, 8, 2, dtype=torch.bfloat16)
+        dec = torch.cat([m(idx[:, :6], kv_cache=cache)] + [m(idx[:, t:t + 1], kv_cache=cache) for t in range(6, 12)], 1)
+    assert out.dtype == torch.float32
+    assert (out - ref).abs().max() < 0.1 * ref.abs().max()
+    assert (dec - out).abs().max() < 0.1 * ref.abs().max()
+
+
+# -----------------------------------------------------------------------------
+# gradients and training
+
+def test_tied_matrix_gets_gradient_from_both_uses():
+    tied = build(tiny(tie_embeddings=True))
+    untied = build(tiny())
+    sd = {k: v for k, v in tied.state_dict().items()}
+    sd["lm_head.weight"] = sd["transformer.wte.weight"].clone()
+    untied.load_state_dict(sd)
+    idx = torch.randint(0, 50, (2, 12))  # tokens < 50 only: rows >= 50 get no embedding gradient
+    tgt = torch.randint(0, 101, (2, 12))
+    tied(idx, tgt).backward()
+    untied(idx, tgt).backward()
+    g_emb, g_head = untied.transformer.wte.weight.grad, untied.lm_head.weight.grad
+    assert g_emb[:50].abs().sum() > 0 and g_head.abs().sum() > 0
+    torch.testing.assert_close(tied.transformer.wte.weight.grad, g_emb + g_head, atol=1e-6, rtol=1e-5)
+    assert tied.transformer.wte.weight.grad[:50].sub(g_head[:50]).abs().sum() > 0  # embedding use counted
+
+
+def _train(model, steps, batch):
+    opts = model.setup_optimizers()
+    x, y = batch
+    losses = []
+    for _ in range(steps):
+        loss = model(x, y)
+        loss.backward()
+        for o in opts:
+            o.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("kw", [
+    dict(activation="relu2", softcap=15.0),
+    dict(activation="gelu", softcap=0),
+    dict(activation="silu", softcap=None),
+    dict(activation="relu2", softcap=None, tie_embeddings=True),
+    dict(activation="gelu", softcap=15.0, tie_embeddings=True, n_kv_head=1),
+])
+def test_each_setting_trains(kw):
+    torch.manual_seed(0)
+    model = build(tiny(**kw), randomize=False)  # the real init: training must work from it
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randint(0, 101, (4, 32), generator=g), torch.randint(0, 101, (4, 32), generator=g))
+    losses = _train(model, 25, batch)
+    assert losses[0] == pytest.approx(math.log(101), abs=1.0)
+    assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_setup_optimizers_groups():
+    from nanochat.optim import AdamW, Muon
+    m = build(tiny(n_embd=64), randomize=False)
+    adamw, muon = m.setup_optimizers(unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.1)
+    assert isinstance(adamw, AdamW) and isinstance(muon, Muon)
+    scale = (64 / 768) ** -0.5
+    assert [g["lr"] for g in adamw.param_groups] == pytest.approx([0.004 * scale, 0.2 * scale])
+    assert all(g["initial_lr"] == g["lr"] for o in (adamw, muon) for g in o.param_groups)
+    assert muon.param_groups[0]["lr"] == 0.02 and adamw.param_groups[0]["weight_decay"] == 0.1
+    owned = [p for o in (adamw, muon) for g in o.param_groups for p in g["params"]]
+    assert len(owned) == len(set(map(id, owned))) == len(list(m.parameters()))
+    t = build(tiny(n_embd=64, tie_embeddings=True), randomize=False)
+    adamw, _ = t.setup_optimizers()
+    assert len(adamw.param_groups) == 1 and adamw.param_groups[0]["params"][0] is t.transformer.wte.weight
+
+
+def _compile_check(backend, dtype):
+    m = build(tiny(n_layer=1, n_kv_head=2))
+    idx = torch.randint(0, 101, (2, 16))
+    tgt = torch.randint(0, 101, (2, 16))
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        eager = m(idx, tgt)
+        eager.backward()
+        g_eager = m.transformer.wte.weight.grad.clone()
+        m.zero_grad()
+        compiled = torch.compile(m, backend=backend, fullgraph=True, dynamic=False)  # fullgraph: no graph breaks
+        loss = compiled(idx, tgt)
+        loss.backward()
+        with torch.no_grad():
+            logits = compiled.eval()(idx)
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss, eager, **tol)
+    torch.testing.assert_close(m.transformer.wte.weight.grad, g_eager, **tol)
+    assert logits.shape == (2, 16, 101) and logits.dtype == torch.float32
+
+
+def test_torch_compile_traces_whole_model():
+    """Dynamo + AOT autograd without codegen (seconds): the model compiles as one graph, fwd + bwd."""
+    _compile_check("aot_eager", torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_compile_inductor_cpu(dtype):
+    """The real inductor path on CPU (~30 s per dtype on 2 cores, hence slow)."""
+    _compile_check("inductor", dtype)
+
+
+# -----------------------------------------------------------------------------
+# CUDA (skipped where there is none): the same guarantees on the GPU paths (flash/efficient SDPA
+# kernels, bf16 autocast, inductor's Triton backend)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_cuda_kv_cache_matches_full_forward(n_kv_head, dtype):
+    cfg = tiny(n_kv_head=n_kv_head, n_embd=128, sequence_len=64)
+    m = build(cfg, device="cuda").eval()
+    idx = torch.randint(0, 101, (2, 40), device="cuda")
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        full = m(idx)
+        cache = KVCache(2, n_kv_head, 8, cfg.head_dim, cfg.n_layer, dtype=dtype, device="cuda")
+        outs = [m(idx[:, :10], kv_cache=cache), m(idx[:, 10:25], kv_cache=cache)]
+        outs += [m(idx[:, t:t + 1], kv_cache=cache) for t in range(25, 40)]
+    err = (torch.cat(outs, 1) - full).abs().max().item()
+    assert err < (1e-4 if dtype == torch.float32 else 0.1 * full.abs().max().item())
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_compile_matches_eager(dtype):
+    m = build(tiny(n_kv_head=2, n_embd=128), device="cuda")
+    idx = torch.randint(0, 101, (4, 32), device="cuda")
+    tgt = torch.randint(0, 101, (4, 32), device="cuda")
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        eager = m(idx, tgt)
+        eager.backward()
+        g_eager = m.transformer.wte.weight.grad.clone()
+        m.zero_grad()
+        loss = torch.compile(m, fullgraph=True, dynamic=False)(idx, tgt)
+        loss.backward()
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    assert abs(loss.item() - eager.item()) < tol
+    g = m.transformer.wte.weight.grad
+    assert ((g - g_eager).norm() / g_eager.norm()).item() < (1e-3 if dtype == torch.float32 else 5e-2)
