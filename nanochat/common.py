@@ -217,6 +217,24 @@ def positive_int(value):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
     return n
 
+def non_negative_int(value):
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
+    return n
+
+def non_negative_float(value):
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
+    if not (x >= 0 and x != float("inf")):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
+    return x
+
 class DummyWandb:
     """Stands in for a wandb run when none is requested, so training code logs unconditionally."""
     def log(self, *args, **kwargs):

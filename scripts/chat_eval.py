@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from nanochat.chat_eval import TASK_NAMES, format_results_table, load_task, parse_task_names, run_chat_eval, write_report
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
-                             make_parser, positive_int)
+                             make_parser, positive_int, non_negative_float, non_negative_int)
 
 
 def task_list(value):
@@ -23,26 +23,6 @@ def task_list(value):
         return parse_task_names(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
-
-
-def non_negative_int(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
-
-
-def non_negative_float(value):
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    if not x >= 0:  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return x
 
 
 def get_parser():

@@ -21,7 +21,6 @@ many); known ones are validated. Every request logs one line to stdout.
 """
 import asyncio
 import json
-import math
 import os
 import secrets
 import sys
@@ -35,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanochat.common import autocast_context, get_compute_dtype, make_parser, positive_int
+from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
@@ -713,28 +712,6 @@ def create_app(pool, config=None, model_id="nanochat"):
 
 # -----------------------------------------------------------------------------
 # Command line
-
-def non_negative_int(value):
-    import argparse
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
-
-
-def non_negative_float(value):
-    import argparse
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    if not (x >= 0 and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
-    return x
-
 
 def positive_float(value):
     import argparse

@@ -8,7 +8,8 @@ import tempfile
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.environ.get("NANOCHAT_SHARED_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
+SHARED_DATA = (os.environ.get("NANOCHAT_DATA_DIR") or os.environ.get("NANOCHAT_SHARED_DATA")
+               or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
 
 # Every test runs against a private base directory, never the user's ~/.cache/nanochat.
 _SESSION_BASE = tempfile.mkdtemp(prefix="nanochat-test-base-")
