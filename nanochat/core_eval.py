@@ -10,7 +10,6 @@ Each task's accuracy is centered on its random baseline, and CORE is the mean ce
 The bundle comes from --eval-dir or a one-time download from $NANOCHAT_EVAL_BUNDLE_URL.
 """
 import csv
-import http.client
 import json
 import os
 import posixpath
@@ -20,8 +19,6 @@ import shutil
 import tarfile
 import tempfile
 import time
-import urllib.error
-import urllib.request
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -31,6 +28,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat.common import atomic_open, get_base_dir, print0
+from nanochat.download import DownloadError, download_file
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
 FEWSHOT_SEED = 1234  # few-shot examples for item i are drawn with random.Random(FEWSHOT_SEED + i)
@@ -506,14 +504,8 @@ def download_eval_bundle(url=None, dest=None, timeout=60):
         archive = os.path.join(tmp, "bundle.archive")
         print0(f"downloading the CORE eval bundle from {url}")
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f, 1 << 20)
-                expected = response.headers.get("Content-Length")
-                if expected is not None and f.tell() != int(expected):
-                    raise RuntimeError(f"download of {url} was cut short: {f.tell()} of {expected} bytes")
-        except urllib.error.HTTPError as e:
-            raise RuntimeError(f"download of the CORE eval bundle from {url} failed: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            download_file(url, archive, retries=2, backoff=0.5, timeout=timeout)
+        except DownloadError as e:
             raise RuntimeError(f"download of the CORE eval bundle from {url} failed: {e}") from None
         try:
             kind, files = _archive_files(archive)

@@ -13,7 +13,7 @@ import argparse
 import torch.distributed as dist
 
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
-                             make_parser)
+                             make_parser, non_negative_int)
 from nanochat.core_eval import evaluate_core, format_results_table, resolve_eval_dir, write_report, write_results_csv
 
 
@@ -27,23 +27,13 @@ def max_items(value):
     return n
 
 
-def step_number(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a checkpoint step (an integer >= 0), got {value!r}")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected a checkpoint step (an integer >= 0), got {value!r}")
-    return n
-
-
 def get_parser():
     p = make_parser(__doc__)
     p.add_argument("--eval-dir", default="", help="unpacked CORE bundle directory; empty: $NANOCHAT_BASE_DIR/eval_bundle, "
                                                   "downloaded from $NANOCHAT_EVAL_BUNDLE_URL if absent")
     p.add_argument("--max-per-task", type=max_items, default=-1, help="items per task (a fixed shuffled sample); -1 = all")
     p.add_argument("--model-tag", default="", help="base checkpoint to load; empty = the largest model")
-    p.add_argument("--step", type=step_number, default=None, help="checkpoint step; default = the last one")
+    p.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step; default = the last one")
     p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="empty = autodetect")
     return p
 
