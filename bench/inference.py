@@ -6,7 +6,8 @@ Inference benchmark: prefill and decode throughput of nanochat.engine.Engine aga
     the same dtype and exactly the same number of new tokens (min_new_tokens = max_new_tokens, no eos).
 Plus KV-cache bytes per token for MHA against n_kv_head = n_head // 4, computed and measured.
 
-Prefill tokens/s: one forward of (batch, prompt_len) tokens into a fresh cache (our model and the peer's).
+Prefill tokens/s: one forward of (batch, prompt_len) tokens into a fresh cache, logits of the last position
+only (what generation needs: our last_only=True, the peer's logits_to_keep=1).
 Decode tokens/s: batch * (new_tokens - 1) / (time to generate new_tokens - time to generate 1 token),
 with the same formula for all three, so prompt processing and fixed set-up costs cancel out. Our
 Engine prefills the prompt once at batch 1 and replicates its cache, the peer prefills every row. Both
@@ -88,7 +89,7 @@ def measured_kv_bytes_per_token(config, device, dtype):
     return cache.kv.numel() * cache.kv.element_size() // (2 * 16)
 
 
-def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device, no_cache):
+def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device, no_cache, compiled_engine=None):
     """Best-of-repeats seconds for each measurement at one batch size."""
     from nanochat.engine import KVCache
     c = model.config
@@ -98,9 +99,9 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
         cache = KVCache(batch, c.n_kv_head, rows.size(1), c.head_dim, c.n_layer, dtype=model.transformer.wte.weight.dtype,
                         device=device)
         with torch.inference_mode():
-            model(rows, kv_cache=cache)
+            model(rows, kv_cache=cache, last_only=True)
 
-    def ours_generate(n):
+    def ours_generate(n, engine=engine):
         def fn():
             produced = sum(1 for _ in engine.generate(prompt[0].tolist(), num_samples=batch, max_tokens=n, temperature=0.0))
             assert produced == n, f"engine produced {produced} steps, expected {n}"
@@ -116,7 +117,7 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
 
     def peer_prefill():
         with torch.inference_mode():
-            peer(input_ids=rows, use_cache=True)
+            peer(input_ids=rows, use_cache=True, logits_to_keep=1)
 
     def peer_generate(n):
         def fn():
@@ -127,6 +128,10 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
         return fn
 
     fns = {"ours_prefill": ours_prefill, "ours_1": ours_generate(1), "ours_n": ours_generate(new_tokens)}
+    compile_s = None
+    if compiled_engine is not None:
+        fns.update(compiled_1=ours_generate(1, compiled_engine), compiled_n=ours_generate(new_tokens, compiled_engine))
+        compile_s = timed(fns["compiled_n"], device)  # the first decode steps compile (batch 1, then batch > 1 once)
     if no_cache:
         fns.update(recompute_1=recompute(1), recompute_n=recompute(new_tokens))
     if peer is not None:
@@ -140,13 +145,15 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
         gc.collect()
     P, n = rows.size(1), new_tokens
     out = {}
-    for name in ("ours", "recompute", "peer"):
+    for name in ("ours", "compiled", "recompute", "peer"):
         if f"{name}_n" not in best:
             continue
         decode_s = max(best[f"{name}_n"] - best[f"{name}_1"], 1e-9)
         out[name] = dict(decode=batch * (n - 1) / decode_s, total_s=best[f"{name}_n"])
         if f"{name}_prefill" in best:
             out[name]["prefill"] = batch * P / best[f"{name}_prefill"]
+    if compile_s is not None:
+        out["compiled"]["compile_s"] = compile_s
     return out
 
 
@@ -171,6 +178,7 @@ def main(argv=None):
     parser.add_argument("--no-cache-baseline", type=str2bool, default=True, help="also time decoding without a KV cache")
     parser.add_argument("--peer", type=str2bool, default=True, help="also time HF transformers LlamaForCausalLM.generate")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--compile", type=str2bool, default=True, help="also time Engine(compile=True): the decode step compiled")
     args = parser.parse_args(argv)
     if args.gpu:
         args.depth, args.n_embd, args.n_head, args.vocab_size = 20, 1280, 10, 65536
@@ -209,6 +217,7 @@ def main(argv=None):
         f"prompt {args.prompt_len}, {args.new_tokens} new tokens, best of {args.repeats}")
     model = build_ours(config, device, dtype)
     engine = Engine(model, NoSpecialTokens())
+    compiled_engine = Engine(model, NoSpecialTokens(), compile=True) if args.compile else None
     peer = None
     if args.peer:
         try:
@@ -224,31 +233,36 @@ def main(argv=None):
         t0 = time.perf_counter()
         try:
             results[b] = bench_batch(model, engine, peer, b, prompt, args.new_tokens, args.repeats, device,
-                                     args.no_cache_baseline)
+                                     args.no_cache_baseline, compiled_engine)
         except Exception as e:  # the peer's API moves between transformers versions: keep our figures
             if peer is None:
                 raise
             log(f"peer failed at batch {b} ({type(e).__name__}: {e}); timing without it from now on")
             peer = None
             results[b] = bench_batch(model, engine, peer, b, prompt, args.new_tokens, args.repeats, device,
-                                     args.no_cache_baseline)
+                                     args.no_cache_baseline, compiled_engine)
         log(f"batch {b} timed in {time.perf_counter() - t0:.1f}s")
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     log("")
-    log("| batch | engine prefill tok/s | engine decode tok/s | no-cache decode tok/s | engine / no-cache "
-        "| peer prefill tok/s | peer decode tok/s | engine / peer (decode) | engine / peer (prefill) |")
-    log("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    log("| batch | engine prefill tok/s | engine decode tok/s | compiled-decode engine tok/s | no-cache decode tok/s "
+        "| engine / no-cache | peer prefill tok/s | peer decode tok/s | engine / peer (decode) "
+        "| compiled engine / peer (decode) | engine / peer (prefill) |")
+    log("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b, r in results.items():
-        o, nc, p = r["ours"], r.get("recompute"), r.get("peer")
-        cells = [str(b), fmt(o["prefill"]), fmt(o["decode"])]
+        o, c, nc, p = r["ours"], r.get("compiled"), r.get("recompute"), r.get("peer")
+        cells = [str(b), fmt(o["prefill"]), fmt(o["decode"]), fmt(c["decode"]) if c else "-"]
         cells += [fmt(nc["decode"]), f"{o['decode'] / nc['decode']:.2f}x"] if nc else ["-", "-"]
         if p:
-            cells += [fmt(p["prefill"]), fmt(p["decode"]), f"{o['decode'] / p['decode']:.2f}x", f"{o['prefill'] / p['prefill']:.2f}x"]
+            cells += [fmt(p["prefill"]), fmt(p["decode"]), f"{o['decode'] / p['decode']:.2f}x",
+                      f"{c['decode'] / p['decode']:.2f}x" if c else "-", f"{o['prefill'] / p['prefill']:.2f}x"]
         else:
-            cells += ["-"] * 4
+            cells += ["-"] * 5
         log("| " + " | ".join(cells) + " |")
+    for b, r in results.items():
+        if "compiled" in r:
+            log(f"batch {b}: first compiled generation (incl. compilation) {r['compiled']['compile_s']:.1f}s")
 
     log("")
     log(f"KV cache bytes per token (all layers, keys + values, {args.dtype}), MHA vs n_kv_head = n_head // 4:")

@@ -13,6 +13,7 @@ between <|python_start|> and <|python_end|> goes to the calculator, whose answer
 row as <|output_start|> result <|output_end|> (one token per step, marked 0 = not sampled, and fed
 through the model like any token so the cache stays consistent).
 """
+import threading
 from collections import deque
 
 import torch
@@ -152,15 +153,54 @@ def _optional_special(tokenizer, name):
         return None
 
 
-class Engine:
-    """Generation for a GPT-like model (forward(idx, kv_cache=...) -> (B, T, V) logits; .config with
-    vocab_size, n_layer, n_kv_head, head_dim, sequence_len) and a nanochat Tokenizer. Special tokens the
-    tokenizer lacks turn their feature off (no <|python_start|>: no tool use; no stop tokens: every row
-    runs to max_tokens). The engine never changes the model; it generates on the model's device."""
+class _InductorSettings:
+    """Set inductor config values while any thread is inside (a count, so that one of several engine
+    threads, e.g. the web server's GPU workers, leaving does not restore the old values under the others)."""
+    _lock = threading.Lock()
+    _inside = 0
+    _saved = {}
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, **values):
+        self.values = values
+
+    def __enter__(self):
+        import torch._inductor.config as config
+        with self._lock:
+            if _InductorSettings._inside == 0:
+                _InductorSettings._saved = {k: getattr(config, k) for k in self.values}
+                for k, v in self.values.items():
+                    setattr(config, k, v)
+            _InductorSettings._inside += 1
+
+    def __exit__(self, *exc):
+        import torch._inductor.config as config
+        with self._lock:
+            _InductorSettings._inside -= 1
+            if _InductorSettings._inside == 0:
+                for k, v in _InductorSettings._saved.items():
+                    setattr(config, k, v)
+
+
+class Engine:
+    """Generation for a GPT-like model (forward(idx, kv_cache=..., last_only=...) -> (B, T or 1, V) logits;
+    .config with vocab_size, n_layer, n_kv_head, head_dim, sequence_len) and a nanochat Tokenizer. Special tokens the
+    tokenizer lacks turn their feature off (no <|python_start|>: no tool use; no stop tokens: every row
+    runs to max_tokens). The engine never changes the model; it generates on the model's device.
+
+    compile=True runs the single-token decode step through torch.compile with inductor's "freezing"
+    (weights become constants: prepacked for the CPU's matmul kernels, their casts to the compute dtype
+    folded away) and, on CPU, the C++ wrapper (less Python per step). Decode then runs ~1.4-1.7x faster
+    on CPU (docs/benchmarks.md), at the price of a compilation (seconds to tens of seconds) for batch 1
+    and again for the first batch > 1, and a prepacked copy of the weights. For serving a fixed
+    checkpoint: frozen weights must not change, so a model that trains (RL) needs compile=False; the
+    engine checks and raises if they did."""
+
+    def __init__(self, model, tokenizer, compile=False):
         self.model = model
         self.tokenizer = tokenizer
+        self.compile = bool(compile)
+        self._decode_model = None  # the compiled model, made on first use (compile=True)
+        self._frozen_versions = None
         special = lambda name: _optional_special(tokenizer, name)
         self.stop_tokens = frozenset(t for t in (special("<|assistant_end|>"), special("<|bos|>")) if t is not None)
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
@@ -237,16 +277,18 @@ class Engine:
         rng = torch.Generator(device=device)
         rng.manual_seed(seed)
 
-        def forward(ids, cache):
+        decode_model = self._decoder() if self.compile else model
+
+        def forward(net, ids, cache, **kwargs):
             with autocast_context(device.type, compute_dtype):
-                return model(ids, kv_cache=cache)[:, -1, :]
+                return net(ids, kv_cache=cache, **kwargs)[:, -1, :]
 
         # prefill the prompt once at batch 1, then replicate it into num_samples rows. Room for a reply of
         # up to the context length is preallocated; a longer one grows the cache (doubling) as it goes.
         capacity = len(tokens) + min(max_tokens, config.sequence_len)
         cache_args = (config.n_kv_head, capacity if num_samples == 1 else len(tokens), config.head_dim, config.n_layer)
         cache = KVCache(1, *cache_args, dtype=cache_dtype, device=device)
-        logits = forward(torch.tensor([tokens], dtype=torch.long, device=device), cache)
+        logits = forward(model, torch.tensor([tokens], dtype=torch.long, device=device), cache, last_only=True)
         if num_samples > 1:
             prompt_cache = cache
             cache = KVCache(num_samples, config.n_kv_head, capacity, config.head_dim, config.n_layer,
@@ -272,9 +314,34 @@ class Engine:
                     return
                 # done rows are fed whatever they "sampled": their cache rows are never read again
                 ids = torch.tensor(column, dtype=torch.long, device=device) if any_forced else sampled
-                logits = forward(ids.view(num_samples, 1), cache)
+                logits = forward(decode_model, ids.view(num_samples, 1), cache)
         finally:
             del cache, logits  # on close(): free the cache now, not at garbage collection
+
+    def _decoder(self):
+        """The compiled model for decode steps (compile=True), built once; checks the frozen weights are
+        still the model's (an in-place update, e.g. an optimizer step or load_state_dict, bumps a
+        tensor's version counter)."""
+        versions = [p._version for p in self.model.parameters()]
+        if self._decode_model is None:
+            # dynamic: one graph for every cache length (and every batch size > 1)
+            compiled = torch.compile(self.model, dynamic=True)
+            # torch.compile(options={"freezing": True}) is not honored (torch 2.13: measured, the weights stay
+            # graph inputs), so the inductor config is set around each call, which is also when a
+            # (re)compilation happens; a global setting would also freeze other no_grad graphs, e.g. a
+            # compiled training model's evaluation, whose weights do change.
+            settings = _InductorSettings(freezing=True, cpp_wrapper=next(self.model.parameters()).device.type == "cpu")
+
+            def decode_model(*args, **kwargs):
+                with settings:
+                    return compiled(*args, **kwargs)
+            self._decode_model = decode_model
+            self._frozen_versions = versions
+        elif versions != self._frozen_versions:
+            raise RuntimeError("Engine(compile=True) froze the model's weights into its compiled decode step, and "
+                               "they have changed since (a training step or load_state_dict?); use compile=False "
+                               "for a model that trains, or build a new Engine after a new checkpoint is loaded")
+        return self._decode_model
 
     def _advance(self, row, token):
         """Update a row after `token` was appended: stop, collect a python expression, or queue the

@@ -342,10 +342,14 @@ class GPT(nn.Module):
 
     # -------------------------------------------------------------------------
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", last_only=False):
         """idx (B, T) token ids. Returns fp32 logits (B, T, V) when targets is None, else the
         cross-entropy loss (targets == -1 ignored): a scalar for "mean"/"sum", (B, T) for "none"
-        (ignored positions are 0). With a kv_cache, the chunk sits at positions [pos, pos + T)."""
+        (ignored positions are 0). With a kv_cache, the chunk sits at positions [pos, pos + T).
+        last_only=True (no targets): logits of the last position only, (B, 1, V); a prompt prefill
+        needs no more, and the head over every position would cost more than the blocks at small widths."""
+        if last_only and targets is not None:
+            raise ValueError("last_only=True returns logits; it cannot be combined with targets")
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):  # only reachable in long generations, never in training
@@ -356,6 +360,8 @@ class GPT(nn.Module):
         x = norm(wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
+        if last_only:
+            x = x[:, -1:]
         x = norm(x)
         logits = F.linear(x, wte.weight) if self.lm_head is None else self.lm_head(x)
         if loss_reduction not in ("mean", "sum", "none") and targets is not None:

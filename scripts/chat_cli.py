@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from nanochat.common import autocast_context, autodetect_device_type, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int
+from nanochat.common import autocast_context, autodetect_device_type, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int, str2bool
 from scripts.chat_web import StreamDecoder
 
 CLEAR_COMMANDS = {"clear", "/clear"}
@@ -31,6 +31,8 @@ def get_parser():
     p.add_argument("-m", "--max-tokens", type=positive_int, default=512, help="reply length limit in tokens")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (reply n uses seed + n)")
     p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    p.add_argument("--compile", type=str2bool, default=False,
+                   help="compile the decode step (Engine(compile=True): faster tokens after a one-off compilation per batch shape; weights frozen)")
     return p
 
 
@@ -129,7 +131,7 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer yet, or they do not fit
         print(f"error: cannot load the {args.source} model: {e}", file=sys.stderr)
         return 1
-    chat = Chat(Engine(model, tokenizer), tokenizer, device_type, args)
+    chat = Chat(Engine(model, tokenizer, compile=args.compile), tokenizer, device_type, args)
     if args.prompt is not None:
         chat.reply(args.prompt)
     else:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from nanochat.chat_eval import TASK_NAMES, format_results_table, load_task, parse_task_names, run_chat_eval, write_report
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
-                             make_parser, positive_int, non_negative_float, non_negative_int)
+                             make_parser, positive_int, non_negative_float, non_negative_int, str2bool)
 
 
 def task_list(value):
@@ -41,6 +41,8 @@ def get_parser():
     p.add_argument("--model-tag", default="", help="checkpoint to load; empty = the largest model")
     p.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step; default = the last one")
     p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="empty = autodetect")
+    p.add_argument("--compile", type=str2bool, default=False,
+                   help="compile the decode step (Engine(compile=True): faster tokens after a one-off compilation per batch shape; weights frozen)")
     return p
 
 
@@ -60,7 +62,7 @@ def main(argv=None):
     engine = None
     if any(tasks[n].eval_type == "generative" for n in names):
         from nanochat.engine import Engine
-        engine = Engine(model, tokenizer)
+        engine = Engine(model, tokenizer, compile=args.compile)
     with autocast_context(device.type, get_compute_dtype(device.type)):
         out = run_chat_eval(model, tokenizer, engine, names, max_problems=args.max_problems,
                             batch_size=args.batch_size, num_samples=args.num_samples,

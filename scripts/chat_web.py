@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int
+from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int, str2bool
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
@@ -736,6 +736,8 @@ def get_parser():
     p.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
     p.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; default the last")
     p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
+    p.add_argument("--compile", type=str2bool, default=False,
+                   help="compile the decode step (Engine(compile=True): faster tokens after a one-off compilation per batch shape; weights frozen)")
     p.add_argument("--num-gpus", type=positive_int, default=1, help="model replicas, one per GPU (CUDA only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on")
@@ -787,7 +789,7 @@ def load_workers(args, parser):
         from nanochat.engine import Engine
         for device in devices:
             model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=os.path.basename(ckpt_dir), step=step)
-            workers.append(Worker(Engine(model, tokenizer), tokenizer, device, context_len=model.config.sequence_len))
+            workers.append(Worker(Engine(model, tokenizer, compile=args.compile), tokenizer, device, context_len=model.config.sequence_len))
             print(f"loaded {ckpt_dir} step {step} on {device}", flush=True)
     except (CheckpointError, FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer, or they do not fit
         print(f"error: {e}", file=sys.stderr)

@@ -82,6 +82,37 @@ def test_decoding_past_the_context_length_and_rotary_table(tok):
     assert model.lm_head.weight.grad is not None
 
 
+def test_compiled_decode_equals_eager_and_guards_frozen_weights(tok):
+    """compile=True (inductor freezing + C++ wrapper on CPU) gives the eager engine's greedy tokens at
+    batch 1 and batch > 1, and refuses to run once the frozen weights changed in place."""
+    model = tiny_gpt(tok.get_vocab_size(), n_kv_head=2, seed=5)
+    eager, compiled = Engine(model, tok), Engine(model, tok, compile=True)
+    for engine in (eager, compiled):
+        engine.stop_tokens = frozenset()  # full length: every step compared
+    prompt = [tok.get_bos_token_id()] + tok.encode("2 + 2 =")
+    for num_samples in (1, 2):
+        want, _ = eager.generate_batch(prompt, num_samples=num_samples, max_tokens=20, temperature=0.0)
+        got, _ = compiled.generate_batch(prompt, num_samples=num_samples, max_tokens=20, temperature=0.0)
+        assert got == want
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    with pytest.raises(RuntimeError, match="froze the model's weights"):
+        compiled.generate_batch(prompt, max_tokens=5, temperature=0.0)
+    eager.generate_batch(prompt, max_tokens=5, temperature=0.0)  # the eager engine does not care
+
+
+def test_inductor_settings_restored_only_when_the_last_user_leaves():
+    import torch._inductor.config as config
+    before = config.freezing
+    a, b = engine_module._InductorSettings(freezing=not before), engine_module._InductorSettings(freezing=not before)
+    with a:
+        assert config.freezing == (not before)
+        b.__enter__()  # a second engine thread enters, then the first leaves
+    assert config.freezing == (not before)
+    b.__exit__(None, None, None)
+    assert config.freezing == before
+
+
 def test_replicated_prefill_equals_independent_prefills():
     model = tiny_gpt(101, n_kv_head=2)
     c = model.config
@@ -108,9 +139,9 @@ class Recording(nn.Module):
         super().__init__()
         self.inner, self.config, self.shapes = model, model.config, []
 
-    def forward(self, idx, kv_cache=None):
-        self.shapes.append(tuple(idx.shape))
-        return self.inner(idx, kv_cache=kv_cache)
+    def forward(self, idx, kv_cache=None, last_only=False):
+        self.shapes.append((*idx.shape, "last") if last_only else tuple(idx.shape))
+        return self.inner(idx, kv_cache=kv_cache, last_only=last_only)
 
 
 def test_one_prefill_at_batch_one_then_batched_decode(tok):
@@ -118,7 +149,8 @@ def test_one_prefill_at_batch_one_then_batched_decode(tok):
     engine = Engine(model, tok)
     engine.stop_tokens = frozenset()
     list(engine.generate(list(range(10)), num_samples=4, max_tokens=6, temperature=1.0))
-    assert model.shapes == [(1, 10)] + [(4, 1)] * 5  # the 6th token needs no forward after it
+    # the prompt's head runs on its last position only; the 6th token needs no forward after it
+    assert model.shapes == [(1, 10, "last")] + [(4, 1)] * 5
 
 
 def test_kv_cache_grows_and_keeps_its_content():
@@ -227,7 +259,7 @@ class ScriptedModel(nn.Module):
         self.script = script
         self.anchor = nn.Parameter(torch.zeros(()))  # device and dtype of the "weights"
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, last_only=False):
         ids = idx.to(torch.float32)[:, None, :, None]  # (B, 1, T, 1)
         history, _ = kv_cache.insert_kv(0, ids, ids)
         B, T = idx.shape

@@ -222,6 +222,19 @@ def test_kv_cache_prefill_and_decode_match_full_forward(n_kv_head):
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_logits():
+    cfg = tiny(n_kv_head=2)
+    m = build(cfg)
+    idx = torch.randint(0, 101, (2, 12))
+    full = m(idx)
+    torch.testing.assert_close(m(idx, last_only=True), full[:, -1:], atol=1e-6, rtol=1e-6)
+    cache = KVCache(2, 2, 16, cfg.head_dim, cfg.n_layer)  # the engine's prefill: into a cache
+    torch.testing.assert_close(m(idx, kv_cache=cache, last_only=True), full[:, -1:], atol=1e-5, rtol=1e-5)
+    assert cache.get_pos() == 12
+    with pytest.raises(ValueError, match="last_only"):
+        m(idx, targets=idx, last_only=True)
+
+
 def test_kv_cache_beyond_rotary_table():
     cfg = tiny(sequence_len=4)  # rotary tables cover 40 positions; decode further
     m = build(cfg)
