@@ -177,7 +177,7 @@ def test_loss_reductions_and_ignore_index():
         m(idx, tgt, loss_reduction="avg")
 
 
-@pytest.mark.parametrize("cap", [15.0, 50.0])  # constant-shift and logsumexp branches
+@pytest.mark.parametrize("cap", [15.0, 50.0, 0.0])  # constant-shift and logsumexp branches, no cap
 @pytest.mark.parametrize("compiled", [False, True])  # eager in-place path / the exp form traced by dynamo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softcap_cross_entropy_matches_reference(dtype, compiled, cap):
@@ -194,7 +194,8 @@ def test_softcap_cross_entropy_matches_reference(dtype, compiled, cap):
         fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
     z_before = z.clone()
     ours = fn(a, tgt)
-    ref = F.cross_entropy(cap * torch.tanh(b.float() / cap), tgt, ignore_index=-1, reduction="none")
+    capped = cap * torch.tanh(b.float() / cap) if cap else b.float()
+    ref = F.cross_entropy(capped, tgt, ignore_index=-1, reduction="none")
     torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
     w = torch.randn(64)
     (ours * w).sum().backward()
@@ -203,6 +204,38 @@ def test_softcap_cross_entropy_matches_reference(dtype, compiled, cap):
     assert torch.equal(a.detach(), z_before)  # the input logits are not modified in place
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
     torch.testing.assert_close(a.grad.float(), b.grad.float(), **tol)
+
+
+@pytest.mark.parametrize("cap", [15.0, 0.0])
+@pytest.mark.parametrize("mode", ["eager", "compiled", "bf16"])
+def test_chunked_head_loss_matches_reference(monkeypatch, mode, cap):
+    """The head matmul + summed (softcapped) cross-entropy in chunks of rows, gradients computed in the
+    forward: same loss and gradients (x and the weight) as the composed reference, with a chunk size that
+    does not divide the tokens, ignored targets, and no gradient work under no_grad."""
+    import nanochat.gpt as gpt
+    monkeypatch.setattr(gpt, "HEAD_CHUNK_ROWS", 7)
+    torch.manual_seed(0)
+    x0, w0 = torch.randn(30, 16), torch.randn(50, 16) * 2
+    tgt = torch.randint(0, 50, (30,))
+    tgt[[2, 9, 29]] = -1
+    x, w, xr, wr = (t.clone().requires_grad_() for t in (x0, w0, x0, w0))
+    fn = lambda x, w: gpt.ChunkedHeadLoss.apply(x, w, tgt, cap, torch.is_grad_enabled())
+    if mode == "compiled":
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+        ours = fn(x, w)
+        logits = F.linear(xr, wr).float()
+    ref = F.cross_entropy(cap * torch.tanh(logits / cap) if cap else logits, tgt, ignore_index=-1, reduction="sum")
+    (3.0 * ours).backward()
+    (3.0 * ref).backward()
+    tol = dict(atol=1e-4, rtol=1e-5) if mode != "bf16" else dict(atol=5e-2, rtol=2e-2)
+    torch.testing.assert_close(ours, ref, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    torch.testing.assert_close(w.grad, wr.grad, **tol)
+    assert x.grad.dtype == w.grad.dtype == torch.float32 and (x.grad[[2, 9, 29]] == 0).all()
+    monkeypatch.setattr(gpt, "_logit_grads", lambda *a: pytest.fail("gradients computed under no_grad"))
+    with torch.no_grad():
+        torch.testing.assert_close(gpt.ChunkedHeadLoss.apply(x0, w0, tgt, cap, torch.is_grad_enabled()), ref.detach(), **tol)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])  # MHA and GQA
