@@ -1,7 +1,8 @@
 """
 Pieces every training stage shares: batch arithmetic, learning-rate and momentum schedules,
 throughput/MFU, the per-step logger (console, JSON lines, optional wandb) and the
-device-batch-size probe.
+device-batch-size probe; then what the chat stages (mid, SFT, RL) share: checkpoint state,
+and the flags and start-up of their scripts.
 """
 import json
 import os
@@ -9,7 +10,8 @@ import time
 
 import torch
 
-from nanochat.common import DummyWandb, print0
+from nanochat.common import (DummyWandb, autocast_context, autodetect_device_type, compute_init, get_compute_dtype,
+                             print0, str2bool)
 
 
 def grad_accum_steps(total_batch_size, device_batch_size, sequence_len, world_size):
@@ -279,3 +281,102 @@ def open_stage(stage, input_source, device, model_tag=None, step=None, output_ta
     model, tokenizer, _, in_dir, in_step = load_input_model(input_source, device, model_tag, step)
     ckpt_dir = os.path.join(checkpoints_root(stage), output_tag or os.path.basename(in_dir))
     return model, tokenizer, ckpt_dir, 0, None, {"source": input_source, "model_tag": os.path.basename(in_dir), "step": in_step}
+
+# -----------------------------------------------------------------------------
+# Flags and start-up shared by the chat-stage scripts (mid_train, chat_sft, chat_rl)
+
+
+def add_run_flags(parser, seed_help=None):
+    parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
+    parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
+    parser.add_argument("--seed", type=int, default=42, help=seed_help)
+
+
+def add_stage_io_flags(parser, stage, sources):
+    """The 'input and output' group of a stage that writes <stage> checkpoints. `sources` are the checkpoint
+    families it may start from, the first the default; with a single one (midtraining: base) there is no --source."""
+    g = parser.add_argument_group("input and output")
+    if len(sources) == 1:
+        what, input_tag = f"{sources[0]} checkpoint", f"the {sources[0]} model's tag"
+        g.add_argument("--model-tag", default=None, help=f"{what} to continue (default: the largest)")
+    else:
+        what, input_tag = "input checkpoint", "the input's tag"
+        g.add_argument("--source", default=sources[0], choices=list(sources), help="checkpoint family to start from")
+        g.add_argument("--model-tag", default=None, help=f"{what} (default: the largest)")
+    g.add_argument("--step", type=int, default=None, help=f"{what} step (default: the last)")
+    g.add_argument("--output-tag", default=None, help=f"{stage} checkpoint directory name (default: {input_tag})")
+    g.add_argument("--resume", type=str2bool, default=False,
+                   help=f"continue from the last {stage} checkpoint of the output tag")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+
+
+def add_optimizer_flags(g, *, init_lr_frac, warmdown_ratio, warmdown_help="fraction of steps of linear decay (1 = all)",
+                        with_compile=False):
+    """The learning-rate flags of a chat stage, appended to its 'optimization' argument group `g` after the
+    stage's own batch and horizon flags; the stages differ only in how far they scale the rates down and decay them."""
+    g.add_argument("--embedding-lr", type=float, default=0.2)
+    g.add_argument("--unembedding-lr", type=float, default=0.004)
+    g.add_argument("--matrix-lr", type=float, default=0.02)
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="every learning rate above is scaled by this")
+    g.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio, help=warmdown_help)
+    g.add_argument("--final-lr-frac", type=float, default=0.0)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    if with_compile:
+        g.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="torch.compile (auto = on CUDA)")
+
+
+def check_optimizer_flags(parser, args):
+    """parser.error (exit 2, naming the flag) on add_optimizer_flags values out of range."""
+    for name in ("warmdown_ratio", "final_lr_frac"):
+        if not 0.0 <= getattr(args, name) <= 1.0:
+            parser.error(f"argument --{name.replace('_', '-')}: must be between 0 and 1")
+    if not args.init_lr_frac > 0:
+        parser.error("argument --init-lr-frac: must be positive")
+
+
+def init_device(device_type, seed):
+    """Join the process group (under torchrun) on the requested or detected device:
+    (device_type, rank, world_size, device, dtype, autocast), autocast() being the forward passes' context."""
+    device_type = autodetect_device_type(device_type or None)
+    _, rank, _, world_size, device = compute_init(device_type, seed=seed)
+    dtype = get_compute_dtype(device_type)
+    return device_type, rank, world_size, device, dtype, lambda: autocast_context(device_type, dtype)
+
+
+def open_stage_or_exit(script, stage, source, device, args):
+    """open_stage with the add_stage_io_flags flags; exits with '<script>: cannot ...: <why>' when it cannot."""
+    from nanochat.checkpoint import CheckpointError
+    try:
+        return open_stage(stage, source, device, args.model_tag, args.step, args.output_tag, args.resume)
+    except (CheckpointError, OSError, ValueError) as e:
+        stage_error(f"{script}: cannot {'resume' if args.resume else f'load the {source} model'}: {e}")
+
+
+def load_chat_data_or_exit(script, stage, args):
+    """(the --mixture with the stage's weights plus --extra-data, the --eval-tasks); exits on missing or bad data."""
+    from tasks.mixtures import build_mixture
+    try:
+        return build_mixture(args.mixture, stage, args.extra_data), load_eval_tasks(args.eval_tasks)
+    except (OSError, ValueError) as e:
+        stage_error(f"{script}: data error: {e}")
+
+
+def setup_stage_optimizers(model, args):
+    """The model's optimizers at the add_optimizer_flags learning rates, each scaled by --init-lr-frac."""
+    lr = args.init_lr_frac
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr, embedding_lr=args.embedding_lr * lr,
+                                  matrix_lr=args.matrix_lr * lr, weight_decay=args.weight_decay)
+
+
+def resume_or_exit(script, logger, ckpt_dir, step, optimizers, loaders, device, device_type, rank=0, world_size=1,
+                   accum=1):
+    """restore_training_state, then drop the log's records after `step`; exits with '<script>: cannot resume: <why>'
+    when the checkpoint does not fit this run."""
+    from nanochat.checkpoint import CheckpointError
+    try:
+        restore_training_state(ckpt_dir, step, optimizers, loaders, device, device_type, rank, world_size, accum)
+    except (CheckpointError, ValueError) as e:
+        stage_error(f"{script}: cannot resume: {e}")
+    logger.truncate_after(step)
+    print0(f"resumed from {ckpt_dir} step {step}")

@@ -20,28 +20,20 @@ import time
 
 import torch
 
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
-                             get_peak_memory, is_ddp_initialized, make_parser, positive_int, print0, str2bool,
-                             synchronize)
-from nanochat.training import (StepLogger, all_reduce_mean, format_duration, lr_multiplier, open_stage, optimizer_step,
-                               restore_training_state, save_training_state, set_learning_rates, stage_error)
+from nanochat.common import (compute_cleanup, get_peak_memory, is_ddp_initialized, make_parser, positive_int, print0,
+                             str2bool, synchronize)
+from nanochat.training import (StepLogger, add_optimizer_flags, add_run_flags, add_stage_io_flags, all_reduce_mean,
+                               check_optimizer_flags, format_duration, init_device, lr_multiplier, open_stage_or_exit,
+                               optimizer_step, resume_or_exit, save_training_state, set_learning_rates,
+                               setup_stage_optimizers, stage_error)
 
 TASKS = ("gsm8k", "toy")
 
 
 def get_args(argv=None):
     p = make_parser(__doc__)
-    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed")
-    g = p.add_argument_group("input and output")
-    g.add_argument("--source", default="sft", choices=["sft", "mid", "base"], help="checkpoint family to start from")
-    g.add_argument("--model-tag", default=None, help="input checkpoint (default: the largest)")
-    g.add_argument("--step", type=int, default=None, help="input checkpoint step (default: the last)")
-    g.add_argument("--output-tag", default=None, help="rl checkpoint directory name (default: the input's tag)")
-    g.add_argument("--resume", type=str2bool, default=False, help="continue from the last rl checkpoint of the output tag")
-    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    add_run_flags(p, seed_help="sampling seed")
+    add_stage_io_flags(p, "rl", sources=("sft", "mid", "base"))
     g = p.add_argument_group("task and sampling")
     g.add_argument("--task", default="gsm8k", choices=TASKS, help="gsm8k: train split for training, test split for pass@k")
     g.add_argument("--toy-letter", default="e", help="the letter the toy task rewards")
@@ -55,24 +47,13 @@ def get_args(argv=None):
     g = p.add_argument_group("optimization")
     g.add_argument("--num-epochs", type=positive_int, default=1, help="passes over the training prompts")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
-    g.add_argument("--embedding-lr", type=float, default=0.2)
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
-    g.add_argument("--matrix-lr", type=float, default=0.02)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--init-lr-frac", type=float, default=0.05, help="every learning rate above is scaled by this")
-    g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps of linear decay (1 = all)")
-    g.add_argument("--final-lr-frac", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    add_optimizer_flags(g, init_lr_frac=0.05, warmdown_ratio=1.0)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (-1 = start and end only)")
     g.add_argument("--eval-problems", type=positive_int, default=400, help="evaluation problems (a fixed sample)")
     g.add_argument("--eval-samples", type=positive_int, default=4, help="samples per problem: pass@1 .. pass@k")
     args = p.parse_args(argv)
-    for name in ("warmdown_ratio", "final_lr_frac"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            p.error(f"argument --{name.replace('_', '-')}: must be between 0 and 1")
-    if not args.init_lr_frac > 0:
-        p.error("argument --init-lr-frac: must be positive")
+    check_optimizer_flags(p, args)
     if not args.temperature > 0:
         p.error("argument --temperature: must be positive (RL samples)")
     if args.top_k < 0:
@@ -94,16 +75,10 @@ def main(argv=None):
     from nanochat.chat_eval import problem_order
     from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch, split_completion
 
-    device_type = autodetect_device_type(args.device_type or None)
-    _, rank, _, world_size, device = compute_init(device_type, seed=args.seed)
-    dtype = get_compute_dtype(device_type)
-    autocast = lambda: autocast_context(device_type, dtype)
+    device_type, rank, world_size, device, dtype, autocast = init_device(args.device_type, args.seed)
 
-    try:
-        model, tokenizer, ckpt_dir, start_step, resume_meta, origin = open_stage(
-            "rl", args.source, device, args.model_tag, args.step, args.output_tag, args.resume)
-    except (CheckpointError, OSError, ValueError) as e:
-        stage_error(f"chat_rl: cannot {'resume' if args.resume else f'load the {args.source} model'}: {e}")
+    model, tokenizer, ckpt_dir, start_step, resume_meta, origin = open_stage_or_exit("chat_rl", "rl", args.source,
+                                                                                     device, args)
     try:
         train_task, eval_task = make_tasks(args)
     except (OSError, ValueError) as e:
@@ -123,18 +98,11 @@ def main(argv=None):
     print0(f"rl on {args.task}: {origin['source']} {origin['model_tag']} step {origin['step']} -> {ckpt_dir}")
     print0(f"{P} prompts x {args.num_samples} samples per step over {world_size} rank(s); {num_iterations:,} steps")
 
-    lr = args.init_lr_frac
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr, embedding_lr=args.embedding_lr * lr,
-                                        matrix_lr=args.matrix_lr * lr, weight_decay=args.weight_decay)
+    optimizers = setup_stage_optimizers(model, args)
     user_config = dict(vars(args))
     logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
     if args.resume:
-        try:
-            restore_training_state(ckpt_dir, start_step, optimizers, [], device, device_type, rank, world_size, 1)
-        except (CheckpointError, ValueError) as e:
-            stage_error(f"chat_rl: cannot resume: {e}")
-        logger.truncate_after(start_step)
-        print0(f"resumed from {ckpt_dir} step {start_step}")
+        resume_or_exit("chat_rl", logger, ckpt_dir, start_step, optimizers, [], device, device_type, rank, world_size)
 
     def sample(prompt, n, seed):
         """n completions of one prompt: (token lists, sampled-flag lists)."""

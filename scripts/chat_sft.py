@@ -18,12 +18,11 @@ import dataclasses
 import sys
 import time
 
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
-                             get_peak_memory, make_parser, positive_int, print0, str2bool, synchronize)
-from nanochat.training import (StepLogger, accumulate_gradients, format_duration, load_eval_tasks, lr_multiplier,
-                               muon_momentum, open_stage, optimizer_step, restore_training_state, save_training_state,
-                               set_learning_rates, stage_error)
+from nanochat.common import compute_cleanup, get_peak_memory, make_parser, positive_int, print0, synchronize
+from nanochat.training import (StepLogger, accumulate_gradients, add_optimizer_flags, add_run_flags, add_stage_io_flags,
+                               check_optimizer_flags, format_duration, init_device, load_chat_data_or_exit, lr_multiplier,
+                               muon_momentum, open_stage_or_exit, optimizer_step, resume_or_exit, save_training_state,
+                               set_learning_rates, setup_stage_optimizers, stage_error)
 from tasks.mixtures import MIXTURES, describe_mixtures
 
 CATEGORICAL = "ARC-Easy|ARC-Challenge|MMLU"
@@ -31,16 +30,8 @@ CATEGORICAL = "ARC-Easy|ARC-Challenge|MMLU"
 
 def get_args(argv=None):
     p = make_parser(__doc__ + "\nmixtures (--mixture):\n" + describe_mixtures())
-    p.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
-    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
-    p.add_argument("--seed", type=int, default=42)
-    g = p.add_argument_group("input and output")
-    g.add_argument("--source", default="mid", choices=["mid", "base"], help="checkpoint family to start from")
-    g.add_argument("--model-tag", default=None, help="input checkpoint (default: the largest)")
-    g.add_argument("--step", type=int, default=None, help="input checkpoint step (default: the last)")
-    g.add_argument("--output-tag", default=None, help="sft checkpoint directory name (default: the input's tag)")
-    g.add_argument("--resume", type=str2bool, default=False, help="continue from the last sft checkpoint of the output tag")
-    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
+    add_run_flags(p)
+    add_stage_io_flags(p, "sft", sources=("mid", "base"))
     g = p.add_argument_group("data")
     g.add_argument("--mixture", default="reference", choices=list(MIXTURES), help="named mixture (listed above)")
     g.add_argument("--extra-data", default="", help="your own {'messages': [...]} JSONL(.gz) files: PATH[:WEIGHT],...")
@@ -49,14 +40,7 @@ def get_args(argv=None):
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1 = from --num-epochs)")
     g.add_argument("--device-batch-size", type=positive_int, default=4, help="conversations per forward pass per device")
     g.add_argument("--examples-per-step", type=positive_int, default=32, help="conversations per optimizer step")
-    g.add_argument("--embedding-lr", type=float, default=0.2)
-    g.add_argument("--unembedding-lr", type=float, default=0.004)
-    g.add_argument("--matrix-lr", type=float, default=0.02)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--init-lr-frac", type=float, default=0.02, help="every learning rate above is scaled by this")
-    g.add_argument("--warmdown-ratio", type=float, default=1.0, help="fraction of steps of linear decay (1 = all)")
-    g.add_argument("--final-lr-frac", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    add_optimizer_flags(g, init_lr_frac=0.02, warmdown_ratio=1.0)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval-every", type=int, default=100, help="held-out loss every N steps (-1 = start and end only)")
     g.add_argument("--eval-conversations", type=positive_int, default=1000, help="held-out conversations evaluated")
@@ -65,34 +49,19 @@ def get_args(argv=None):
                    help="chat tasks, '|'-separated (GSM8K/HumanEval sample through the engine), or 'none'")
     g.add_argument("--eval-max-problems", type=positive_int, default=500, help="problems per chat task")
     args = p.parse_args(argv)
-    for name in ("warmdown_ratio", "final_lr_frac"):
-        if not 0.0 <= getattr(args, name) <= 1.0:
-            p.error(f"argument --{name.replace('_', '-')}: must be between 0 and 1")
-    if not args.init_lr_frac > 0:
-        p.error("argument --init-lr-frac: must be positive")
+    check_optimizer_flags(p, args)
     return args
 
 
 def main(argv=None):
     args = get_args(argv)
     from nanochat.chat_data import ConversationStream, PaddedLoader, conversation_loss
-    from tasks.mixtures import build_mixture
 
-    device_type = autodetect_device_type(args.device_type or None)
-    _, rank, _, world_size, device = compute_init(device_type, seed=args.seed)
-    dtype = get_compute_dtype(device_type)
-    autocast = lambda: autocast_context(device_type, dtype)
+    device_type, rank, world_size, device, dtype, autocast = init_device(args.device_type, args.seed)
 
-    try:
-        model, tokenizer, ckpt_dir, start_step, resume_meta, origin = open_stage(
-            "sft", args.source, device, args.model_tag, args.step, args.output_tag, args.resume)
-    except (CheckpointError, OSError, ValueError) as e:
-        stage_error(f"chat_sft: cannot {'resume' if args.resume else f'load the {args.source} model'}: {e}")
-    try:
-        mixture = build_mixture(args.mixture, "sft", args.extra_data)
-        eval_tasks = load_eval_tasks(args.eval_tasks)
-    except (OSError, ValueError) as e:
-        stage_error(f"chat_sft: data error: {e}")
+    model, tokenizer, ckpt_dir, start_step, resume_meta, origin = open_stage_or_exit("chat_sft", "sft", args.source,
+                                                                                     device, args)
+    mixture, eval_tasks = load_chat_data_or_exit("chat_sft", "sft", args)
     config = model.config
     T, B = config.sequence_len, args.device_batch_size
     if args.examples_per_step % (B * world_size):
@@ -102,9 +71,7 @@ def main(argv=None):
     print0(f"finetuning {origin['source']} {origin['model_tag']} step {origin['step']} -> {ckpt_dir}")
     print0(f"mixture {args.mixture}{' + ' + args.extra_data if args.extra_data else ''} (SFT weights):\n{mixture.summary()}")
 
-    lr = args.init_lr_frac
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr, embedding_lr=args.embedding_lr * lr,
-                                        matrix_lr=args.matrix_lr * lr, weight_decay=args.weight_decay)
+    optimizers = setup_stage_optimizers(model, args)
     slots = world_size * accum
     try:
         streams = [ConversationStream(mixture, rank * accum + a, slots, seed=args.seed) for a in range(accum)]
@@ -125,12 +92,8 @@ def main(argv=None):
     user_config = dict(vars(args))
     logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
     if args.resume:
-        try:
-            restore_training_state(ckpt_dir, start_step, optimizers, loaders, device, device_type, rank, world_size, accum)
-        except (CheckpointError, ValueError) as e:
-            stage_error(f"chat_sft: cannot resume: {e}")
-        logger.truncate_after(start_step)
-        print0(f"resumed from {ckpt_dir} step {start_step}")
+        resume_or_exit("chat_sft", logger, ckpt_dir, start_step, optimizers, loaders, device, device_type, rank,
+                       world_size, accum)
 
     val_convs = [mixture.get(r) for r in mixture.val_rows(args.eval_conversations)]
 
