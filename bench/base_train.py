@@ -53,9 +53,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = (os.environ.get("NANOCHAT_DATA_DIR") or os.environ.get("NANOCHAT_SHARED_DATA")
           or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data"))
 MIX = (("wikipedia", 0.45), ("books", 0.40), ("reddit", 0.15))
-# glibc: serve buffers up to 32 MB from the heap and keep freed memory, instead of mmap-ing each big
-# buffer and unmapping it when freed (every step then faults its pages in again, zeroed by the kernel)
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30), "MALLOC_TOP_PAD_": str(64 << 20)}
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 # Runs the script exactly as `python -m scripts.base_train FLAGS` would, plus time stamps (end of the
@@ -383,8 +380,9 @@ def parse_args(argv):
     p.add_argument("--tokenizer-dir", default="", help="use this saved tokenizer instead of training one")
     p.add_argument("--tokenizer-chars", type=positive_int, default=3_000_000, help="characters the tokenizer trains on")
     p.add_argument("--timeout", type=positive_int, default=1200, help="seconds one script run may take")
-    p.add_argument("--tuned-malloc", type=str2bool, default=False, help="both sides: glibc keeps freed buffers "
-                   f"({' '.join(f'{k}={v}' for k, v in TUNED_MALLOC.items())}) instead of faulting fresh pages in every step")
+    p.add_argument("--tuned-malloc", type=str2bool, default=True, help="both sides: compute_init's glibc setting "
+                   "that keeps freed buffers (nanochat.common.keep_freed_memory); false = glibc's default, which "
+                   "unmaps them and faults fresh pages in every step")
     p.add_argument("--dry-run", action="store_true", help="check the flags, print the plan, run nothing")
     opts = p.parse_args(argv)
     if opts.gpu:
@@ -462,8 +460,8 @@ def main(argv=None):
         os.environ["PYTHONPATH"] = REPO_ROOT
         if opts.threads:
             os.environ["OMP_NUM_THREADS"] = str(opts.threads)
-        if opts.tuned_malloc:
-            os.environ.update(TUNED_MALLOC)
+        if not opts.tuned_malloc:
+            os.environ["NANOCHAT_TUNE_MALLOC"] = "0"
         if synthetic:
             log(f"WARNING: {SHARED}/pretrain is missing: the script reads a synthetic corpus of random words")
             write_synthetic_corpus(opts.data, max(opts.tokenizer_chars, 5_000_000))

@@ -93,3 +93,48 @@ def test_gpu_peak_table():
 def test_cpu_peak_is_measured():
     flops = common.get_peak_flops("cpu", torch.float32)
     assert 1e8 < flops < 1e14  # a real measurement of this machine, not a constant
+
+
+
+# a few training steps of a tiny model; the last three, in steady state, should not fault memory in
+FAULT_PROBE = """\
+import resource, torch
+from nanochat.common import keep_freed_memory
+from nanochat.gpt import GPT, GPTConfig
+tuned = keep_freed_memory()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+model = GPT(GPTConfig(sequence_len=256, vocab_size=4096, n_layer=2, n_head=2, n_kv_head=2, n_embd=128))
+model.init_weights()
+x, y = torch.randint(0, 4096, (2, 8, 256))
+faults = []
+for _ in range(6):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with torch.autocast("cpu", torch.bfloat16):
+        model(x, y).backward()
+    model.zero_grad(set_to_none=True)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(tuned, sum(faults[3:]))
+"""
+
+
+def _fault_probe(**env_extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(PYTHONPATH=os.getcwd(), **env_extra)
+    out = subprocess.run([sys.executable, "-c", FAULT_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    tuned, faults = out.stdout.split()
+    return tuned == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_keep_freed_memory_stops_refaulting_freed_buffers():
+    tuned, faults_tuned = _fault_probe()
+    untuned, faults_default = _fault_probe(NANOCHAT_TUNE_MALLOC="0")
+    assert tuned and not untuned
+    # glibc's default unmaps freed activation buffers and each step faults them in again (~12-20k
+    # pages a step at this size); kept, they are reused
+    assert faults_default > 3000, faults_default
+    assert faults_tuned < faults_default / 5, (faults_tuned, faults_default)
+    # the user's own malloc settings are left alone
+    assert _fault_probe(MALLOC_ARENA_MAX="2")[0] is False
