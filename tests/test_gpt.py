@@ -413,6 +413,40 @@ def _compile_check(backend, dtype):
     assert logits.shape == (2, 16, 101) and logits.dtype == torch.float32
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_recompute_attention_matches_sdpa(monkeypatch, n_kv_head, dtype):
+    """Compiled CPU training takes the flash forward + recomputing matmul backward (GQA through grouped
+    rows): same output and q/k/v gradients as SDPA; over the score budget, or eager, it is SDPA itself."""
+    import nanochat.gpt as gpt
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 48, 32, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, n_kv_head, 48, 32, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn_like(q)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv_head != 4)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out)
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+    def record(gm, example_inputs):  # AOT autograd's forward and backward graphs, run as they are
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)  # bf16: a few ulps
+    for limit, ours_taken in ((gpt.RECOMPUTE_ATTENTION_MAX_SCORES, True), (0, False)):
+        monkeypatch.setattr(gpt, "RECOMPUTE_ATTENTION_MAX_SCORES", limit)
+        torch._dynamo.reset()
+        graphs.clear()
+        backend = aot_autograd(fw_compiler=record, bw_compiler=record)
+        out = torch.compile(gpt.causal_attention, backend=backend, fullgraph=True)(q, k, v)
+        grads = torch.autograd.grad(out, (q, k, v), grad_out)
+        assert len(graphs) == 2 and ("flash_attention_for_cpu_backward" not in graphs[1]) == ours_taken
+        torch.testing.assert_close(out, ref, **tol)
+        for ours, theirs in zip(grads, ref_grads):
+            torch.testing.assert_close(ours, theirs, **tol)
+
+
 def test_torch_compile_traces_whole_model():
     """Dynamo + AOT autograd without codegen (seconds): the model compiles as one graph, fwd + bwd."""
     _compile_check("aot_eager", torch.float32)
