@@ -179,8 +179,16 @@ def compute_init(device_type=None, seed=42):
 
 def compute_cleanup():
     if is_ddp_initialized():
+        gloo = dist.get_backend() == "gloo"
         dist.barrier()
         dist.destroy_process_group()
+        if gloo:
+            # Gloo's worker threads outlive destroy_process_group and drop their reference to a finished
+            # collective's tensors a moment after wait() returns, which takes the GIL; if that happens
+            # while the interpreter is finalizing, the thread is killed inside a destructor and the
+            # process aborts ("terminate called without an active exception") after a successful run.
+            # Releasing the GIL for a moment here lets them finish first.
+            time.sleep(0.05)
 
 # -----------------------------------------------------------------------------
 # Atomic writes: a reader (or a resumed run) never sees a half-written file.
