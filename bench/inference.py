@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from nanochat.common import keep_freed_memory, make_parser, positive_int, str2bool, synchronize
+from nanochat.common import compute_init, make_parser, positive_int, str2bool, synchronize
 from nanochat.gpt import GPT, GPTConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -203,12 +203,9 @@ def main(argv=None):
         parser.error("--device-type cuda: no CUDA device is visible")
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    if device.type == "cpu":
-        keep_freed_memory()  # as compute_init does for our scripts; the peer, in this process, gets it too
+    compute_init(device.type)  # our scripts' process setup (CPU: malloc keeps freed memory; CUDA: tf32); the peer shares it
     dtype = DTYPES[args.dtype]
     os.environ["NANOCHAT_DTYPE"] = args.dtype  # the Engine's autocast dtype = the weights' dtype
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
 
     from nanochat.engine import Engine
     log = lambda *a: print(*a, flush=True)

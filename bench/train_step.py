@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from nanochat.common import autocast_context, keep_freed_memory, make_parser, positive_int, str2bool, synchronize
+from nanochat.common import autocast_context, compute_init, make_parser, positive_int, str2bool, synchronize
 from nanochat.gpt import GPT, config_for_depth
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -213,10 +213,7 @@ def main():
         args.peer = False if args.peer is None else args.peer
     args.peer = True if args.peer is None else args.peer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        keep_freed_memory()  # as compute_init does for our scripts; the peer, in this process, gets it too
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")
+    compute_init(device.type)  # our scripts' process setup (CPU: malloc keeps freed memory; CUDA: tf32); the peer shares it
     knobs = {} if args.n_kv_head is None else dict(n_kv_head=args.n_kv_head)
     try:
         config = config_for_depth(args.depth, args.vocab_size, sequence_len=args.seq_len, **knobs)

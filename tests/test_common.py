@@ -95,7 +95,6 @@ def test_cpu_peak_is_measured():
     assert 1e8 < flops < 1e14  # a real measurement of this machine, not a constant
 
 
-
 # a few training steps of a tiny model; the last three, in steady state, should not fault memory in
 FAULT_PROBE = """\
 import resource, torch

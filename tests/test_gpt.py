@@ -445,6 +445,9 @@ def test_recompute_attention_matches_sdpa(monkeypatch, n_kv_head, dtype):
         torch.testing.assert_close(out, ref, **tol)
         for ours, theirs in zip(grads, ref_grads):
             torch.testing.assert_close(ours, theirs, **tol)
+    monkeypatch.undo()
+    eager = gpt.causal_attention(q, k, v)  # eager: SDPA and the flash kernel's own backward
+    assert "FlashAttention" in type(eager.grad_fn).__name__, type(eager.grad_fn).__name__
 
 
 def test_torch_compile_traces_whole_model():
