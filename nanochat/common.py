@@ -224,10 +224,10 @@ def atomic_write_text(path, text):
 # `--flag=value` works, and unknown flags or bad values are errors that name the flag.
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-def make_parser(description):
-    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    def _format_action_invocation(self, action):
+        if isinstance(action, BoolFlag):  # "--resume[=true|false], --no-resume"
+            return ", ".join(o if o in action.negated else f"{o}[={action.metavar}]" for o in action.option_strings)
+        return super()._format_action_invocation(action)
 
 def str2bool(value):
     v = str(value).strip().lower()
@@ -236,6 +236,54 @@ def str2bool(value):
     if v in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got {value!r}")
+
+def auto_bool(value):
+    """A three-way switch: 'auto' or a boolean, as the strings 'auto', 'true', 'false'."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        return "true" if str2bool(value) else "false"
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, true or false, got {value!r}")
+
+class BoolFlag(argparse.Action):
+    """A boolean flag as people type it: `--flag` (on), `--no-flag` (off) and `--flag=VALUE`, VALUE any
+    of true/false/yes/no/on/off/1/0 (or 'auto' for `type=auto_bool` switches)."""
+
+    def __init__(self, option_strings, dest, type=str2bool, **kwargs):
+        negated = ["--no-" + o[2:] for o in option_strings if o.startswith("--")]
+        kwargs.setdefault("metavar", "auto|true|false" if type is auto_bool else "true|false")
+        super().__init__(list(option_strings) + negated, dest, nargs="?", type=type, **kwargs)
+        self.negated = set(negated)
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        if option_string in self.negated:
+            if value is not None:
+                parser.error(f"argument {option_string}: takes no value (write {option_string.replace('--no-', '--', 1)}=VALUE)")
+            value = self.type("false")
+        elif value is None:
+            value = self.type("true")
+        setattr(namespace, self.dest, value)
+
+class _BoolFlagsMixin:
+    """add_argument(..., type=str2bool or auto_bool) declares a BoolFlag, in the parser and in its groups."""
+
+    def add_argument(self, *args, **kwargs):
+        if kwargs.get("type") in (str2bool, auto_bool) and "action" not in kwargs:
+            kwargs["action"] = BoolFlag
+        return super().add_argument(*args, **kwargs)
+
+class _ArgumentGroup(_BoolFlagsMixin, argparse._ArgumentGroup):
+    pass
+
+class ArgumentParser(_BoolFlagsMixin, argparse.ArgumentParser):
+    def add_argument_group(self, *args, **kwargs):
+        group = _ArgumentGroup(self, *args, **kwargs)
+        self._action_groups.append(group)
+        return group
+
+def make_parser(description):
+    return ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
 def positive_int(value):
     try:
@@ -254,6 +302,12 @@ def non_negative_int(value):
     if n < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
     return n
+
+def positive_float(value):
+    x = non_negative_float(value)
+    if x == 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
+    return x
 
 def non_negative_float(value):
     try:

@@ -11,7 +11,7 @@ import time
 import torch
 
 from nanochat.common import (DummyWandb, autocast_context, autodetect_device_type, compute_init, get_compute_dtype,
-                             print0, str2bool)
+                             auto_bool, print0, str2bool)
 
 
 def grad_accum_steps(total_batch_size, device_batch_size, sequence_len, world_size):
@@ -323,7 +323,7 @@ def add_optimizer_flags(g, *, init_lr_frac, warmdown_ratio, warmdown_help="fract
     g.add_argument("--final-lr-frac", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     if with_compile:
-        g.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="torch.compile (auto = on CUDA)")
+        g.add_argument("--compile", type=auto_bool, default="auto", help="torch.compile (auto = on CUDA)")
 
 
 def check_optimizer_flags(parser, args):

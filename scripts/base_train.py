@@ -21,7 +21,7 @@ import torch
 from nanochat.checkpoint import CheckpointError, checkpoints_root, find_last_step, load_checkpoint, save_checkpoint
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_base_dir,
                              get_compute_dtype, get_peak_flops, get_peak_memory, make_parser, positive_int, print0,
-                             str2bool, synchronize)
+                             auto_bool, str2bool, synchronize)
 from nanochat.dataset import DataError
 from nanochat.training import (StepLogger, average_gradients_, find_device_batch_size, format_duration, grad_accum_steps, lr_multiplier,
                                muon_momentum, set_learning_rates, throughput)
@@ -62,7 +62,7 @@ def get_args(argv=None):
     g.add_argument("--warmup-ratio", type=float, default=0.0)
     g.add_argument("--warmdown-ratio", type=float, default=0.2)
     g.add_argument("--final-lr-frac", type=float, default=0.0)
-    g.add_argument("--compile", default="auto", choices=["auto", "true", "false"], help="torch.compile the model (auto = on CUDA)")
+    g.add_argument("--compile", type=auto_bool, default="auto", help="torch.compile the model (auto = on CUDA)")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
     g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288)

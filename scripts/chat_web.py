@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int, str2bool
+from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_float, positive_int, str2bool
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
@@ -712,14 +712,6 @@ def create_app(pool, config=None, model_id="nanochat"):
 
 # -----------------------------------------------------------------------------
 # Command line
-
-def positive_float(value):
-    import argparse
-    x = non_negative_float(value)
-    if x == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return x
-
 
 def port_number(value):
     import argparse

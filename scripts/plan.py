@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from nanochat.common import gpu_peak_flops, make_parser, positive_int, str2bool
+from nanochat.common import gpu_peak_flops, make_parser, positive_float, positive_int, str2bool
 
 # --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak)
 GPU_NAMES = {
@@ -49,16 +49,6 @@ CHANGES = [
 ALL_TOGETHER = ("all together",
                 dict(tie_embeddings=True, max_seq_len=1024, mlp_ratio=3.0, n_kv_head=0, kv_head_ratio=4,
                      activation="silu", softcap=0.0, rope_base=100000.0))
-
-
-def positive_float(value):
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    if not (x > 0 and math.isfinite(x)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return x
 
 
 def parse_depths(spec):

@@ -137,3 +137,39 @@ def test_keep_freed_memory_stops_refaulting_freed_buffers():
     assert faults_tuned < faults_default / 5, (faults_tuned, faults_default)
     # the user's own malloc settings are left alone
     assert _fault_probe(MALLOC_ARENA_MAX="2")[0] is False
+
+
+def test_bool_flags_as_people_type_them():
+    """Every type=str2bool / auto_bool flag, in the parser or a group, takes --flag, --no-flag and --flag=VALUE."""
+    from nanochat.common import auto_bool, make_parser, str2bool
+    p = make_parser("t")
+    p.add_argument("--resume", type=str2bool, default=False)
+    g = p.add_argument_group("g")
+    g.add_argument("--tie-embeddings", type=str2bool, default=True)
+    g.add_argument("--compile", type=auto_bool, default="auto")
+    parse = lambda *a: vars(p.parse_args(list(a)))
+    assert parse() == {"resume": False, "tie_embeddings": True, "compile": "auto"}
+    assert parse("--resume")["resume"] is True and parse("--resume=true")["resume"] is True
+    assert parse("--resume=no")["resume"] is False and parse("--no-resume")["resume"] is False
+    assert parse("--resume", "false")["resume"] is False
+    assert parse("--no-tie-embeddings")["tie_embeddings"] is False
+    assert [parse(*a)["compile"] for a in (["--compile"], ["--no-compile"], ["--compile=auto"], ["--compile=0"])] == \
+        ["true", "false", "auto", "false"]
+    for bad in (["--resume=maybe"], ["--no-resume=true"], ["--compile=sometimes"]):
+        with pytest.raises(SystemExit):
+            p.parse_args(bad)
+    assert "--resume[=true|false], --no-resume" in p.format_help()
+
+
+@pytest.mark.parametrize("script", ["base_train", "mid_train", "chat_sft", "chat_rl", "chat_cli", "chat_web", "chat_eval",
+                                    "plan", "ablate", "base_eval", "base_loss", "tok_train", "tok_eval", "tok_import"])
+def test_every_script_takes_bare_boolean_flags(script):
+    """No script declares a boolean flag that `--flag` alone would reject: each one's parser is a make_parser and
+    every true/false flag in its --help takes the bare and --no- forms."""
+    import re
+    out = subprocess.run([sys.executable, "-m", f"scripts.{script}", "--help"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert not re.search(r"\{true,false\}|\{auto,true,false\}|\{false,true\}", out.stdout), out.stdout
+    for flag in re.findall(r"(--[a-z-]+)\[=(?:auto\|)?true\|false\]", out.stdout):
+        assert f"--no-{flag[2:]}" in out.stdout
