@@ -40,6 +40,22 @@ def get_dist_info():
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
+def dist_rank_world():
+    """(rank, world_size) of the initialized process group; (0, 1) without one."""
+    if is_ddp_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+def all_reduce_sum(values):
+    """The element-wise sum of a tensor over all ranks, on the tensor's device; the tensor itself without a
+    process group. The reduction runs where the backend can: NCCL on the GPU, gloo on the CPU."""
+    if not is_ddp_initialized() or dist.get_world_size() == 1:
+        return values
+    on = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    t = values.to(on, copy=True)
+    dist.all_reduce(t)
+    return t.to(values.device)
+
 def print0(*args, **kwargs):
     """print on rank 0 only, so multi-process runs log once."""
     if int(os.environ.get("RANK", 0)) == 0:
