@@ -16,16 +16,15 @@ prompt's position in the run, so the samples do not depend on how prompts are sp
 """
 import dataclasses
 import sys
-import time
 
 import torch
 
-from nanochat.common import (compute_cleanup, get_peak_memory, is_ddp_initialized, make_parser, positive_int, print0,
-                             str2bool, synchronize)
-from nanochat.training import (StepLogger, add_optimizer_flags, add_run_flags, add_stage_io_flags, all_reduce_mean,
-                               check_optimizer_flags, format_duration, init_device, lr_multiplier, open_stage_or_exit,
-                               optimizer_step, resume_or_exit, save_training_state, set_learning_rates,
-                               setup_stage_optimizers, stage_error)
+from nanochat.common import all_reduce_sum, compute_cleanup, make_parser, positive_int, print0, str2bool
+from nanochat.training import (StepLogger, StepStats, all_reduce_mean, init_device, lr_multiplier, optimizer_step,
+                               report_stage, save_training_state, set_learning_rates)
+
+from ._stage_cli import (add_optimizer_flags, add_run_flags, add_stage_io_flags, check_optimizer_flags,
+                         open_stage_or_exit, resume_or_exit, setup_stage_optimizers, stage_error)
 
 TASKS = ("gsm8k", "toy")
 
@@ -72,8 +71,8 @@ def make_tasks(args):
 
 def main(argv=None):
     args = get_args(argv)
-    from nanochat.chat_eval import problem_order
-    from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch, split_completion
+    from nanochat.chat_eval import pass_at_k, problem_order
+    from nanochat.rl import group_advantages, policy_gradient_loss, rollout_batch, split_completion
 
     device_type, rank, world_size, device, dtype, autocast = init_device(args.device_type, args.seed)
 
@@ -129,38 +128,33 @@ def main(argv=None):
             outcomes = [eval_task.evaluate(conv, tokenizer.decode(c)) for c in completions]
             counts[:K] += torch.tensor([pass_at_k(outcomes, k) for k in range(1, K + 1)], dtype=torch.float64)
             counts[K] += 1
-        if is_ddp_initialized():
-            on = device if torch.distributed.get_backend() == "nccl" else "cpu"
-            counts = counts.to(on)
-            torch.distributed.all_reduce(counts)
-            counts = counts.cpu()
+        counts = all_reduce_sum(counts)
         model.train()
         result = {f"pass@{k}": (counts[k - 1] / counts[K]).item() for k in range(1, K + 1)}
         logger.log({"step": step, **result}, f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    def save(step, evals):
-        meta = {"model_config": dataclasses.asdict(model.config), "user_config": user_config, "input": origin,
-                "task": args.task, "pass_at_k": evals, "accum": 1, "num_iterations": num_iterations,
-                "tokenizer_vocab_size": tokenizer.get_vocab_size()}
-        save_training_state(ckpt_dir, step, model, optimizers, [], meta, device_type, rank, world_size)
-
     first_eval, evals = None, resume_meta.get("pass_at_k") if resume_meta else None
-    rewards_log, total_time = [], 0.0
+    rewards_log = []
+    stats = StepStats(num_iterations, start_step, device_type, per_step=P * args.num_samples, rate_key="samples_per_sec",
+                      rate_unit="samples/s")
     step = start_step
     while True:
         last = step == num_iterations
-        fresh = not (args.resume and step == start_step)
+        fresh = not (args.resume and step == start_step)  # a resumed run logged its start already
+        # ---- pass@k and checkpoint, on the weights after `step` steps
         if fresh and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
             evals = evaluate(step)
             first_eval = evals if first_eval is None else first_eval
         if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            save(step, evals)
+            meta = {"model_config": dataclasses.asdict(model.config), "user_config": user_config, "input": origin,
+                    "task": args.task, "pass_at_k": evals, "accum": 1, "num_iterations": num_iterations,
+                    "tokenizer_vocab_size": tokenizer.get_vocab_size()}
+            save_training_state(ckpt_dir, step, model, optimizers, [], meta, device_type, rank, world_size)
         if last:
             break
 
-        synchronize(device_type)
-        t0 = time.perf_counter()
+        stats.begin()
         # ---- sample this rank's prompts (prompt j of the step is global prompt step * P + j)
         model.eval()
         rollouts, rewards_mine, lengths = [], [], []
@@ -175,9 +169,7 @@ def main(argv=None):
             lengths += [len(c) for c in completions]
         model.train()
         # ---- one policy-gradient step, normalized by the sampled tokens of the whole step on all ranks
-        count = torch.tensor(float(sum(sum(m) for _, _, sampled, _ in rollouts for m in sampled)), device=device)
-        if world_size > 1:
-            torch.distributed.all_reduce(count)
+        count = all_reduce_sum(torch.tensor(float(sum(sum(m) for _, _, sampled, _ in rollouts for m in sampled)), device=device))
         normalizer = count.clamp(min=1.0) / world_size  # the distributed optimizers average over ranks
         for prompt, completions, sampled, adv in rollouts:
             for s in range(0, len(completions), B):
@@ -188,39 +180,24 @@ def main(argv=None):
         lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, args.final_lr_frac)
         set_learning_rates(optimizers, lrm)
         optimizer_step(model, optimizers, args.grad_clip, world_size)
-        synchronize(device_type)
-        dt = time.perf_counter() - t0
         step += 1
-        total_time += dt
         mean_reward = all_reduce_mean(sum(rewards_mine) / len(rewards_mine), device, world_size)
         mean_length = all_reduce_mean(sum(lengths) / len(lengths), device, world_size)
         rewards_log.append(mean_reward)
-        logger.log({"step": step, "reward": mean_reward, "completion_tokens": mean_length, "lrm": lrm, "dt": dt},
-                   f"step {step:05d}/{num_iterations:05d} | reward {mean_reward:.4f} | completion {mean_length:.1f} tokens | "
-                   f"lrm {lrm:.2f} | {dt:.2f}s")
+        logger.log(*stats.end(step, lrm, reward=mean_reward, completion_tokens=mean_length))
 
-    peak_mem = get_peak_memory(device_type)
     window = max(1, min(10, len(rewards_log) // 4))
     reward_start = sum(rewards_log[:window]) / window if rewards_log else None
     reward_end = sum(rewards_log[-window:]) / window if rewards_log else None
-    print0(f"peak memory {peak_mem / 2**20:,.0f} MiB | training time {format_duration(total_time)}")
-    if rank == 0:
-        from nanochat.report import write_section
-        fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-        rows = [("input", f"{origin['source']} {origin['model_tag']} step {origin['step']}"), ("output", ckpt_dir),
-                ("task", args.task), ("steps", num_iterations), ("prompts x samples per step", f"{P} x {args.num_samples}"),
-                (f"mean reward, first {window} steps", fmt(reward_start)), (f"mean reward, last {window} steps", fmt(reward_end))]
-        for k in range(1, K + 1):
-            rows.append((f"pass@{k} start -> end ({args.eval_problems} problems max)",
-                         f"{fmt((first_eval or {}).get(f'pass@{k}'))} -> {fmt((evals or {}).get(f'pass@{k}'))}"))
-        rows += [("training time", format_duration(total_time)), ("peak memory (MiB)", f"{peak_mem / 2**20:,.0f}"),
-                 ("world size", world_size), ("device", device_type)]
-        body = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-        flags = " ".join(f"--{k.replace('_', '-')}={v}" for k, v in user_config.items() if v not in (None, ""))
-        metrics = {"mean_reward": reward_end, "training_seconds": total_time, **(evals or {})}
-        if device_type == "cuda":
-            metrics["gpu_hours"] = world_size * total_time / 3600
-        write_section("Chat RL", f"{body}\n\nflags: `{flags}`", metrics=metrics)
+    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
+    rows = [("input", f"{origin['source']} {origin['model_tag']} step {origin['step']}"), ("output", ckpt_dir),
+            ("task", args.task), ("steps", num_iterations), ("prompts x samples per step", f"{P} x {args.num_samples}"),
+            (f"mean reward, first {window} steps", fmt(reward_start)), (f"mean reward, last {window} steps", fmt(reward_end))]
+    for k in range(1, K + 1):
+        rows.append((f"pass@{k} start -> end ({args.eval_problems} problems max)",
+                     f"{fmt((first_eval or {}).get(f'pass@{k}'))} -> {fmt((evals or {}).get(f'pass@{k}'))}"))
+    report_stage("Chat RL", rows, user_config, {"mean_reward": reward_end, **(evals or {})}, stats, world_size,
+                 device_type, dtype, summary=f"mean reward {fmt(reward_end)}")
     logger.finish()
     compute_cleanup()
     return {"rewards": rewards_log, "first_eval": first_eval, "eval": evals, "steps": num_iterations, "ckpt_dir": ckpt_dir}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nanochat import training
+from scripts import _stage_cli as stage_cli
 
 
 def test_grad_accum_steps_divides_exactly():
@@ -74,16 +75,16 @@ def test_step_logger_writes_jsonl_and_truncates_on_resume(tmp_path):
 def _stage_parser(stage="sft", sources=("mid", "base"), **optim):
     from nanochat.common import make_parser
     p = make_parser("test")
-    training.add_run_flags(p)
-    training.add_stage_io_flags(p, stage, sources)
+    stage_cli.add_run_flags(p)
+    stage_cli.add_stage_io_flags(p, stage, sources)
     optim = optim or dict(init_lr_frac=0.5, warmdown_ratio=1.0)
-    training.add_optimizer_flags(p.add_argument_group("optimization"), **optim)
+    stage_cli.add_optimizer_flags(p.add_argument_group("optimization"), **optim)
     return p
 
 
 def _parse(p, argv):
     args = p.parse_args(argv)
-    training.check_optimizer_flags(p, args)
+    stage_cli.check_optimizer_flags(p, args)
     return args
 
 
@@ -133,7 +134,7 @@ def test_setup_stage_optimizers_scales_every_rate():
         def setup_optimizers(self, **kw):
             return kw
     args = _parse(_stage_parser(), ["--init-lr-frac=0.5", "--weight-decay=0.1"])
-    assert training.setup_stage_optimizers(Model(), args) == dict(
+    assert stage_cli.setup_stage_optimizers(Model(), args) == dict(
         unembedding_lr=0.002, embedding_lr=0.1, matrix_lr=0.01, weight_decay=0.1)
 
 
@@ -154,13 +155,13 @@ def test_stage_start_errors_exit_with_the_script_name(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
     args = _parse(_stage_parser(), ["--model-tag=nope"])
     with pytest.raises(SystemExit, match="^chat_sft: cannot load the mid model: "):
-        training.open_stage_or_exit("chat_sft", "sft", args.source, "cpu", args)
+        stage_cli.open_stage_or_exit("chat_sft", "sft", args.source, "cpu", args)
     args.resume = True
     with pytest.raises(SystemExit, match="^chat_sft: cannot resume: "):
-        training.open_stage_or_exit("chat_sft", "sft", args.source, "cpu", args)
+        stage_cli.open_stage_or_exit("chat_sft", "sft", args.source, "cpu", args)
     data = argparse.Namespace(mixture="no-such-mixture", extra_data="", eval_tasks="none")
     with pytest.raises(SystemExit, match="^mid_train: data error: unknown mixture 'no-such-mixture'"):
-        training.load_chat_data_or_exit("mid_train", "mid", data)
+        stage_cli.load_chat_data_or_exit("mid_train", "mid", data)
 
 
 def test_resume_or_exit(tmp_path, monkeypatch, capsys):
@@ -168,10 +169,10 @@ def test_resume_or_exit(tmp_path, monkeypatch, capsys):
     for s in range(1, 6):
         logger.log({"step": s})
     with pytest.raises(SystemExit, match="^chat_rl: cannot resume: no checkpoint at "):
-        training.resume_or_exit("chat_rl", logger, str(tmp_path / "missing"), 3, [], [], "cpu", "cpu")
+        stage_cli.resume_or_exit("chat_rl", logger, str(tmp_path / "missing"), 3, [], [], "cpu", "cpu")
     restored = []
-    monkeypatch.setattr(training, "restore_training_state", lambda *a: restored.append(a))
-    training.resume_or_exit("chat_rl", logger, str(tmp_path), 3, [], [], "cpu", "cpu", world_size=1, accum=2)
+    monkeypatch.setattr(stage_cli, "restore_training_state", lambda *a, **k: restored.append(a))
+    stage_cli.resume_or_exit("chat_rl", logger, str(tmp_path), 3, [], [], "cpu", "cpu", world_size=1, accum=2)
     assert restored == [(str(tmp_path), 3, [], [], "cpu", "cpu", 0, 1, 2)]
     assert [json.loads(l)["step"] for l in open(tmp_path / "log.jsonl")] == [1, 2, 3]
     assert f"resumed from {tmp_path} step 3" in capsys.readouterr().out
