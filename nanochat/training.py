@@ -248,6 +248,34 @@ class StepLogger:
     def finish(self):
         self.wandb.finish()
 
+class HeldOutLoss:
+    """The held-out conversation loss of the chat stages (midtraining, SFT): the mean loss on the assistant tokens
+    of a fixed set of validation conversations, the same number in both stages so they compare. Each evaluate()
+    logs it and keeps the first and lowest values for the report; `last` carries a resumed run's value."""
+
+    def __init__(self, model, tokenizer, conversations, batch_size, device, autocast, logger, last=None):
+        self.model, self.tokenizer, self.conversations = model, tokenizer, conversations
+        self.batch_size, self.device, self.autocast, self.logger = batch_size, device, autocast, logger
+        self.first, self.min, self.last = None, float("inf"), last
+
+    def evaluate(self, step, **record):
+        from nanochat.chat_data import conversation_loss
+        self.model.eval()
+        with self.autocast():
+            self.last = conversation_loss(self.model, self.tokenizer, self.conversations, batch_size=self.batch_size,
+                                          device=self.device)
+        self.model.train()
+        self.first = self.last if self.first is None else self.first
+        self.min = min(self.min, self.last)
+        self.logger.log({"step": step, "val_loss": self.last, **record},
+                        f"step {step:05d} | held-out conversation loss {self.last:.4f}")
+        return self.last
+
+    def report_rows(self, resumed):
+        start = "n/a (resumed)" if self.first is None or resumed else f"{self.first:.4f}"
+        return [("held-out loss at start", start), ("held-out loss at end", f"{self.last:.4f}")]
+
+
 # -----------------------------------------------------------------------------
 # Checkpoint state a run resumes from exactly
 

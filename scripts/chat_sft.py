@@ -18,7 +18,7 @@ import dataclasses
 import sys
 
 from nanochat.common import all_reduce_sum, compute_cleanup, make_parser, positive_int, print0
-from nanochat.training import (StepLogger, StepStats, accumulate_gradients, init_device, lr_multiplier, muon_momentum,
+from nanochat.training import (HeldOutLoss, StepLogger, StepStats, accumulate_gradients, init_device, lr_multiplier, muon_momentum,
                                optimizer_step, report_stage, save_training_state, set_learning_rates)
 from tasks.mixtures import describe_mixtures
 
@@ -49,7 +49,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    from nanochat.chat_data import ConversationStream, PaddedLoader, conversation_loss
+    from nanochat.chat_data import ConversationStream, PaddedLoader
     from nanochat.chat_eval import report_markdown, run_chat_eval
 
     device_type, rank, world_size, device, dtype, autocast = init_device(args.device_type, args.seed)
@@ -91,27 +91,19 @@ def main(argv=None):
     if args.resume:
         resume_or_exit("chat_sft", logger, ckpt_dir, start_step, optimizers, loaders, device, device_type, rank,
                        world_size, accum)
-    val_convs = [mixture.get(r) for r in mixture.val_rows(args.eval_conversations)]
+    held_out = HeldOutLoss(model, tokenizer, [mixture.get(r) for r in mixture.val_rows(args.eval_conversations)], B,
+                           device, autocast, logger, last=resume_meta.get("val_loss") if resume_meta else None)
     stats = StepStats(num_iterations, start_step, device_type, per_step=args.examples_per_step,
                       rate_key="examples_per_sec", rate_unit="conversations/s")
 
-    val_loss = resume_meta.get("val_loss") if resume_meta else None
-    chat = None
-    chat_metrics = resume_meta.get("chat_metrics") if resume_meta else None
-    first_val_loss, min_val_loss = None, float("inf")
+    chat, chat_metrics = None, resume_meta.get("chat_metrics") if resume_meta else None
     step = start_step
     while True:
         last = step == num_iterations
         fresh = not (args.resume and step == start_step)  # a resumed run logged its start already
         # ---- held-out loss, chat tasks and checkpoint, on the weights after `step` steps
         if fresh and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
-            model.eval()
-            with autocast():
-                val_loss = conversation_loss(model, tokenizer, val_convs, batch_size=B, device=device)
-            model.train()
-            first_val_loss = val_loss if first_val_loss is None else first_val_loss
-            min_val_loss = min(min_val_loss, val_loss)
-            logger.log({"step": step, "val_loss": val_loss}, f"step {step:05d} | held-out conversation loss {val_loss:.4f}")
+            held_out.evaluate(step)
         if eval_tasks and fresh and (last or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0)):
             with autocast():
                 chat = run_chat_eval(model, tokenizer, None, list(eval_tasks), max_problems=args.eval_max_problems,
@@ -121,7 +113,7 @@ def main(argv=None):
                        f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in chat_metrics.items()))
         if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
             meta = {"model_config": dataclasses.asdict(config), "user_config": user_config, "input": origin,
-                    "val_loss": val_loss, "chat_metrics": chat_metrics, "accum": accum, "device_batch_size": B,
+                    "val_loss": held_out.last, "chat_metrics": chat_metrics, "accum": accum, "device_batch_size": B,
                     "num_iterations": num_iterations, "mixture": args.mixture, "extra_data": args.extra_data,
                     "tokenizer_vocab_size": tokenizer.get_vocab_size()}
             save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank, world_size)
@@ -140,16 +132,15 @@ def main(argv=None):
     rows = [("input", f"{origin['source']} {origin['model_tag']} step {origin['step']}"), ("output", ckpt_dir),
             ("mixture", args.mixture + (f" + {args.extra_data}" if args.extra_data else "")),
             ("steps", num_iterations), ("conversations per step", args.examples_per_step),
-            ("held-out loss at start", "n/a (resumed)" if first_val_loss is None or args.resume else f"{first_val_loss:.4f}"),
-            ("held-out loss at end", f"{val_loss:.4f}")]
+            *held_out.report_rows(args.resume)]
     extra = f"\n\nmixture (SFT weights):\n\n{mixture.summary()}"
     if chat is not None:
         extra += "\n\nchat evaluation:\n\n" + report_markdown(chat)
-    report_stage("Chat SFT", rows, user_config, {"val_loss": val_loss, **(chat_metrics or {})}, stats, world_size,
-                 device_type, dtype, summary=f"held-out loss {val_loss:.4f}", extra=extra)
+    report_stage("Chat SFT", rows, user_config, {"val_loss": held_out.last, **(chat_metrics or {})}, stats, world_size,
+                 device_type, dtype, summary=f"held-out loss {held_out.last:.4f}", extra=extra)
     logger.finish()
     compute_cleanup()
-    return {"val_loss": val_loss, "first_val_loss": first_val_loss, "min_val_loss": min_val_loss, "steps": num_iterations,
+    return {"val_loss": held_out.last, "first_val_loss": held_out.first, "min_val_loss": held_out.min, "steps": num_iterations,
             "ckpt_dir": ckpt_dir, "chat_eval": chat_metrics}
 
 

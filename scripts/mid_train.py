@@ -20,7 +20,7 @@ import sys
 import torch
 
 from nanochat.common import all_reduce_sum, compute_cleanup, get_peak_flops, make_parser, positive_int, print0
-from nanochat.training import (StepLogger, StepStats, accumulate_gradients, grad_accum_steps, init_device, lr_multiplier,
+from nanochat.training import (HeldOutLoss, StepLogger, StepStats, accumulate_gradients, grad_accum_steps, init_device, lr_multiplier,
                                muon_momentum, optimizer_step, report_stage, save_training_state, set_learning_rates)
 from tasks.mixtures import describe_mixtures
 
@@ -49,7 +49,7 @@ def get_args(argv=None):
 
 def main(argv=None):
     args = get_args(argv)
-    from nanochat.chat_data import ConversationStream, PackedLoader, conversation_loss, estimate_epoch_tokens
+    from nanochat.chat_data import ConversationStream, PackedLoader, estimate_epoch_tokens
 
     device_type, rank, world_size, device, dtype, autocast = init_device(args.device_type, args.seed)
 
@@ -92,30 +92,22 @@ def main(argv=None):
     if args.resume:
         resume_or_exit("mid_train", logger, ckpt_dir, start_step, optimizers, loaders, device, device_type, rank,
                        world_size, accum)
-    val_convs = [mixture.get(r) for r in mixture.val_rows(args.eval_conversations)]
+    held_out = HeldOutLoss(model, tokenizer, [mixture.get(r) for r in mixture.val_rows(args.eval_conversations)], B,
+                           device, autocast, logger, last=resume_meta.get("val_loss") if resume_meta else None)
     flops_per_token = model.estimate_flops()
     stats = StepStats(num_iterations, start_step, device_type, per_step=args.total_batch_size,
                       flops_per_unit=flops_per_token, peak_flops=get_peak_flops(device_type, dtype) * world_size)
 
-    val_loss = resume_meta.get("val_loss") if resume_meta else None
-    first_val_loss, min_val_loss = None, float("inf")
     step = start_step
     while True:
         last = step == num_iterations
         fresh = not (args.resume and step == start_step)  # a resumed run logged its start already
         # ---- held-out loss and checkpoint, on the weights after `step` steps
         if fresh and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
-            model.eval()
-            with autocast():
-                val_loss = conversation_loss(model, tokenizer, val_convs, batch_size=B, device=device)
-            model.train()
-            first_val_loss = val_loss if first_val_loss is None else first_val_loss
-            min_val_loss = min(min_val_loss, val_loss)
-            logger.log({"step": step, "val_loss": val_loss, "total_training_flops": flops_per_token * args.total_batch_size * step},
-                       f"step {step:05d} | held-out conversation loss {val_loss:.4f}")
+            held_out.evaluate(step, total_training_flops=flops_per_token * args.total_batch_size * step)
         if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
             meta = {"model_config": dataclasses.asdict(config), "user_config": user_config, "input": origin,
-                    "val_loss": val_loss, "accum": accum, "device_batch_size": B, "num_iterations": num_iterations,
+                    "val_loss": held_out.last, "accum": accum, "device_batch_size": B, "num_iterations": num_iterations,
                     "mixture": args.mixture, "extra_data": args.extra_data, "tokenizer_vocab_size": tokenizer.get_vocab_size()}
             save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank, world_size)
         if last:
@@ -141,16 +133,15 @@ def main(argv=None):
             ("mixture", args.mixture + (f" + {args.extra_data}" if args.extra_data else "")),
             ("loss on", "assistant tokens only" if args.mask_loss else "all tokens"),
             ("steps", num_iterations), ("training tokens", f"{args.total_batch_size * num_iterations:,}"),
-            ("held-out loss at start", "n/a (resumed)" if first_val_loss is None or args.resume else f"{first_val_loss:.4f}"),
-            ("held-out loss at end", f"{val_loss:.4f}")]
+            *held_out.report_rows(args.resume)]
     extra = f"\n\nmixture (midtraining weights):\n\n{mixture.summary()}"
     if chat is not None:
         extra += "\n\nchat evaluation:\n\n" + report_markdown(chat)
-    report_stage("Midtraining", rows, user_config, {"val_loss": val_loss, **(chat["metrics"] if chat else {})}, stats,
-                 world_size, device_type, dtype, summary=f"held-out loss {val_loss:.4f}", extra=extra)
+    report_stage("Midtraining", rows, user_config, {"val_loss": held_out.last, **(chat["metrics"] if chat else {})}, stats,
+                 world_size, device_type, dtype, summary=f"held-out loss {held_out.last:.4f}", extra=extra)
     logger.finish()
     compute_cleanup()
-    return {"val_loss": val_loss, "first_val_loss": first_val_loss, "min_val_loss": min_val_loss, "steps": num_iterations,
+    return {"val_loss": held_out.last, "first_val_loss": held_out.first, "min_val_loss": held_out.min, "steps": num_iterations,
             "ckpt_dir": ckpt_dir, "chat_eval": chat["metrics"] if chat else None}
 
 
