@@ -415,7 +415,7 @@ def parse_args(argv):
 def main(argv=None):
     parser, opts = parse_args(argv)
     from nanochat.checkpoint import checkpoints_root
-    from nanochat.gpt import GPT
+    from nanochat.gpt import GPT, config_from_flags
     from scripts import base_train
 
     if opts.dtype:
@@ -446,7 +446,7 @@ def main(argv=None):
             from nanochat.tokenizer import Tokenizer
             vocab = Tokenizer.from_directory(opts.tokenizer_dir).get_vocab_size() if opts.tokenizer_dir else opts.vocab_size
             with torch.device("meta"):
-                model = GPT(base_train.build_config(script_args, vocab))
+                model = GPT(config_from_flags(script_args, vocab))
             log(f"dry run: {opts.rounds} round(s) x {opts.steps} steps per compile mode; model {model.config}; "
                 f"{model.estimate_flops():e} FLOPs/token; {opts.total_batch_size:,} tokens/step")
             return None
@@ -474,7 +474,7 @@ def main(argv=None):
         for m in opts.modes:
             script_args = base_train.get_args(flags[m])
             ckpt_dir = os.path.join(checkpoints_root("base"), tags[m])
-            config = base_train.build_config(script_args, tok.get_vocab_size())
+            config = config_from_flags(script_args, tok.get_vocab_size())
             with torch.device("meta"):
                 flops_per_token = GPT(config).estimate_flops()
             runs, bare_times, bare_rusage, worker = [], [], [], None

@@ -26,7 +26,7 @@ import time
 import torch
 
 from nanochat.common import compute_init, make_parser, positive_int, str2bool, synchronize
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, config_from_flags, model_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -265,7 +265,7 @@ def main(argv=None):
 
     log("")
     log(f"KV cache bytes per token (all layers, keys + values, {args.dtype}), MHA vs n_kv_head = n_head // 4:")
-    reference = GPTConfig(sequence_len=2048, vocab_size=65536, n_layer=20, n_head=10, n_kv_head=10, n_embd=1280)
+    reference = config_from_flags(model_flags(), 65536)  # base_train's defaults: depth 20, 1280 wide, 10 heads
     for label, cfg in (("this config", config), ("depth 20 reference", reference)):
         sizes = {}
         for kv_heads in (cfg.n_head, max(1, cfg.n_head // 4)):

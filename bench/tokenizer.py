@@ -21,7 +21,8 @@ import tiktoken
 
 from nanochat.common import make_parser, positive_int
 from nanochat.dataset import iter_file_documents, list_text_files, is_validation_file
-from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer, byte_level_chars
+from nanochat.tokenizer import SPECIAL_TOKENS, SPLIT_PATTERN, Tokenizer
+from nanochat.tokenizer_import import byte_level_chars
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(os.environ.get("NANOCHAT_SHARED_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")), "pretrain")

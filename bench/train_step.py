@@ -19,7 +19,7 @@ import time
 import torch
 
 from nanochat.common import autocast_context, compute_init, make_parser, positive_int, str2bool, synchronize
-from nanochat.gpt import GPT, config_for_depth
+from nanochat.gpt import GPT, config_from_flags, model_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PEAK_H100_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
@@ -137,7 +137,7 @@ def loss_bench(config, device, batch_size, rounds, log):
     """The head + loss alone (bf16 autocast, compiled, fwd+bwd): our ChunkedHeadLoss and SoftcapCrossEntropy vs
     the composed F.cross_entropy(cap * tanh(logits / cap)) vs no softcap at all, round-robin, best of `rounds`."""
     import torch.nn.functional as F
-    from nanochat.gpt import ChunkedHeadLoss, SoftcapCrossEntropy
+    from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy
     cap = float(config.softcap or 15.0)
     N = batch_size * config.sequence_len
     h = torch.randn(N, config.n_embd, device=device, requires_grad=True)
@@ -214,9 +214,10 @@ def main():
     args.peer = True if args.peer is None else args.peer
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute_init(device.type)  # our scripts' process setup (CPU: malloc keeps freed memory; CUDA: tf32); the peer shares it
-    knobs = {} if args.n_kv_head is None else dict(n_kv_head=args.n_kv_head)
+    # this bench's own flag names (--seq_len, --n_kv_head), the scripts' config rule; n_kv_head 0 = n_head
+    shape = model_flags(depth=args.depth, max_seq_len=args.seq_len, n_kv_head=args.n_kv_head or 0)
     try:
-        config = config_for_depth(args.depth, args.vocab_size, sequence_len=args.seq_len, **knobs)
+        config = config_from_flags(shape, args.vocab_size)
     except ValueError as e:
         parser.error(str(e))
 

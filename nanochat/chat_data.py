@@ -15,9 +15,8 @@ Both loaders resume exactly from state_dict(): the stream position plus, for pac
 not yet consumed.
 """
 import torch
-import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized
+from nanochat.common import all_reduce_sum, dist_rank_world
 
 MAX_RENDER_TOKENS = 1 << 20  # packing keeps whole conversations; this only guards against absurd rows
 
@@ -161,7 +160,7 @@ def conversation_loss(model, tokenizer, conversations, batch_size=8, max_len=Non
     rank takes conversations rank::world_size and the sums are all-reduced (a collective)."""
     device = device if device is not None else model.get_device()
     max_len = max_len or model.config.sequence_len
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
+    rank, world = dist_rank_world()
     mine = conversations[rank::world]
     total = torch.zeros(2, dtype=torch.float64, device=device)  # nats, tokens
     for i in range(0, len(mine), batch_size):
@@ -170,8 +169,7 @@ def conversation_loss(model, tokenizer, conversations, batch_size=8, max_len=Non
         x, y = x.to(device), y.to(device)
         total[0] += model(x, y, loss_reduction="sum").double()
         total[1] += (y != -1).sum()
-    if world > 1:
-        dist.all_reduce(total)
+    total = all_reduce_sum(total)
     if total[1].item() == 0:
         raise ValueError("held-out conversations have no assistant tokens within the context length")
     return (total[0] / total[1]).item()

@@ -12,30 +12,35 @@ and score each; a problem counts as solved when any sample is correct (pass@k, k
 ChatCORE is the mean over the evaluated tasks of the centered accuracy (acc - baseline) / (1 - baseline),
 so chance is 0 and perfect is 1 (baseline 0.25 for the 4-way multiple choice tasks, 0 for generative ones).
 
-    out = run_chat_eval(model, tokenizer, engine, "ARC-Easy|GSM8K", max_problems=100)
+The caller loads the tasks (tasks/registry.py, by name) and hands them in; this module never imports tasks/:
+
+    tasks = load_tasks("ARC-Easy|GSM8K")   # load_tasks: tasks/registry.py
+    out = run_chat_eval(model, tokenizer, engine, list(tasks), max_problems=100, tasks=tasks)
     out["metrics"]  # {"ARC-Easy": 0.41, "GSM8K": 0.02, "ChatCORE": 0.1233}
 
 Under torchrun every rank takes problems rank::world_size and the counts are summed across ranks.
 """
+import itertools
 import random
 import time
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized, print0
+from nanochat.common import all_reduce_sum, dist_rank_world, print0
+from nanochat.core_eval import centered_accuracy
 
 TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
 BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 ORDER_SEED = 1234  # --max-problems takes a fixed shuffled sample, the same in every run
 
 # -----------------------------------------------------------------------------
-# Task names and loading
+# Task names (tasks/registry.py loads the tasks by these names) and the metrics
 
 
 def parse_task_names(spec):
     """'ARC-Easy|GSM8K' (or a list of names) -> ['ARC-Easy', 'GSM8K']. Case-insensitive, duplicates dropped;
-    ValueError naming the unknown task otherwise."""
+    ValueError naming the unknown task otherwise. Here, not in tasks/, because scripts check their flags and
+    this module canonicalizes the names it is given before any task data is loaded."""
     parts = spec.split("|") if isinstance(spec, str) else list(spec)
     canonical = {name.lower(): name for name in TASK_NAMES}
     names = []
@@ -52,26 +57,12 @@ def parse_task_names(spec):
     return names
 
 
-def load_task(name):
-    """The evaluation split of a task by name (its data found as tasks/ finds it: $NANOCHAT_DATA_DIR)."""
-    if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks.arc import ARC
-        return ARC(subset=name, split="test")
-    if name == "MMLU":
-        from tasks.mmlu import MMLU
-        return MMLU(split="test")
-    if name == "GSM8K":
-        from tasks.gsm8k import GSM8K
-        return GSM8K(split="test")
-    if name == "HumanEval":
-        from tasks.humaneval import HumanEval
-        return HumanEval()
-    raise ValueError(f"unknown task {name!r}; choose from {'|'.join(TASK_NAMES)}")
-
-
-def centered_accuracy(accuracy, baseline):
-    """Rescaled so that chance (baseline, a fraction) is 0 and perfect is 1."""
-    return (accuracy - baseline) / (1.0 - baseline)
+def pass_at_k(outcomes, k=None):
+    """1 when any of the first k outcomes of one problem's samples (all of them when k is None) is correct,
+    else 0: chat_eval scores a problem with k = its number of samples, chat_rl's pass@1..K curve with the
+    first k of K samples. Stops at the first correct one, so a lazy iterable skips grading the rest.
+    (The unbiased estimator 1 - C(n-c, k) / C(n, k) would change the figures chat_rl logs for k < n.)"""
+    return int(any(bool(o) for o in itertools.islice(outcomes, k)))
 
 
 def chat_core(results):
@@ -81,7 +72,7 @@ def chat_core(results):
     return sum(r["centered"] for r in results.values()) / len(results)
 
 # -----------------------------------------------------------------------------
-# Distributed helpers
+# Problem order and device
 
 
 def _model_device(model):
@@ -91,12 +82,6 @@ def _model_device(model):
     return param.device if param is not None else torch.device("cpu")
 
 
-def _rank_world():
-    if is_ddp_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def problem_order(num_problems, max_problems=None):
     """Indices to evaluate: all of them in order, or a fixed shuffled sample of max_problems."""
     order = list(range(num_problems))
@@ -104,16 +89,6 @@ def problem_order(num_problems, max_problems=None):
         random.Random(ORDER_SEED).shuffle(order)
         order = order[:max_problems]
     return order
-
-
-def _sum_across_ranks(values, device):
-    """Element-wise sum of a list of ints over all ranks (identity without torch.distributed)."""
-    if not is_ddp_initialized() or dist.get_world_size() == 1:
-        return list(values)
-    on = device if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor(values, dtype=torch.long, device=on)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
 
 # -----------------------------------------------------------------------------
 # Categorical: the logits of the answer letters at the answer position
@@ -201,11 +176,6 @@ def sample_replies(engine, tokenizer, conversation, num_samples=1, max_new_token
     return replies
 
 
-def pass_at_k(outcomes):
-    """A problem is solved when any of its k samples is correct."""
-    return any(bool(o) for o in outcomes)
-
-
 def evaluate_generative(task, engine, tokenizer, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
                         top_k=50, seed=42, label=""):
     """Number of problems among `indices` solved by at least one of num_samples replies. Problem i samples
@@ -228,7 +198,7 @@ def evaluate_task(name, task, model, tokenizer, engine=None, max_problems=None, 
                   max_new_tokens=512, temperature=0.0, top_k=50, seed=42, device=None):
     """{"accuracy", "centered", "correct", "num_problems", "metric", ...} for one task, summed over ranks."""
     order = problem_order(len(task), max_problems)
-    rank, world_size = _rank_world()
+    rank, world_size = dist_rank_world()
     mine = order[rank::world_size]
     if task.eval_type == "categorical":
         correct = evaluate_categorical(task, model, tokenizer, mine, batch_size, device)
@@ -241,7 +211,7 @@ def evaluate_task(name, task, model, tokenizer, engine=None, max_problems=None, 
         metric = f"pass@{num_samples}"
     else:
         raise ValueError(f"{name}: unknown eval_type {task.eval_type!r}")
-    correct, total = _sum_across_ranks([correct, len(mine)], device if device is not None else _model_device(model))
+    correct, total = all_reduce_sum(torch.tensor([correct, len(mine)], dtype=torch.long)).tolist()
     assert total == len(order), f"ranks evaluated {total} problems, expected {len(order)}"
     accuracy = correct / total if total else 0.0
     baseline = BASELINES.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
@@ -249,18 +219,20 @@ def evaluate_task(name, task, model, tokenizer, engine=None, max_problems=None, 
             "num_problems": total, "metric": metric, "eval_type": task.eval_type, "baseline": baseline}
 
 
-def run_chat_eval(model, tokenizer, engine, task_names=TASK_NAMES, max_problems=None, batch_size=8, num_samples=1,
+def run_chat_eval(model, tokenizer, engine, task_names=None, max_problems=None, batch_size=8, num_samples=1,
                   max_new_tokens=512, temperature=0.0, top_k=50, seed=42, device=None, tasks=None):
-    """Evaluate the model on the named tasks ('A|B' or a list). `tasks` ({name: Task}) supplies already
-    loaded tasks, e.g. to reuse them across evaluations during training; the rest are loaded by name.
+    """Evaluate the model on the named tasks ('A|B' or a list; None = all of `tasks`). `tasks` ({name: Task},
+    as tasks/registry.py's load_tasks builds it) holds the loaded tasks, so the caller loads them once and
+    reuses them across evaluations during training; ValueError naming the fix when a named task is missing.
     `engine` is only needed for generative tasks; None builds nanochat.engine.Engine(model, tokenizer).
     Returns {"results": {name: {...}}, "chatcore": x, "metrics": {name: accuracy, ..., "ChatCORE": x},
     "settings": {...}}. Collective under torchrun: every rank must call it with the same arguments."""
-    names = parse_task_names(task_names)
     tasks = dict(tasks or {})
-    for name in names:
-        if name not in tasks:
-            tasks[name] = load_task(name)
+    names = parse_task_names(list(tasks) if task_names is None else task_names)
+    absent = [name for name in names if name not in tasks]
+    if absent:
+        raise ValueError(f"task(s) {'|'.join(absent)} not loaded: pass tasks={{name: task}}, as built by "
+                         f"tasks.registry.load_tasks({'|'.join(names)!r})")
     if engine is None and any(tasks[n].eval_type == "generative" for n in names):
         from nanochat.engine import Engine
         engine = Engine(model, tokenizer)

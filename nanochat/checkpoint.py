@@ -14,7 +14,6 @@ directory must be on a filesystem every rank sees.
 Loading never runs code from the files: tensors via torch.load(weights_only=True), metadata as JSON.
 """
 import glob
-import hashlib
 import json
 import os
 import re
@@ -23,7 +22,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_write_text, get_base_dir, is_ddp_initialized, logger
+from nanochat.common import atomic_write_text, get_base_dir, is_ddp_initialized, logger, sha256_file
 
 SOURCES = ("base", "mid", "sft", "rl")
 STEP_RE = re.compile(r"^step_(\d+)$")
@@ -41,14 +40,6 @@ def checkpoints_root(source):
 
 def step_dir(ckpt_dir, step):
     return os.path.join(ckpt_dir, f"step_{step:06d}")
-
-
-def _sha256(path, chunk=1 << 24):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _barrier():
@@ -75,7 +66,7 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
         files = sorted(os.listdir(partial))
         meta = dict(meta, step=step, world_size=world_size,
                     files={name: {"bytes": os.path.getsize(os.path.join(partial, name)),
-                                  "sha256": _sha256(os.path.join(partial, name))} for name in files})
+                                  "sha256": sha256_file(os.path.join(partial, name))} for name in files})
         atomic_write_text(os.path.join(partial, "meta.json"), json.dumps(meta, indent=2))
         shutil.rmtree(final, ignore_errors=True)  # an older save of the same step
         os.replace(partial, final)
@@ -145,7 +136,7 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, verify
     files = meta.get("files", {})
     if verify_hash:
         for name, info in files.items():
-            if _sha256(os.path.join(path, name)) != info["sha256"]:
+            if sha256_file(os.path.join(path, name)) != info["sha256"]:
                 raise CheckpointError(f"checkpoint file {os.path.join(path, name)} does not match its hash in meta.json")
     model_state = _load_tensor_file(os.path.join(path, "model.pt"), files.get("model.pt"), device)
     optim = None

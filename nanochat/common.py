@@ -4,6 +4,7 @@ seeding, atomic file writes and small helpers used by every script.
 """
 import argparse
 import functools
+import hashlib
 import logging
 import os
 import random
@@ -235,6 +236,22 @@ def atomic_write_text(path, text):
     with atomic_open(path, "w") as f:
         f.write(text)
 
+def sha256_file(path, chunk=1 << 24):
+    """Hex sha256 of a file's contents, read `chunk` bytes at a time so a multi-GB checkpoint is never
+    held in memory: the integrity check of checkpoints and downloads."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+def format_duration(seconds):
+    """'1h02m03s', or '2m03s' under an hour."""
+    seconds = int(max(seconds, 0))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
 # -----------------------------------------------------------------------------
 # Command-line helpers. Scripts use plain argparse with these so `--help` shows every default,
 # `--flag=value` works, and unknown flags or bad values are errors that name the flag.
@@ -301,38 +318,23 @@ class ArgumentParser(_BoolFlagsMixin, argparse.ArgumentParser):
 def make_parser(description):
     return ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
-def positive_int(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return n
+def _number_type(cast, ok, expected, name):
+    """An argparse type: `cast` the text, and accept it when ok(x); otherwise 'expected <expected>, got ...'."""
+    def parse(value):
+        try:
+            x = cast(value)
+        except ValueError:
+            x = None
+        if x is None or not ok(x):  # the comparisons below are False for nan
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return x
+    parse.__name__ = parse.__qualname__ = name
+    return parse
 
-def non_negative_int(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return n
-
-def positive_float(value):
-    x = non_negative_float(value)
-    if x == 0:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value!r}")
-    return x
-
-def non_negative_float(value):
-    try:
-        x = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    if not (x >= 0 and x != float("inf")):  # also rejects nan
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value!r}")
-    return x
+positive_int = _number_type(int, lambda n: n > 0, "a positive integer", "positive_int")
+non_negative_int = _number_type(int, lambda n: n >= 0, "an integer >= 0", "non_negative_int")
+positive_float = _number_type(float, lambda x: 0 < x < float("inf"), "a finite number > 0", "positive_float")
+non_negative_float = _number_type(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0", "non_negative_float")
 
 class DummyWandb:
     """Stands in for a wandb run when none is requested, so training code logs unconditionally."""

@@ -23,22 +23,20 @@ seeds interleave differently. A source that runs out starts over (a new epoch), 
 """
 import collections
 import gzip
-import http.client
 import itertools
 import json
+import math
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 from nanochat.common import get_base_dir, logger, make_parser, positive_int
+from nanochat.download import DownloadError, download_file
 
 TEXT_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz", ".txt")
 HOLDOUT_PER_MILLE = 10  # hash-split sources: 1% of documents are validation
@@ -57,31 +55,38 @@ class DataSource:
     reference: bool = False  # the downloaded reference shards: last shard is validation
 
 
+def parse_weighted_path(item, what="data source"):
+    """'PATH:WEIGHT' -> (PATH, WEIGHT), 'PATH' -> (PATH, 1.0): one entry of --data and of the chat stages'
+    --extra-data. A path that exists as written is taken whole (a ':' in its name); a weight must be a
+    positive finite number. DataError (a ValueError) naming `what` otherwise."""
+    head, sep, tail = item.rpartition(":")
+    if not sep or not head or os.path.exists(item):
+        return item, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        raise DataError(f"weight {tail!r} of {what} {head!r} is not a number (write PATH:WEIGHT)") from None
+    if not (math.isfinite(weight) and weight > 0):
+        raise DataError(f"weight of {what} {head!r} must be a positive number, got {tail!r}")
+    return head, weight
+
+
 def parse_data_spec(spec):
     """'a:0.45,b:0.4,c' -> [DataSource('a', 0.45), DataSource('b', 0.4), DataSource('c', 1.0)]."""
     if not spec or not spec.strip():
         raise DataError("empty data spec: expected PATH[:WEIGHT][,PATH[:WEIGHT]...]")
     sources = []
     for item in spec.split(","):
-        item = item.strip()
-        if not item:
+        if not item.strip():
             raise DataError(f"empty entry in data spec {spec!r}")
-        path, weight = item, 1.0
-        head, sep, tail = item.rpartition(":")
-        if sep and head and not os.path.exists(item):
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise DataError(f"weight {tail!r} of data source {head!r} is not a number")
-            path = head
-            if not weight > 0 or weight == float("inf"):
-                raise DataError(f"weight of data source {path!r} must be a positive number, got {tail!r}")
+        path, weight = parse_weighted_path(item.strip())
         sources.append(DataSource(os.path.expanduser(path), weight))
     return sources
 
 
-def get_data_dir():
-    """Where the reference shards live: $NANOCHAT_BASE_DIR/base_data."""
+def get_shard_dir():
+    """Where the reference shards live: $NANOCHAT_BASE_DIR/base_data (not the task data folder,
+    tasks.common.get_task_data_dir)."""
     return os.path.join(get_base_dir(), "base_data")
 
 
@@ -89,7 +94,7 @@ def resolve_sources(spec):
     """The sources of a spec; None means the downloaded reference shards."""
     if spec is not None:
         return parse_data_spec(spec)
-    data_dir = get_data_dir()
+    data_dir = get_shard_dir()
     if not list_reference_shards(data_dir):
         raise DataError(f"no pretraining data: {data_dir} holds no shards. Download the reference shards with "
                         "`python -m nanochat.dataset -n 8` (more for longer runs), or pass your own with --data=PATH")
@@ -351,7 +356,7 @@ def iter_documents(spec=None, split="train", seed=0, infinite=True, on_bad_line=
     return DocumentMixture(spec, split=split, seed=seed, infinite=infinite, on_bad_line=on_bad_line)
 
 # -----------------------------------------------------------------------------
-# Reference shards: download with parallel workers, retries, validation, atomic rename
+# Reference shards: parallel downloads through download.download_file (retries, validation, atomic rename)
 
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 
@@ -387,12 +392,10 @@ def check_parquet(path, full=False):
         raise DataError(f"{path} is not a valid parquet file: {e}")
 
 
-class _TransferError(Exception):
-    pass
-
-
 def download_shard(index, base_url, data_dir, retries=5, backoff=2.0, timeout=60):
-    """Fetch one shard unless a valid copy is there. Returns 'skipped' or 'downloaded'; raises DataError."""
+    """Fetch one shard unless a valid copy is there. Returns 'skipped' or 'downloaded'; raises DataError.
+    `retries` counts attempts, the first included. The transfer is download.download_file's: atomic, and
+    a truncated or corrupt file (every row group is decoded before the rename) is fetched again."""
     name = shard_name(index)
     path = os.path.join(data_dir, name)
     if os.path.exists(path):
@@ -403,38 +406,17 @@ def download_shard(index, base_url, data_dir, retries=5, backoff=2.0, timeout=60
             logger.warning(f"{e}; removing it and downloading {name} again")
             os.remove(path)
     url = f"{base_url.rstrip('/')}/{name}"
-    reason = "no attempt"
-    for attempt in range(1, retries + 1):
-        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as resp:
-                expected = resp.headers.get("Content-Length")
-                size = 0
-                while chunk := resp.read(1 << 20):
-                    f.write(chunk)
-                    size += len(chunk)
-                if expected is not None and size != int(expected):
-                    raise _TransferError(f"transfer interrupted: got {size} of {expected} bytes")
-                f.flush()
-                os.fsync(f.fileno())
-            check_parquet(tmp, full=True)  # never rename a truncated or corrupt file into place
-            os.replace(tmp, path)
-            return "downloaded"
-        except urllib.error.HTTPError as e:
-            if e.code == 404:
-                raise DataError(f"shard {name} not found (HTTP 404) at {url}: the data set at {base_url} may have "
-                                f"fewer shards than requested; check -n and NANOCHAT_DATA_URL") from None
-            reason = f"HTTP {e.code} {e.reason}"
-        except (urllib.error.URLError, http.client.HTTPException, OSError, _TransferError, DataError) as e:
-            reason = str(e) or type(e).__name__
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        if attempt < retries:
-            wait = backoff * 2 ** (attempt - 1)
-            logger.warning(f"{name}: attempt {attempt}/{retries} failed ({reason}); retrying in {wait:.1f}s")
-            time.sleep(wait)
-    raise DataError(f"could not download shard {name} from {url} after {retries} attempts: {reason}")
+    try:
+        download_file(url, path, validate=lambda tmp: check_parquet(tmp, full=True), retries=retries - 1,
+                      backoff=backoff, timeout=timeout, refetch_invalid=True)
+    except DownloadError as e:
+        if e.status == 404:
+            raise DataError(f"shard {name} not found (HTTP 404) at {url}: the data set at {base_url} may have "
+                            f"fewer shards than requested; check -n and NANOCHAT_DATA_URL") from None
+        reason = str(e).removeprefix(f"{url}: ")
+        raise DataError(f"could not download shard {name} from {url} after {e.attempts} "
+                        f"attempt{'s' if e.attempts > 1 else ''}: {reason}") from None
+    return "downloaded"
 
 
 class _Progress:
@@ -462,12 +444,12 @@ def download_shards(num_shards, workers=4, base_url=None, data_dir=None, retries
     """Make shard_00000 .. shard_{num_shards-1} present and valid in data_dir. Returns their paths.
     Raises DataError naming every shard that failed."""
     base_url = base_url or get_data_url()
-    data_dir = data_dir or get_data_dir()
+    data_dir = data_dir or get_shard_dir()
     os.makedirs(data_dir, exist_ok=True)
     for n in os.listdir(data_dir):  # temp files of a killed download (a live one is written to every second)
-        tmp = os.path.join(data_dir, n)
+        tmp = os.path.join(data_dir, n)  # (.tmp: the name before downloads went through download_file)
         try:
-            if n.startswith("shard_") and n.endswith(".tmp") and time.time() - os.path.getmtime(tmp) > 3600:
+            if n.startswith("shard_") and n.endswith((".part", ".tmp")) and time.time() - os.path.getmtime(tmp) > 3600:
                 os.remove(tmp)
         except OSError:
             pass  # another downloader got there first
@@ -500,7 +482,7 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"{len(paths)} shard(s) ready in {get_data_dir()}")
+    print(f"{len(paths)} shard(s) ready in {get_shard_dir()}")
     return 0
 
 

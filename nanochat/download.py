@@ -1,8 +1,7 @@
 """
 Atomic, retrying HTTP downloads: the file lands complete or not at all.
-Used by the task-data and CORE-bundle downloaders.
+The one download routine: the reference pretraining shards, the task data and the CORE bundle use it.
 """
-import hashlib
 import http.client
 import os
 import tempfile
@@ -10,11 +9,16 @@ import time
 import urllib.error
 import urllib.request
 
-from nanochat.common import logger
+from nanochat.common import logger, sha256_file
 
 
 class DownloadError(RuntimeError):
-    pass
+    """A download that failed for good. `status` is the HTTP status when the server refused the request
+    (404...), else None; `attempts` is how many transfers were tried."""
+
+    def __init__(self, message, status=None, attempts=1):
+        super().__init__(message)
+        self.status, self.attempts = status, attempts
 
 
 def _fetch_to(url, fileobj, timeout):
@@ -29,17 +33,20 @@ def _fetch_to(url, fileobj, timeout):
             fileobj.write(chunk)
             received += len(chunk)
     if expected is not None and received != int(expected):
-        raise DownloadError(f"{url}: incomplete download ({received} of {expected} bytes)")
+        raise DownloadError(f"{url}: transfer interrupted, incomplete download ({received} of {expected} bytes)")
 
 
-def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0, timeout=60.0):
+def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0, timeout=60.0, refetch_invalid=False):
     """Download `url` to `dest` atomically and return `dest`.
 
-    The body goes to a temp file next to `dest`, is checked (byte count against Content-Length, `sha256`
-    if given, then `validate(temp_path)`, which should raise on bad content) and only then renamed onto
-    `dest`, so `dest` is either absent or complete. Network errors, HTTP 5xx/429 and short bodies are
-    retried `retries` times with exponential backoff (backoff, 2*backoff, ...); other HTTP errors (404...)
-    and failed checks are not retried. Raises DownloadError naming the url."""
+    The body goes to a temp file next to `dest` (`<name>.<random>.part`), is checked (byte count against
+    Content-Length, `sha256` if given, then `validate(temp_path)`, which should raise on bad content) and
+    only then renamed onto `dest`, so `dest` is either absent or complete. Network errors, HTTP 5xx/429 and
+    short bodies are retried `retries` times with exponential backoff (backoff, 2*backoff, ...); other HTTP
+    errors (404...) are not. A failed check is not retried either (a static file comes back the same),
+    unless `refetch_invalid`: then it is one more failed attempt of the same budget, for sources whose
+    corrupt transfers pass the byte count (a proxy or mirror that mangles large files).
+    Raises DownloadError naming the url, with its `status` and `attempts`."""
     dest = os.path.abspath(os.path.expanduser(dest))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
     attempt = 0
@@ -53,34 +60,30 @@ def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0,
                     os.fsync(f.fileno())
             except urllib.error.HTTPError as e:
                 retryable = e.code >= 500 or e.code == 429
-                error = DownloadError(f"{url}: HTTP {e.code} {e.reason}")
+                error = DownloadError(f"{url}: HTTP {e.code} {e.reason}", status=e.code)
             except (OSError, http.client.HTTPException, DownloadError) as e:  # refused/reset, timeout, short body
                 retryable = True
                 error = e if isinstance(e, DownloadError) else DownloadError(f"{url}: {type(e).__name__}: {e}")
             else:
                 try:
-                    if sha256 is not None and _sha256_of(tmp) != sha256.lower():
-                        raise ValueError(f"sha256 mismatch: expected {sha256}, got {_sha256_of(tmp)}")
+                    if sha256 is not None and (got := sha256_file(tmp)) != sha256.lower():
+                        raise ValueError(f"sha256 mismatch: expected {sha256}, got {got}")
                     if validate is not None:
                         validate(tmp)
-                except Exception as e:  # the same bytes would come back: no retry
-                    raise DownloadError(f"{url}: downloaded file failed validation: {e}") from e
-                os.replace(tmp, dest)
-                return dest
+                except Exception as e:  # whatever the check raises, even an OSError of a gzip reader
+                    retryable = refetch_invalid
+                    error = DownloadError(f"{url}: downloaded file failed validation: {e}")
+                    error.__cause__ = e
+                else:
+                    os.replace(tmp, dest)
+                    return dest
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+        error.attempts = attempt + 1
         if not retryable or attempt >= retries:
             raise error
         wait = backoff * (2 ** attempt)
         logger.warning(f"download failed ({error}); retrying in {wait:.1f}s ({attempt + 1}/{retries})")
         time.sleep(wait)
         attempt += 1
-
-
-def _sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -129,6 +129,25 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     choice = torch.multinomial(probs, 1, generator=rng)
     return idx.gather(-1, choice).squeeze(-1)
 
+
+# Prompts whose greedy continuations base training and scripts.base_loss print: a quick look at what a
+# base model knows (a fact, a symbol, a little reasoning, an opposite, a list).
+SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
+                  "The opposite of hot is", "The planets of the solar system are:"]
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts, max_tokens=16):
+    """Greedy continuations by full recomputation: a handful of tokens, so no cache is needed."""
+    outs = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+        for _ in range(max_tokens):
+            x = torch.tensor([ids[-model.config.sequence_len:]], device=model.get_device())
+            ids.append(int(model(x)[0, -1].argmax()))
+        outs.append(tokenizer.decode(ids[1:]))
+    return outs
+
 # -----------------------------------------------------------------------------
 # Per-row state: stopping and the calculator
 

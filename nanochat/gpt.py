@@ -1,5 +1,5 @@
 """
-The GPT model. Reference design by default, every planned change (plan section 5.4) as a config value:
+The GPT model. Reference design by default, each of the first user's planned changes as a config value:
 - token embedding, then RMSNorm without learnable parameters (also before attention, MLP and the head)
 - rotary position embeddings (no learned positions), configurable base
 - QK norm; grouped-query attention through scaled_dot_product_attention (enable_gqa, no K/V repeat)
@@ -13,6 +13,10 @@ Build on the meta device, then materialize on the target device and initialize:
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()          # also (re)computes the rotary tables; load a state_dict after this
+
+The architecture flags every script takes (add_model_flags, config_from_flags) and the first user's
+planned changes (PLANNED_CHANGES) are declared here, beside GPTConfig. The hand-written autograd
+functions of the hot paths (attention backward, softcapped and chunked losses) are in nanochat/kernels.py.
 """
 import math
 from dataclasses import dataclass, fields
@@ -20,6 +24,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from nanochat.common import make_parser, non_negative_float, non_negative_int, positive_float, positive_int, str2bool
+from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attention
 
 ACTIVATIONS = ("relu2", "gelu", "silu")
 
@@ -94,6 +101,115 @@ def config_for_depth(depth, vocab_size, sequence_len=2048, head_dim=128, **knobs
 
 
 # -----------------------------------------------------------------------------
+# The architecture flags, declared once: scripts.base_train, scripts.plan, scripts.ablate, bench/ and this
+# module's __main__ all take them from here. A new knob = its GPTConfig field, its use in the model, one
+# flag line in add_model_flags (dest = the field's name: config_from_flags passes it through), and its
+# row in docs/model.md.
+
+# Flags config_from_flags reads itself (the sizing rule); every other flag is the GPTConfig field of its name.
+SIZING_FLAGS = ("depth", "head_dim", "max_seq_len", "n_kv_head", "kv_head_ratio")
+
+
+def add_model_flags(parser, with_depth=True, **defaults):
+    """Add the architecture flags to `parser`: a nanochat.common.make_parser parser or one of its argument
+    groups (so --tie-embeddings also takes the bare and --no- forms). with_depth=False leaves --depth out
+    (scripts.plan sweeps --depths instead); `defaults`, by dest, replaces flag defaults (scripts.ablate's
+    tiny scale). Bad values are argparse errors that name the flag. Returns the dests added, in order."""
+    dests = []
+
+    def add(flag, default, **kw):
+        dest = flag[2:].replace("-", "_")
+        parser.add_argument(flag, default=defaults.pop(dest, default), **kw)
+        dests.append(dest)
+
+    if with_depth:
+        add("--depth", 20, type=positive_int, help="number of layers; width is 64 x depth")
+    add("--head-dim", 128, type=positive_int, help="channels per attention head")
+    add("--max-seq-len", 2048, type=positive_int, help="context length")
+    add("--mlp-ratio", 4.0, type=positive_float, help="MLP hidden size / width")
+    add("--activation", "relu2", choices=ACTIVATIONS)
+    add("--tie-embeddings", False, type=str2bool, help="share wte and lm_head")
+    add("--n-kv-head", 0, type=non_negative_int, help="key/value heads (0 = n_head / --kv-head-ratio)")
+    add("--kv-head-ratio", 1, type=positive_int, help="n_kv_head = n_head // ratio, rounded down to a divisor of n_head")
+    add("--softcap", 15.0, type=non_negative_float, help="logit softcap (0 = off)")
+    add("--rope-base", 10000.0, type=positive_float, help="rotary embedding base (theta)")
+    if defaults:
+        raise ValueError(f"add_model_flags: no architecture flag for default(s) {sorted(defaults)}")
+    return dests
+
+
+def model_flags(**values):
+    """The architecture flags as a namespace: their defaults, with `values` (by dest) in place. For
+    callers that name a shape their own way (bench/train_step.py's --seq_len) and still build the
+    config through config_from_flags, like the scripts."""
+    parser = make_parser(None)
+    add_model_flags(parser)
+    args = parser.parse_args([])
+    unknown = set(values) - set(vars(args))
+    if unknown:
+        raise ValueError(f"model_flags: no architecture flag(s) {sorted(unknown)}; known: {sorted(vars(args))}")
+    vars(args).update(values)
+    return args
+
+
+MODEL_FLAGS = tuple(vars(model_flags()))  # every architecture flag's dest, in declaration order
+
+
+def config_from_flags(args, vocab_size):
+    """The GPTConfig the architecture flags in `args` describe, for a tokenizer of `vocab_size` tokens:
+    config_for_depth's sizing at --depth and --head-dim, context --max-seq-len; n_kv_head = --n-kv-head,
+    or when that is 0, n_head // --kv-head-ratio rounded down to a divisor of n_head (GQA needs whole
+    groups: at depth 28, 14 heads // 4 = 3 rounds to 2). Every other flag is the GPTConfig field of its
+    name; --softcap 0 is stored as None (off). Raises ValueError naming the field when the flags give
+    no valid model."""
+    knobs = {name: getattr(args, name) for name in MODEL_FLAGS if name not in SIZING_FLAGS}
+    knobs["softcap"] = knobs["softcap"] or None
+    n_head = config_for_depth(args.depth, vocab_size, head_dim=args.head_dim).n_head
+    n_kv_head = args.n_kv_head
+    if not n_kv_head:
+        n_kv_head = max(1, n_head // args.kv_head_ratio)
+        while n_head % n_kv_head:
+            n_kv_head -= 1
+    return config_for_depth(args.depth, vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
+                            n_kv_head=n_kv_head, **knobs)
+
+
+# The first user's planned architecture changes, each one alone, as architecture-flag values over
+# the reference: (label, flag values, part of "all together"). A context change is a divisor of the
+# reference context, so one list serves the full-size planner (2048 -> 1024, 512) and the tiny
+# ablation (256 -> 128, 64). scripts.plan prices them, scripts.ablate trains them (planned_changes).
+PLANNED_CHANGES = (
+    ("tied embeddings", dict(tie_embeddings=True), True),
+    ("context / 2", dict(context_divisor=2), True),
+    ("context / 4", dict(context_divisor=4), False),
+    ("MLP 3x", dict(mlp_ratio=3.0), True),
+    ("MLP 2.5x", dict(mlp_ratio=2.5), False),
+    ("n_kv_head = n_head // 4", dict(n_kv_head=0, kv_head_ratio=4), True),
+    ("GELU", dict(activation="gelu"), False),
+    ("SiLU", dict(activation="silu"), True),
+    ("softcap off", dict(softcap=0.0), True),
+    ("RoPE base 100000", dict(rope_base=100000.0), True),
+)
+
+
+def planned_changes(max_seq_len, context_label="context"):
+    """[(label, flag values)]: each planned change alone, then "all together" (the changes marked for it,
+    merged in order). Context changes are resolved against the reference context `max_seq_len` and
+    labelled f"{context_label} {length}" (the planner says "seq 1024", the ablation "context 128")."""
+    rows, together = [], {}
+    for label, change, in_plan in PLANNED_CHANGES:
+        change = dict(change)
+        divisor = change.pop("context_divisor", None)
+        if divisor:
+            change["max_seq_len"] = max_seq_len // divisor
+            label = f"{context_label} {change['max_seq_len']}"
+        rows.append((label, change))
+        if in_plan:
+            together.update(change)
+    return rows + [("all together", together)]
+
+
+# -----------------------------------------------------------------------------
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
@@ -104,56 +220,6 @@ def apply_rotary(x, cos, sin):
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-
-# Above this many attention scores (batch x heads x T x T) the recomputing backward's fp32 score
-# matrices would cost too much memory; the flash kernel's own backward is used instead.
-RECOMPUTE_ATTENTION_MAX_SCORES = 1 << 26
-
-
-class CausalAttentionRecompute(torch.autograd.Function):
-    """Causal attention for compiled CPU training: the flash kernel's forward, and a backward that
-    recomputes the probabilities from the saved logsumexp with batched matmuls. Inductor fuses the
-    elementwise work of that backward; on CPU it runs ~2x faster than the flash kernel's own
-    backward (bench/train_step.py). GQA: each KV head's group of query heads is treated as G x T
-    rows against the head's T keys, so K/V are only repeated for the forward kernel."""
-
-    @staticmethod
-    def forward(ctx, q, k, v):
-        group = q.size(1) // k.size(1)
-        kf, vf = (k, v) if group == 1 else (k.repeat_interleave(group, 1), v.repeat_interleave(group, 1))
-        scale = q.size(-1) ** -0.5
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kf, vf, is_causal=True, scale=scale)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out, lse = ctx.saved_tensors
-        B, H, T, D = q.shape
-        Hkv = k.size(1)
-        rows = (B, Hkv, H // Hkv * T, D)  # query head h = kv head h // G, as in SDPA's enable_gqa
-        qg, dog, og = q.reshape(rows), grad_out.reshape(rows), out.reshape(rows)
-        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril().repeat(H // Hkv, 1)
-        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * ctx.scale
-        p = torch.exp(scores - lse.reshape(B, Hkv, -1, 1)).masked_fill(~causal, 0.0)
-        dv = torch.matmul(p.to(v.dtype).transpose(-1, -2), dog)
-        dp = torch.matmul(dog, v.transpose(-1, -2)).float()
-        delta = (dog.float() * og.float()).sum(-1, keepdim=True)  # = rowsum(P * dP)
-        ds = (p * (dp - delta) * ctx.scale).to(q.dtype)
-        dq = torch.matmul(ds, k).view(B, H, T, D)
-        dk = torch.matmul(ds.transpose(-1, -2), qg)
-        return dq, dk, dv
-
-
-def causal_attention(q, k, v):
-    """Causal self-attention of (B, H, T, D) queries over (B, Hkv, T, D) keys and values."""
-    B, H, T, _ = q.shape
-    if (q.device.type == "cpu" and torch.compiler.is_compiling() and torch.is_grad_enabled() and q.requires_grad
-            and B * H * T * T <= RECOMPUTE_ATTENTION_MAX_SCORES):
-        return CausalAttentionRecompute.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != k.size(1))
 
 
 class CausalSelfAttention(nn.Module):
@@ -225,133 +291,6 @@ class Block(nn.Module):
         x = x + self.attn(norm(x), cos, sin, kv_cache)
         x = x + self.mlp(norm(x))
         return x
-
-
-def _capped(logits, cap):
-    """fp32 cap * tanh(logits / cap) (cap 0: the logits in fp32). Under torch.compile tanh is written as
-    1 - 2 / (exp(2x) + 1): inductor's vectorized exp is ~2x faster than its tanh on CPU. In eager mode a
-    fresh fp32 copy is made, so callers may modify the result in place."""
-    if not cap:
-        return logits.float() if torch.compiler.is_compiling() else logits.to(torch.float32, copy=True)
-    if torch.compiler.is_compiling():
-        return cap - 2 * cap / (torch.exp(logits.float() * (2 / cap)) + 1)
-    return logits.to(torch.float32, copy=True).div_(cap).tanh_().mul_(cap)
-
-
-def _token_losses(logits, safe, valid, cap):
-    """Per-token cross-entropy (0 where not valid) of the capped logits, and their logsumexp."""
-    z = _capped(logits, cap)
-    if cap and cap <= 40:
-        # capped logits lie in [-cap, cap], so a constant shift by cap replaces logsumexp's row max:
-        # one reduction pass instead of two, no overflow, and e^(-2 cap) cannot underflow for cap <= 40
-        shifted = torch.exp(z - cap) if torch.compiler.is_compiling() else z.sub_(cap).exp_()
-        lse = cap + torch.log(shifted.sum(dim=-1))
-    else:
-        lse = torch.logsumexp(z, dim=-1)
-    # the target's capped logit from the raw logits (so the (tokens, vocab) capped tensor need not be kept)
-    picked = _capped(logits.gather(-1, safe[:, None]).squeeze(-1), cap)
-    return torch.where(valid, lse - picked, 0.0), lse
-
-
-def _logit_grads(logits, safe, lse, scale, cap):
-    """d(loss) / d(raw logits) in the logits' dtype: (softmax(capped) - onehot) * dcapped/dlogits * scale,
-    scale (tokens, 1) in fp32, 0 on ignored tokens. Recomputes the capped logits rather than storing them."""
-    z = _capped(logits, cap)
-    if torch.compiler.is_compiling():  # one fused pointwise pass
-        onehot = torch.arange(logits.size(-1), device=logits.device)[None, :] == safe[:, None]
-        grad = (torch.exp(z - lse[:, None]) - onehot.float()) * scale
-        if cap:
-            t = z / cap
-            grad = grad * (1 - t * t)
-        return grad.to(logits.dtype)
-    grad = torch.sub(z, lse[:, None]).exp_()  # softmax of the capped logits
-    grad.scatter_add_(-1, safe[:, None], torch.full_like(lse[:, None], -1.0))  # minus one-hot
-    grad.mul_(scale)  # upstream gradient (0 for ignored targets)
-    if cap:
-        t = z.div_(cap)
-        grad.addcmul_(grad, t.square_(), value=-1)  # chain rule through the cap: * (1 - t^2)
-    return grad.to(logits.dtype)
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token cross-entropy of cap * tanh(logits / cap) (cap 0: of the logits), computed in fp32 from
-    (bf16 or fp32) logits. Same values as F.cross_entropy on softcapped logits, but cheaper: nothing of
-    size (tokens, vocab) is saved in fp32 (the backward recomputes the cap from the logits and uses the
-    saved logsumexp); under torch.compile the backward is one fused pointwise pass, in eager mode
-    in-place ops keep the number of passes over the (tokens, vocab) tensor low. Ignored targets (-1)
-    give loss 0 and no gradient. Used for per-token losses (loss_reduction="none": evaluation, RL)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, cap):
-        valid = targets != -1
-        safe = torch.where(valid, targets, 0)
-        loss, lse = _token_losses(logits, safe, valid, cap)
-        ctx.save_for_backward(logits, safe, valid, lse)
-        ctx.cap = cap
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, safe, valid, lse = ctx.saved_tensors
-        scale = torch.where(valid, grad_loss, 0.0)[:, None]
-        return _logit_grads(logits, safe, lse, scale, ctx.cap), None, None
-
-
-HEAD_CHUNK_ROWS = None  # token rows of (tokens, vocab) logits ChunkedHeadLoss holds at a time; None: by device
-
-
-def head_chunk_rows(device_type, vocab_size):
-    """CPU: 1,024 rows (oneDNN's fastest head matmuls, measured). Accelerators: ~2^29 logits a chunk (1 GiB
-    in bf16; 8,192 rows at vocab 65,536), so the head gradient's fp32 accumulation runs a few times a step."""
-    if HEAD_CHUNK_ROWS is not None:
-        return HEAD_CHUNK_ROWS
-    return 1024 if device_type == "cpu" else max(1024, 2 ** 29 // vocab_size)
-
-
-class ChunkedHeadLoss(torch.autograd.Function):
-    """The head matmul and the (softcapped) cross-entropy, summed over the valid tokens, computed
-    head_chunk_rows() tokens at a time, with the gradients computed during the forward while each chunk's
-    logits are at hand (the backward only scales them by the upstream gradient). Why:
-    - memory: the (tokens, vocab) logits never exist whole (depth 20 at batch 32 x 2048 tokens and vocab
-      65536: 8.6 GB of bf16 logits plus their gradient, versus 1 GB a chunk);
-    - speed on CPU: oneDNN runs the head's matmuls much faster on chunks of rows (measured 24 ms vs 54 ms
-      for 4096 x 384 x 8192 in bf16 on one core) and the chunk's softmax work stays closer to the cache.
-    x (N, C) in the compute dtype or fp32 (cast to the autocast dtype when autocast is on), weight (V, C),
-    targets (N,) with -1 ignored, grad_enabled: the caller's torch.is_grad_enabled() (no gradients are
-    computed without it). Returns the summed loss (fp32 scalar)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, targets, cap, grad_enabled):
-        device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-        # (forward runs with grad mode off, and needs_input_grad ignores the caller's no_grad: hence the flag)
-        needs_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        with torch.autocast(device_type, enabled=False):
-            w = weight.to(dtype)
-            valid = targets != -1
-            safe = torch.where(valid, targets, 0)
-            total = torch.zeros((), dtype=torch.float32, device=x.device)
-            grad_x = torch.empty_like(x) if needs_grad else None
-            grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
-            chunk = head_chunk_rows(device_type, weight.size(0))
-            for start in range(0, x.size(0), chunk):
-                rows = slice(start, start + chunk)
-                xc = x[rows].to(dtype)
-                logits = xc @ w.t()
-                loss, lse = _token_losses(logits, safe[rows], valid[rows], cap)
-                total = total + loss.sum()
-                if needs_grad:
-                    g = _logit_grads(logits, safe[rows], lse, valid[rows, None].float(), cap)
-                    grad_x[rows] = g @ w
-                    grad_w += (g.t() @ xc).float()
-        if needs_grad:
-            ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_total, grad_w * grad_total, None, None, None
 
 
 class GPT(nn.Module):
@@ -509,7 +448,7 @@ class GPT(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# python -m nanochat.gpt --depth=20 --tie_embeddings=true ...: print the parameter breakdown (meta device)
+# python -m nanochat.gpt --depth=20 --tie-embeddings ...: print the parameter breakdown (meta device)
 
 def format_param_table(config):
     with torch.device("meta"):
@@ -523,24 +462,12 @@ def format_param_table(config):
 
 
 if __name__ == "__main__":
-    from nanochat.common import make_parser, positive_int, str2bool
-    parser = make_parser("Print the GPT parameter breakdown for a config (built on the meta device).")
-    parser.add_argument("--depth", type=positive_int, default=20)
-    parser.add_argument("--vocab_size", type=positive_int, default=65536)
-    parser.add_argument("--sequence_len", type=positive_int, default=2048)
-    parser.add_argument("--n_kv_head", type=positive_int, default=None, help="default: n_head")
-    parser.add_argument("--mlp_ratio", type=float, default=4.0)
-    parser.add_argument("--activation", choices=ACTIVATIONS, default="relu2")
-    parser.add_argument("--tie_embeddings", type=str2bool, default=False)
-    parser.add_argument("--softcap", type=float, default=15.0)
-    parser.add_argument("--rope_base", type=float, default=10000.0)
+    parser = make_parser("Print the GPT parameter breakdown for the architecture flags (built on the meta device).")
+    parser.add_argument("--vocab-size", type=positive_int, default=65536, help="tokenizer vocabulary")
+    add_model_flags(parser.add_argument_group("model (the flags of scripts.base_train)"))
     args = parser.parse_args()
-    knobs = dict(mlp_ratio=args.mlp_ratio, activation=args.activation, tie_embeddings=args.tie_embeddings,
-                 softcap=args.softcap, rope_base=args.rope_base)
-    if args.n_kv_head is not None:
-        knobs["n_kv_head"] = args.n_kv_head
     try:
-        cfg = config_for_depth(args.depth, args.vocab_size, args.sequence_len, **knobs)
+        cfg = config_from_flags(args, args.vocab_size)
     except ValueError as e:
         parser.error(str(e))
     print(cfg)

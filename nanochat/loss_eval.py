@@ -6,14 +6,14 @@ those targets. Special tokens (0 bytes) and ignored targets (-1) count in neithe
 import math
 
 import torch
-import torch.distributed as dist
 
-from nanochat.common import is_ddp_initialized
+from nanochat.common import all_reduce_sum
 
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
-    """`batches` yields (inputs, targets); `token_bytes[id]` is the byte length of token id."""
+    """`batches` yields (inputs, targets); `token_bytes[id]` is the byte length of token id. Under torchrun
+    every rank evaluates its own batches and the sums are added over ranks (a collective)."""
     device = model.get_device()
     token_bytes = token_bytes.to(device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
@@ -27,9 +27,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         counted = nbytes > 0
         total_nats += torch.where(counted, losses, 0.0).sum()
         total_bytes += nbytes.sum()
-    if is_ddp_initialized():
-        dist.all_reduce(total_nats)
-        dist.all_reduce(total_bytes)
+    total_nats, total_bytes = all_reduce_sum(torch.stack([total_nats, total_bytes.double()]))  # bytes exact below 2^53
     if total_bytes.item() == 0:
         raise ValueError("bits per byte is undefined: the evaluated targets hold no text bytes")
     return (total_nats / (math.log(2) * total_bytes)).item()

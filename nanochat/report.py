@@ -3,7 +3,7 @@ The report card. Each stage writes its own section into $NANOCHAT_BASE_DIR/repor
 end of a run assembles them into report.md:
 
     python -m nanochat.report reset       # start of a run: clear the report dir, stamp the start time
-    python -m nanochat.report generate    # end of a run: report.md (+ PNG plots) from whatever is there
+    python -m nanochat.report generate    # end of a run: report.md (+ PNG plots, report_plots.py) from what is there
 
 A section is `<slug>.md` (human-readable markdown). When the stage also passes `metrics` (a flat
 dict), `<slug>.json` is written next to it: the summary table reads only those JSON files, never
@@ -15,6 +15,7 @@ the ones the summary knows are SUMMARY_METRICS below, plus:
 Assembling never fails on missing, partial or unreadable sections: what is absent shows as "-".
 """
 import glob
+import importlib.metadata
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import sys
 import time
 from datetime import datetime
 
-from nanochat.common import atomic_write_text, get_base_dir, make_parser
+from nanochat.common import atomic_write_text, format_duration, get_base_dir, make_parser
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_FILE = "_start.json"  # the reset stamp; a leading underscore can never be a section slug
@@ -46,10 +47,8 @@ STAGE_SECTIONS = {
     "RL": ["Chat RL", "Chat evaluation rl"],
 }
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "train_bpb", "val_bpb"]
-# Training logs the plots read: $NANOCHAT_BASE_DIR/<stage>_checkpoints/<model_tag>/log.jsonl
-LOG_STAGES = ("base", "mid", "sft", "rl")
 SOURCE_EXTS = (".py", ".sh", ".rs", ".html", ".js", ".css", ".toml", ".md")
-PACKAGE_DIRS = ("nanochat", "scripts", "tasks", "tests", "runs", "bench", "docs", "rustbpe")
+BUILD_DIRS = ("__pycache__", "build", "dist")  # git-ignored output, left out of the code size without git
 DEFAULT_GPU_HOUR_COST = 3.0  # $/GPU-hour, roughly an on-demand 8xH100 node rented per GPU
 
 
@@ -202,18 +201,42 @@ def software_info():
     return {"python": platform.python_version(), "torch": torch_version, "platform": platform.platform()}
 
 
+def project_dependencies(pyproject_path):
+    """The project's runtime requirements: [project].dependencies of pyproject.toml, extras left out. Python
+    3.10 has no TOML reader, so there they come from the installed package's metadata instead (what pip
+    recorded at `pip install -e .`, runs/setup.sh). None when neither can be read: the report says "unknown"."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            requires = importlib.metadata.requires("nanochat") or []
+        except importlib.metadata.PackageNotFoundError:
+            return None
+        return [r for r in requires if "extra" not in r.partition(";")[2]]
+    try:
+        with open(pyproject_path, "rb") as f:
+            deps = tomllib.load(f).get("project", {}).get("dependencies")
+    except (OSError, tomllib.TOMLDecodeError):
+        return None
+    return list(deps) if isinstance(deps, list) else None
+
+
+def _is_build_output(dirpath, name):
+    return (name.startswith(".") or name in BUILD_DIRS or name.endswith(".egg-info")
+            or os.path.exists(os.path.join(dirpath, name, "pyvenv.cfg")))  # a virtual environment
+
+
 def source_files(root=REPO_ROOT):
-    """Source files of the repo: what git knows (tracked, plus untracked files not ignored) or,
-    without git, the files under the package directories."""
+    """Source files of the repo: what git knows (tracked, plus untracked files not ignored) or, without
+    git (an exported tree), every file except hidden folders, build output and virtual environments."""
     listed = _run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root)
     if listed:
         names = sorted(set(n for n in listed.split("\0") if n))
     else:
-        names = [n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n))]
-        for d in PACKAGE_DIRS:
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, d)):
-                dirnames[:] = [x for x in dirnames if not x.startswith(".") and x != "__pycache__"]
-                names += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]
+        names = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = sorted(d for d in dirnames if not _is_build_output(dirpath, d))
+            names += [os.path.relpath(os.path.join(dirpath, f), root) for f in filenames]
     return [n for n in names if n.endswith(SOURCE_EXTS) and os.path.isfile(os.path.join(root, n))]
 
 
@@ -230,42 +253,7 @@ def code_size(root=REPO_ROOT):
         ext = os.path.splitext(name)[1]
         by_ext[ext] = by_ext.get(ext, 0) + n
     return {"files": files, "lines": lines, "chars": chars, "lines_by_ext": by_ext,
-            "dependencies": len(project_dependencies(os.path.join(root, "pyproject.toml")))}
-
-
-def _simple_dependencies(text):
-    """[project].dependencies from pyproject.toml text without tomllib (Python 3.10): the quoted
-    strings of the `dependencies = [...]` array inside the [project] table."""
-    table = re.search(r"^\[project\]\s*$(.*?)(?=^\[|\Z)", text, re.M | re.S)
-    if not table:
-        return []
-    body = re.sub(r"#[^\n]*", "", table.group(1))  # comments may hold quotes; no '#' inside our specs
-    start = re.search(r"^\s*dependencies\s*=\s*\[", body, re.M)
-    if not start:
-        return []
-    deps = []
-    for token in re.finditer(r""""([^"]*)"|'([^']*)'|\]""", body[start.end():]):  # strings until the closing ]
-        if token.group(0) == "]":
-            break
-        deps.append(token.group(1) if token.group(1) is not None else token.group(2))
-    return deps
-
-
-def project_dependencies(pyproject_path):
-    try:
-        with open(pyproject_path, encoding="utf-8") as f:
-            text = f.read()
-    except OSError:
-        return []
-    try:
-        import tomllib
-    except ImportError:  # Python 3.10
-        return _simple_dependencies(text)
-    try:
-        deps = tomllib.loads(text).get("project", {}).get("dependencies", [])
-    except tomllib.TOMLDecodeError:
-        return _simple_dependencies(text)
-    return list(deps) if isinstance(deps, list) else []
+            "dependencies": project_dependencies(os.path.join(root, "pyproject.toml"))}
 
 # -----------------------------------------------------------------------------
 # Sections and the summary table
@@ -312,13 +300,6 @@ def _fmt(v):
     return str(v)
 
 
-def format_duration(seconds):
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
-
-
 def summary_markdown(all_metrics, wall_seconds):
     table = summary_values(all_metrics)
     stages = list(STAGE_SECTIONS)
@@ -347,105 +328,6 @@ def cost_markdown(all_metrics, gpu_hour_cost, wall_seconds, num_gpus):
     return "- unknown: no stage recorded GPU-hours (metric `gpu_hours`) and no GPU run was timed"
 
 # -----------------------------------------------------------------------------
-# Plots from the training logs
-
-def read_log(path):
-    """The JSON records of a log.jsonl; a torn or bad line (a run still writing) is skipped."""
-    records = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(r, dict) and isinstance(r.get("step"), (int, float)):
-                    records.append(r)
-    except OSError:
-        pass
-    return records
-
-
-def find_logs(base_dir, since=None):
-    """[(stage, model_tag, path)] of training logs, modified at or after `since` when given."""
-    out = []
-    for stage in LOG_STAGES:
-        for path in sorted(glob.glob(os.path.join(base_dir, f"{stage}_checkpoints", "*", "log.jsonl"))):
-            if since is None or os.path.getmtime(path) >= since:
-                out.append((stage, os.path.basename(os.path.dirname(path)), path))
-    return out
-
-
-def _series(records, x, y):
-    pts = [(r[x], r[y]) for r in records if isinstance(r.get(x), (int, float)) and isinstance(r.get(y), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def plot_run(records, title, out_path):
-    """One PNG per run: training loss and validation bpb against step and against training FLOPs,
-    and the learning-rate multiplier. False when the log has nothing to plot."""
-    from matplotlib.figure import Figure  # the object API draws with Agg and touches no global state
-    train_key = "smooth_loss" if any("smooth_loss" in r for r in records) else "loss"
-    val_key = "val_bpb" if any("val_bpb" in r for r in records) else "val_loss"
-    if not any(train_key in r or val_key in r or "lrm" in r for r in records):
-        return False
-    fig = Figure(figsize=(16, 4.5), dpi=100, layout="constrained")
-    axes = fig.subplots(1, 3)
-    for ax, x, xlabel in ((axes[0], "step", "step"), (axes[1], "total_training_flops", "training FLOPs")):
-        handles = []
-        xs, raw = _series(records, x, "loss")
-        if train_key == "smooth_loss" and xs:
-            handles += ax.plot(xs, raw, color="tab:blue", alpha=0.25, lw=0.8, label="train loss")
-        xs, ys = _series(records, x, train_key)
-        if xs:
-            label = "train loss (smoothed)" if train_key == "smooth_loss" else "train loss"
-            handles += ax.plot(xs, ys, color="tab:blue", lw=1.5, label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("train loss (nats/token)")
-        ax.grid(alpha=0.3)
-        xs, ys = _series(records, x, val_key)
-        if xs:
-            ax2 = ax.twinx()
-            label = "validation bpb" if val_key == "val_bpb" else "validation loss"
-            handles += ax2.plot(xs, ys, "o-", color="tab:orange", ms=3, lw=1.2, label=label)
-            ax2.set_ylabel(f"validation {'bits/byte' if val_key == 'val_bpb' else 'loss'}")
-        if handles:
-            ax.legend(handles=handles, loc="upper right", fontsize=8)
-        ax.set_title(f"loss vs {xlabel}")
-    xs, ys = _series(records, "step", "lrm")
-    axes[2].plot(xs, ys, color="tab:green")
-    axes[2].set_xlabel("step")
-    axes[2].set_ylabel("LR multiplier")
-    axes[2].set_title("learning-rate schedule")
-    axes[2].grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.savefig(out_path)
-    return True
-
-
-def make_plots(report_dir, base_dir, since=None):
-    """Writes plot-<stage>-<tag>.png next to report.md; returns ([(caption, file name)], [(caption, error)]).
-    Raises ImportError when matplotlib is missing; any other failure skips that one plot."""
-    import matplotlib  # noqa: F401  (fail early and clearly)
-    for old in glob.glob(os.path.join(report_dir, "plot-*.png")):
-        os.remove(old)
-    made, failed = [], []
-    for stage, tag, path in find_logs(base_dir, since):
-        name = f"plot-{stage}-{slugify(tag) or 'run'}.png"
-        caption = f"{stage} {tag}"
-        tmp = os.path.join(report_dir, name + ".tmp.png")
-        try:
-            if plot_run(read_log(path), f"{caption}  ({os.path.relpath(path, base_dir)})", tmp):
-                os.replace(tmp, os.path.join(report_dir, name))
-                made.append((caption, name))
-        except Exception as e:  # a report is still worth having without one plot
-            failed.append((caption, f"{type(e).__name__}: {e}"))
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return made, failed
-
-# -----------------------------------------------------------------------------
 # Assembling report.md
 
 def header_markdown(start, now, hw, sw, git, code):
@@ -455,6 +337,7 @@ def header_markdown(start, now, hw, sw, git, code):
     gpus = ", ".join(f"{name} ({mem:.0f} GiB)" for name, mem in hw["gpus"]) if hw["gpus"] else "none"
     memory = "unknown" if hw["memory_gib"] is None else f"{hw['memory_gib']:.1f} GiB"
     exts = ", ".join(f"{e} {n:,}" for e, n in sorted(code["lines_by_ext"].items(), key=lambda kv: -kv[1]))
+    deps = "unknown" if code["dependencies"] is None else len(code["dependencies"])
     started = "unknown" if start is None else datetime.fromtimestamp(start).astimezone().isoformat(timespec="seconds")
     return "\n".join([
         "# nanochat training report", "",
@@ -468,7 +351,7 @@ def header_markdown(start, now, hw, sw, git, code):
         f"- Software: Python {sw['python']}, PyTorch {sw['torch']}, {sw['platform']}",
         f"- Code: {code['lines']:,} lines in {code['files']:,} files, {code['chars']:,} characters"
         + (f" (lines by type: {exts})" if exts else ""),
-        f"- Dependencies: {code['dependencies']} (pyproject.toml [project].dependencies)",
+        f"- Dependencies: {deps} (pyproject.toml [project].dependencies)",
     ])
 
 
@@ -490,6 +373,7 @@ def generate(gpu_hour_cost=DEFAULT_GPU_HOUR_COST, all_logs=False, plots=True):
         except OSError:
             continue
     if plots:
+        from nanochat.report_plots import make_plots  # matplotlib is imported there, only when plotting
         parts += ["## Plots", ""]
         try:
             made, failed = make_plots(report_dir, get_base_dir(), since=None if all_logs else start)

@@ -50,8 +50,3 @@ def policy_gradient_loss(model, inputs, targets, advantages, normalizer):
     The model returns per-token cross-entropy (= -log p, 0 where targets == -1)."""
     nll = model(inputs, targets, loss_reduction="none")  # (N, L)
     return (nll * advantages.to(nll.device, nll.dtype)[:, None]).sum() / normalizer
-
-
-def pass_at_k(outcomes, k):
-    """1 when any of the first k samples is correct."""
-    return int(any(bool(o) for o in outcomes[:k]))

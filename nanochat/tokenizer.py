@@ -9,11 +9,11 @@ loading cannot execute code from (no pickle):
     ranks.tiktoken    one "base64(token bytes) rank" line per mergeable token (tiktoken's format)
     token_bytes.pt    int32 tensor: UTF-8 byte length of every token id, 0 for special tokens
     meta.json         split pattern, special tokens, vocab size and the files' sha256, written last
-Tokenizers trained elsewhere load from a tiktoken ranks file, a Hugging Face byte-level BPE
-tokenizer.json, or GPT-2's encoder.json + vocab.bpe; our special tokens are added when missing.
+A tiktoken ranks file trained elsewhere loads with Tokenizer.from_tiktoken_file; a Hugging Face byte-level
+BPE tokenizer.json or GPT-2's encoder.json + vocab.bpe through nanochat/tokenizer_import.py. Either way our
+special tokens are added when missing (add_our_special_tokens).
 """
 import base64
-import copy
 import hashlib
 import io
 import json
@@ -26,6 +26,7 @@ import tiktoken
 import torch
 
 from nanochat.common import atomic_open, atomic_write_bytes, get_base_dir, logger
+from nanochat.conversation import validate_conversation
 
 SPECIAL_TOKENS = [
     "<|bos|>",  # every document starts with it
@@ -47,15 +48,11 @@ logging.getLogger("rustbpe").setLevel(logging.WARNING)
 
 RANKS_FILE, TOKEN_BYTES_FILE, META_FILE = "ranks.tiktoken", "token_bytes.pt", "meta.json"
 FORMAT_NAME, FORMAT_VERSION = "nanochat-tokenizer", 1
-PART_TYPES = ("text", "python", "python_output")
 
 
 class TokenizerError(ValueError):
     """A tokenizer file or directory that cannot be used; the message says which and why."""
 
-
-def _sha256(data):
-    return hashlib.sha256(data).hexdigest()
 
 # -----------------------------------------------------------------------------
 # tiktoken's ranks text format
@@ -84,64 +81,17 @@ def parse_ranks(data, source="ranks file"):
         raise TokenizerError(f"{source}: no tokens in it")
     return ranks
 
-# -----------------------------------------------------------------------------
-# GPT-2's byte-level alphabet: each byte is shown as one printable unicode character, used by
-# GPT-2's encoder.json and by Hugging Face byte-level BPE vocabularies.
 
-def byte_level_chars():
-    """{byte value: the character that stands for it}."""
-    printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    mapping, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + shifted)
-            shifted += 1
-    return mapping
-
-
-def _ranks_from_byte_level(vocab, merges, specials, source):
-    """Byte-level BPE (vocab: token string -> id, merges in priority order) -> tiktoken ranks.
-    tiktoken merges the adjacent pair whose concatenation has the lowest rank, so keeping the ids
-    as ranks reproduces the original BPE as long as ids grow with merge order; checked here."""
-    char_to_byte = {c: b for b, c in byte_level_chars().items()}
-    ranks, special_tokens = {}, {}
-    for token, idx in vocab.items():
-        if not isinstance(idx, int) or idx < 0:
-            raise TokenizerError(f"{source}: token {token!r} has id {idx!r}, expected a non-negative integer")
-        if token in specials:
-            special_tokens[token] = idx
-            continue
-        try:
-            ranks[bytes(char_to_byte[c] for c in token)] = idx
-        except KeyError as e:
-            raise TokenizerError(f"{source}: not a byte-level BPE vocabulary: token {token!r} has character "
-                                 f"{e.args[0]!r} outside the byte-level alphabet") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(f"{source}: not a byte-level BPE vocabulary: {len(missing)} of the 256 single bytes "
-                             f"have no token (first: {missing[0]})")
-    last, produced = -1, set()
-    for i, (a, b) in enumerate(merges):
-        try:
-            merged = bytes(char_to_byte[c] for c in a + b)
-        except KeyError as e:
-            raise TokenizerError(f"{source}: merge {i} ({a!r}, {b!r}) has character {e.args[0]!r} outside the byte-level alphabet") from None
-        if merged not in ranks:
-            raise TokenizerError(f"{source}: merge {i} ({a!r}, {b!r}) produces a token that is not in the vocabulary")
-        if merged in produced:
-            continue  # a second route to the same token; the first one fixed its priority
-        produced.add(merged)
-        if ranks[merged] <= last:
-            raise TokenizerError(f"{source}: token ids do not follow merge order (merge {i} ({a!r}, {b!r}) -> id "
-                                 f"{ranks[merged]}); tiktoken ranks cannot reproduce this BPE")
-        last = ranks[merged]
-    unreachable = [tok for tok in ranks if len(tok) > 1 and tok not in produced]
-    if unreachable:
-        raise TokenizerError(f"{source}: {len(unreachable)} multi-byte token(s) are produced by no merge "
-                             f"(first: {unreachable[0]!r}); is it a byte-level BPE?")
-    return ranks, special_tokens
+def add_our_special_tokens(mergeable_ranks, special_tokens):
+    """A tokenizer made elsewhere keeps its special tokens ({name: id}); ours that are missing are appended
+    after the highest id, so its own ids never move."""
+    special_tokens = dict(special_tokens or {})
+    next_id = max(list(mergeable_ranks.values()) + list(special_tokens.values())) + 1
+    for name in SPECIAL_TOKENS:
+        if name not in special_tokens:
+            special_tokens[name] = next_id
+            next_id += 1
+    return special_tokens
 
 # -----------------------------------------------------------------------------
 
@@ -185,17 +135,6 @@ class Tokenizer:
         self._pool_lock = threading.Lock()
 
     # --- construction --------------------------------------------------------
-
-    @staticmethod
-    def _add_our_special_tokens(mergeable_ranks, special_tokens):
-        """Keep the given special tokens and append ours that are missing after the highest id."""
-        special_tokens = dict(special_tokens or {})
-        next_id = max(list(mergeable_ranks.values()) + list(special_tokens.values())) + 1
-        for name in SPECIAL_TOKENS:
-            if name not in special_tokens:
-                special_tokens[name] = next_id
-                next_id += 1
-        return special_tokens
 
     @classmethod
     def train_from_iterator(cls, text_iterator, vocab_size, pattern=SPLIT_PATTERN):
@@ -258,7 +197,7 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer at {path} is incomplete: {RANKS_FILE} is missing")
         with open(ranks_path, "rb") as f:
             data = f.read()
-        if _sha256(data) != ranks_sha:
+        if hashlib.sha256(data).hexdigest() != ranks_sha:
             raise TokenizerError(f"corrupt tokenizer file {ranks_path}: its sha256 does not match {META_FILE} "
                                  "(modified or partially written); train or import the tokenizer again")
         ranks = parse_ranks(data, ranks_path)
@@ -274,83 +213,7 @@ class Tokenizer:
         (PATTERNS["gpt4"] for cl100k, PATTERNS["gpt2"] for r50k/gpt2) for the original tokenization."""
         with open(path, "rb") as f:
             ranks = parse_ranks(f.read(), path)
-        return cls(ranks, cls._add_our_special_tokens(ranks, special_tokens), pattern)
-
-    @classmethod
-    def from_hf_json(cls, path, pattern=None):
-        """A Hugging Face tokenizer.json holding a byte-level BPE. Parsed here, so the `tokenizers`
-        package is not needed. Its added tokens become special tokens (with their ids); ours are appended
-        when missing. Unlike HF, which cuts added tokens out of any text, plain text never yields them."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                cfg = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{path}: not valid JSON ({e})") from None
-        model = cfg.get("model") if isinstance(cfg, dict) else None
-        if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
-            raise TokenizerError(f"{path}: not a BPE tokenizer (model type {model.get('type') if isinstance(model, dict) else None!r})")
-        if not isinstance(model.get("vocab"), dict) or not isinstance(model["merges"], list):
-            raise TokenizerError(f"{path}: model.vocab must be an object and model.merges a list")
-        if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-            raise TokenizerError(f"{path}: BPE with byte_fallback / subword prefixes is not byte-level BPE")
-        steps = cls._hf_steps(cfg.get("pre_tokenizer"))
-        if not any(s.get("type") == "ByteLevel" for s in steps) and (cfg.get("decoder") or {}).get("type") != "ByteLevel":
-            raise TokenizerError(f"{path}: not a byte-level BPE (no ByteLevel pre-tokenizer or decoder)")
-        if cfg.get("normalizer"):
-            logger.warning(f"{path}: its normalizer ({cfg['normalizer'].get('type')}) is not applied by tiktoken")
-        if any(s.get("type") == "ByteLevel" and s.get("add_prefix_space") for s in steps):
-            logger.warning(f"{path}: its ByteLevel add_prefix_space is not applied: text is encoded as given")
-        if pattern is None:
-            pattern = cls._hf_pattern(steps, path)
-        try:
-            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-            added = {t["content"]: t["id"] for t in cfg.get("added_tokens") or []}
-        except (AttributeError, KeyError, TypeError) as e:
-            raise TokenizerError(f"{path}: malformed merges or added_tokens ({e!r})") from None
-        if any(len(m) != 2 for m in merges):
-            raise TokenizerError(f"{path}: every merge must be a pair of tokens")
-        vocab = dict(model["vocab"])
-        vocab.update(added)
-        ranks, specials = _ranks_from_byte_level(vocab, merges, set(added), path)
-        return cls(ranks, cls._add_our_special_tokens(ranks, specials), pattern)
-
-    @staticmethod
-    def _hf_steps(pre_tokenizer):
-        if not pre_tokenizer:
-            return []
-        if pre_tokenizer.get("type") == "Sequence":
-            return list(pre_tokenizer.get("pretokenizers") or [])
-        return [pre_tokenizer]
-
-    @staticmethod
-    def _hf_pattern(steps, path):
-        for step in steps:
-            if step.get("type") == "Split":
-                regex = (step.get("pattern") or {}).get("Regex")
-                if not regex or step.get("behavior") != "Isolated" or step.get("invert"):
-                    raise TokenizerError(f"{path}: unsupported Split pre-tokenizer {step}; pass pattern= explicitly")
-                return regex
-        if any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
-            return GPT2_PATTERN  # ByteLevel's built-in split is GPT-2's
-        raise TokenizerError(f"{path}: no regex pre-split found; pass pattern= explicitly")
-
-    @classmethod
-    def from_gpt2_files(cls, encoder_json, vocab_bpe):
-        """GPT-2's original encoder.json + vocab.bpe; <|endoftext|> is kept as a special token."""
-        try:
-            with open(encoder_json, encoding="utf-8") as f:
-                vocab = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"{encoder_json}: not valid JSON ({e})") from None
-        if not isinstance(vocab, dict):
-            raise TokenizerError(f"{encoder_json}: expected a JSON object of token -> id")
-        with open(vocab_bpe, encoding="utf-8") as f:
-            lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
-        merges = [tuple(line.split(" ")) for line in lines]
-        if any(len(m) != 2 for m in merges):
-            raise TokenizerError(f"{vocab_bpe}: every merge line must be two tokens separated by a space")
-        ranks, specials = _ranks_from_byte_level(vocab, merges, {"<|endoftext|>"}, encoder_json)
-        return cls(ranks, cls._add_our_special_tokens(ranks, specials), GPT2_PATTERN)
+        return cls(ranks, add_our_special_tokens(ranks, special_tokens), pattern)
 
     # --- saving --------------------------------------------------------------
 
@@ -367,7 +230,8 @@ class Tokenizer:
         meta = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION,
             "vocab_size": self.get_vocab_size(), "pattern": self.pattern, "special_tokens": self.special_tokens,
-            "sha256": {RANKS_FILE: _sha256(ranks_data), TOKEN_BYTES_FILE: _sha256(token_bytes_data)},
+            "sha256": {RANKS_FILE: hashlib.sha256(ranks_data).hexdigest(),
+                       TOKEN_BYTES_FILE: hashlib.sha256(token_bytes_data).hexdigest()},
         }
         with atomic_open(os.path.join(directory, META_FILE), "w") as f:
             json.dump(meta, f, indent=1, ensure_ascii=False)
@@ -492,48 +356,16 @@ class Tokenizer:
 
     @staticmethod
     def _check_messages(conversation):
-        """Validated messages (copies), a leading system message merged into the first user turn.
-        Each entry is (original index, message)."""
-        messages = conversation.get("messages") if isinstance(conversation, dict) else conversation
-        if not isinstance(messages, list):
-            raise ValueError("conversation must be a list of messages or a dict with a 'messages' list")
-        if not messages:
-            raise ValueError("conversation is empty: it has no messages")
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
-        indexed = [(i, copy.deepcopy(m)) for i, m in enumerate(messages)]
-        if indexed[0][1]["role"] == "system":
-            system = indexed[0][1]["content"]
-            if not isinstance(system, str):
-                raise ValueError("message 0 (system): content must be a string")
-            if len(indexed) < 2 or indexed[1][1]["role"] != "user":
-                raise ValueError("a system message must be followed by a user message")
-            user = indexed[1][1]
-            if not isinstance(user["content"], str):
-                raise ValueError("message 1 (user): content must be a string")
-            user["content"] = system + "\n\n" + user["content"]
-            indexed = indexed[1:]
-        for k, (i, m) in enumerate(indexed):
-            expected = "user" if k % 2 == 0 else "assistant"
-            if m["role"] != expected:
-                raise ValueError(f"message {i} has role {m['role']!r}, expected {expected!r} "
-                                 "(after an optional leading system message, roles alternate user/assistant starting with user)")
-            content = m["content"]
-            if expected == "user":
-                if not isinstance(content, str):
-                    raise ValueError(f"message {i} (user): content must be a string")
-            elif isinstance(content, list):
-                for j, part in enumerate(content):
-                    if not isinstance(part, dict) or not isinstance(part.get("text"), str):
-                        raise ValueError(f"message {i} part {j}: must be a dict with a 'text' string")
-                    if part.get("type") not in PART_TYPES:
-                        raise ValueError(f"message {i} part {j}: unknown part type {part.get('type')!r} (expected one of {PART_TYPES})")
-            elif not isinstance(content, str):
-                raise ValueError(f"message {i} (assistant): content must be a string or a list of parts")
-        return indexed
+        """The messages, checked by nanochat.conversation (strict=False: a bare list, keys we do not render
+        and empty content are fine), a leading system message merged into the first user turn (a new
+        dict: the caller's conversation is not modified)."""
+        messages = validate_conversation(conversation, strict=False)
+        if messages[0]["role"] == "system":
+            merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            messages = [merged] + messages[2:]
+        return messages
 
-    def _render(self, indexed):
+    def _render(self, messages):
         s = self.encode_special
         ids, mask = [s("<|bos|>")], [0]
 
@@ -541,7 +373,7 @@ class Tokenizer:
             ids.extend(tokens)
             mask.extend([m] * len(tokens))
 
-        for _, m in indexed:
+        for m in messages:
             if m["role"] == "user":
                 add([s("<|user_start|>")] + self.encode(m["content"]) + [s("<|user_end|>")], 0)
                 continue
@@ -567,10 +399,10 @@ class Tokenizer:
     def render_for_completion(self, conversation):
         """ids that prime the assistant's next reply: a final assistant message, if any, is dropped
         and <|assistant_start|> appended."""
-        indexed = self._check_messages(conversation)
-        if indexed[-1][1]["role"] == "assistant":
-            indexed = indexed[:-1]
-        ids, _ = self._render(indexed)
+        messages = self._check_messages(conversation)
+        if messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        ids, _ = self._render(messages)
         return ids + [self.encode_special("<|assistant_start|>")]
 
     def visualize_tokenization(self, ids, mask, color=True):
@@ -586,6 +418,38 @@ class Tokenizer:
             else:
                 out.append(f"[{text}]" if m else text)
         return ("" if color else "|").join(out)
+
+
+class StreamDecoder:
+    """Turns token ids, pushed one at a time, into text pieces whose concatenation is exactly
+    tokenizer.decode(all ids), for replies shown as they are generated (chat_cli, the web server). A
+    character whose bytes straddle tokens is held back until complete: ids since the last clean cut are
+    decoded together and a trailing U+FFFD (an incomplete sequence, or an invalid one only the next bytes
+    can tell apart) is not emitted yet. Uses only decode(ids)."""
+
+    def __init__(self, tokenizer, max_window=64):
+        self.tokenizer = tokenizer
+        self.max_window = max_window  # give up waiting (invalid bytes) after this many tokens
+        self.window = []  # ids since the last clean cut
+        self.emitted = 0  # characters of decode(window) already returned
+
+    def push(self, token_id):
+        self.window.append(token_id)
+        text = self.tokenizer.decode(self.window)
+        complete = len(text.rstrip("\ufffd"))
+        if complete == len(text) or len(self.window) >= self.max_window:
+            piece = text[self.emitted:]
+            self.window, self.emitted = [], 0
+            return piece
+        piece = text[self.emitted:complete]
+        self.emitted = max(self.emitted, complete)
+        return piece
+
+    def flush(self):
+        """Whatever is held back (undecodable bytes become U+FFFD)."""
+        piece = self.tokenizer.decode(self.window)[self.emitted:] if self.window else ""
+        self.window, self.emitted = [], 0
+        return piece
 
 # -----------------------------------------------------------------------------
 
@@ -614,7 +478,7 @@ def get_token_bytes(device="cpu"):
         expected = json.load(f).get("sha256", {}).get(TOKEN_BYTES_FILE)
     with open(tb_path, "rb") as f:
         data = f.read()
-    if _sha256(data) != expected:
+    if hashlib.sha256(data).hexdigest() != expected:
         raise TokenizerError(f"corrupt tokenizer file {tb_path}: its sha256 does not match {META_FILE}")
     token_bytes = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     return token_bytes.to(device)

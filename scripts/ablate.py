@@ -4,7 +4,8 @@ Ablation of the planned architecture changes at equal training FLOPs, tiny scale
 Trains the reference architecture, each change alone and all of them together, every run with the
 same FLOPs budget (so a cheaper architecture gets more steps), then compares validation bits per
 byte on held-out text. Writes a table and a bar chart into the report: the evidence to look at
-before spending a real budget on the changes.
+before spending a real budget on the changes. The changes are nanochat.gpt.PLANNED_CHANGES, the list
+scripts.plan prices; the reference takes base_train's architecture flags, at tiny-scale defaults.
 
     python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=2e13
 """
@@ -12,38 +13,44 @@ import os
 import sys
 
 from nanochat.common import make_parser, positive_int, print0
+from nanochat.gpt import MODEL_FLAGS, add_model_flags, model_flags, planned_changes
 
-# (label, base_train flags) at tiny scale: the context changes keep the plan's ratios (2048 -> 1024 / 512).
-def variants(seq_len):
-    return [
-        ("reference", []),
-        ("tied embeddings", ["--tie-embeddings=true"]),
-        (f"context {seq_len // 2}", [f"--max-seq-len={seq_len // 2}"]),
-        (f"context {seq_len // 4}", [f"--max-seq-len={seq_len // 4}"]),
-        ("MLP 3x", ["--mlp-ratio=3"]),
-        ("MLP 2.5x", ["--mlp-ratio=2.5"]),
-        ("n_kv_head = n_head // 4", ["--kv-head-ratio=4"]),
-        ("GELU", ["--activation=gelu"]),
-        ("SiLU", ["--activation=silu"]),
-        ("softcap off", ["--softcap=0"]),
-        ("RoPE base 100000", ["--rope-base=100000"]),
-        ("all together", ["--tie-embeddings=true", f"--max-seq-len={seq_len // 2}", "--mlp-ratio=3",
-                          "--kv-head-ratio=4", "--activation=silu", "--softcap=0"]),
-    ]
+TINY_SCALE = dict(depth=4, head_dim=64, max_seq_len=256)  # the ablation's reference architecture flags
 
 
-def get_args(argv=None):
+def flag_value(v):
+    """A flag value as base_train's parser reads it, as people write it: true/false, 3 for 3.0, 2.5."""
+    if isinstance(v, bool):
+        return str(v).lower()
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def variants(seq_len, reference=None):
+    """[(label, base_train flags)]: the reference, then each of nanochat.gpt's planned changes alone and
+    all together at a reference context of `seq_len` (halved and quartered as the plan's 2048 -> 1024,
+    512), each as the flags whose value differs from `reference` (the ablation's architecture flags;
+    default: their tiny-scale defaults at --max-seq-len=seq_len)."""
+    reference = reference or {**vars(model_flags(**TINY_SCALE)), "max_seq_len": seq_len}
+    return [("reference", [])] + [
+        (label, [f"--{k.replace('_', '-')}={flag_value(v)}" for k, v in change.items() if v != reference[k]])
+        for label, change in planned_changes(seq_len)]
+
+
+def build_parser():
     p = make_parser(__doc__)
     p.add_argument("--data", default=None, help="data spec PATH[:WEIGHT],... (default: the reference shards)")
-    p.add_argument("--depth", type=positive_int, default=4)
-    p.add_argument("--head-dim", type=positive_int, default=64)
-    p.add_argument("--max-seq-len", type=positive_int, default=256, help="the reference context at this scale")
+    add_model_flags(p.add_argument_group("reference architecture (the flags of scripts.base_train, at tiny scale)"),
+                    **TINY_SCALE)
     p.add_argument("--target-flops", type=float, default=2e13, help="training FLOPs of every run (about 100 steps of the reference)")
     p.add_argument("--total-batch-size", type=positive_int, default=8192)
     p.add_argument("--device-batch-size", type=positive_int, default=8)
     p.add_argument("--eval-tokens", type=positive_int, default=65536)
     p.add_argument("--only", default="", help="'|'-separated labels to run (default: all)")
-    return p.parse_args(argv)
+    return p
+
+
+def get_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def plot(rows, path):
@@ -72,18 +79,19 @@ def plot(rows, path):
 def main(argv=None):
     args = get_args(argv)
     from nanochat.report import get_report_dir, write_section
-    from scripts import base_train
+    from . import base_train  # the entry point, run in-process once per variant
     only = set(args.only.split("|")) if args.only else None
     rows = []
-    for label, flags in variants(args.max_seq_len):
+    reference = {k: getattr(args, k) for k in MODEL_FLAGS}
+    for label, flags in variants(args.max_seq_len, reference):
         if only and label not in only:
             continue
         print0(f"=== {label}: {' '.join(flags) or '(reference)'}")
         tag = "ablate-" + "".join(c if c.isalnum() else "-" for c in label.lower())
-        common = [f"--depth={args.depth}", f"--head-dim={args.head_dim}", f"--max-seq-len={args.max_seq_len}",
-                  f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
-                  f"--device-batch-size={args.device_batch_size}", f"--eval-tokens={args.eval_tokens}",
-                  "--eval-every=-1", "--sample-every=-1", "--core-metric-every=-1", f"--model-tag={tag}"]
+        common = [f"--{k.replace('_', '-')}={flag_value(v)}" for k, v in reference.items()]
+        common += [f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
+                   f"--device-batch-size={args.device_batch_size}", f"--eval-tokens={args.eval_tokens}",
+                   "--eval-every=-1", "--sample-every=-1", "--core-metric-every=-1", f"--model-tag={tag}"]
         if args.data:
             common.append(f"--data={args.data}")
         # a shorter context keeps the tokens per step: more rows per batch

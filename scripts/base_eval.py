@@ -9,12 +9,16 @@ $NANOCHAT_EVAL_BUNDLE_URL (a zip or tar.gz of core.yaml, eval_meta_data.csv and 
 Prints a results table, writes $NANOCHAT_BASE_DIR/base_eval/core_<tag>.csv and a report section.
 """
 import argparse
+import csv
+import os
+import re
 
 import torch.distributed as dist
 
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
-                             make_parser, non_negative_int)
-from nanochat.core_eval import evaluate_core, format_results_table, resolve_eval_dir, write_report, write_results_csv
+from nanochat.common import (atomic_open, autocast_context, compute_cleanup, compute_init, get_base_dir,
+                             get_compute_dtype, is_ddp_initialized, make_parser, non_negative_int)
+from nanochat.core_bundle import resolve_eval_dir
+from nanochat.core_eval import evaluate_core
 
 
 def max_items(value):
@@ -25,6 +29,58 @@ def max_items(value):
     if n == 0 or n < -1:
         raise argparse.ArgumentTypeError(f"expected -1 (all items) or a positive integer, got {value!r}")
     return n
+
+
+# -----------------------------------------------------------------------------
+# Output: stdout table, CSV, report section
+
+
+def format_results_table(out):
+    """evaluate_core's result as a fixed-width table, CORE and the missing tasks last."""
+    lines = [f"{'Task':<36} {'Accuracy':>9} {'Centered':>9} {'Items':>7}"]
+    for label, r in out["results"].items():
+        lines.append(f"{label:<36} {r['accuracy']:>9.4f} {r['centered']:>9.4f} {r['num_items']:>7}")
+    lines.append(f"{'CORE':<36} {'':>9} {out['core']:>9.4f}")
+    if out["missing"]:
+        lines.append(f"missing tasks (not in CORE): {', '.join(out['missing'])}")
+    return "\n".join(lines)
+
+
+def write_results_csv(out, tag):
+    """$NANOCHAT_BASE_DIR/base_eval/core_<tag>.csv (tag reduced to a safe file name), written atomically;
+    returns its path."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", str(tag)).strip("._") or "model"
+    path = os.path.join(get_base_dir(), "base_eval", f"core_{safe}.csv")
+    with atomic_open(path, "w") as f:
+        w = csv.writer(f, lineterminator="\n")
+        w.writerow(["Task", "Accuracy", "Centered", "Items", "Status"])
+        for label, r in out["results"].items():
+            w.writerow([label, f"{r['accuracy']:.6f}", f"{r['centered']:.6f}", r["num_items"], "ok"])
+        for label in out["missing"]:
+            w.writerow([label, "", "", 0, "missing"])
+        w.writerow(["CORE", "", f"{out['core']:.6f}", "", ""])
+    return path
+
+
+def report_markdown(out, info=None):
+    """The report-card body: run info, CORE, the per-task table and the missing tasks."""
+    lines = [f"- {k}: {v}" for k, v in (info or {}).items()]
+    lines.append(f"- max per task: {out['max_per_task'] if out['max_per_task'] > 0 else 'all'}")
+    lines.append(f"- CORE: {out['core']:.4f} (mean centered accuracy over {len(out['results'])} tasks)")
+    lines.append(f"- missing tasks: {', '.join(out['missing']) if out['missing'] else 'none'}")
+    lines += ["", "| Task | Type | Shots | Items | Accuracy | Centered |", "|---|---|---|---|---|---|"]
+    for label, r in out["results"].items():
+        lines.append(f"| {label} | {r['task_type']} | {r['num_fewshot']} | {r['num_items']} | "
+                     f"{r['accuracy']:.4f} | {r['centered']:.4f} |")
+    return "\n".join(lines)
+
+
+def write_report(out, info=None):
+    """The report section "Base model evaluation" with the metric CORE for the summary table; returns its path."""
+    from nanochat.report import write_section
+    return write_section("Base model evaluation", report_markdown(out, info), metrics={"CORE": out["core"]})
+
+# -----------------------------------------------------------------------------
 
 
 def get_parser():

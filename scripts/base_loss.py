@@ -6,12 +6,11 @@ Train and validation bits per byte of a base checkpoint, plus a few greedy sampl
 """
 import sys
 
-import torch
-
 from nanochat.checkpoint import CheckpointError, load_model
 from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
                              make_parser, positive_int, print0)
 from nanochat.dataset import DataError
+from nanochat.engine import SAMPLE_PROMPTS, greedy_samples
 
 
 def get_args(argv=None):
@@ -31,7 +30,6 @@ def main(argv=None):
     from nanochat.dataloader import DataLoader, build_val_loader
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes
-    from scripts.base_train import SAMPLE_PROMPTS, greedy_samples
 
     device_type = autodetect_device_type(args.device_type or None)
     is_ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)

@@ -14,7 +14,7 @@ import sys
 import torch
 
 from nanochat.common import autocast_context, autodetect_device_type, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int, str2bool
-from scripts.chat_web import StreamDecoder
+from nanochat.tokenizer import StreamDecoder
 
 CLEAR_COMMANDS = {"clear", "/clear"}
 QUIT_COMMANDS = {"quit", "exit", "/quit", "/exit"}

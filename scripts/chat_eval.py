@@ -13,9 +13,10 @@ import argparse
 
 import torch.distributed as dist
 
-from nanochat.chat_eval import TASK_NAMES, format_results_table, load_task, parse_task_names, run_chat_eval, write_report
+from nanochat.chat_eval import format_results_table, run_chat_eval, write_report
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
                              make_parser, positive_int, non_negative_float, non_negative_int, str2bool)
+from tasks.registry import TASK_NAMES, load_tasks, parse_task_names
 
 
 def task_list(value):
@@ -54,7 +55,7 @@ def main(argv=None):
     try:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag or None,
                                             step=args.step)
-        tasks = {name: load_task(name) for name in names}
+        tasks = load_tasks(names)
     except (CheckpointError, FileNotFoundError) as e:
         if is_ddp_initialized():
             dist.destroy_process_group()  # no barrier: other ranks may not get this far

@@ -8,9 +8,11 @@ Size a base model to a compute budget before spending it.
 For each depth: parameters by group, training tokens at --target-param-data-ratio, FLOPs, hours and
 cost at --mfu, KV-cache bytes, and the data needed. Then the largest depth whose base training fits
 the budget (less --reserve for the other stages), its base_train flags, and what each planned
-architecture change saves at that depth. The architecture flags are base_train's, and every
-model-side number comes from nanochat.gpt.GPT itself (built on the meta device: no memory, no
-weights) through base_train's own build_config, so the plan and the run cannot disagree.
+architecture change saves at that depth. The architecture flags are base_train's (both take them
+from nanochat.gpt.add_model_flags), the planned changes are nanochat.gpt.PLANNED_CHANGES (the list
+scripts.ablate trains), and every model-side number comes from nanochat.gpt.GPT itself (built on the
+meta device: no memory, no weights) through config_from_flags, the function base_train builds its
+model with, so the plan and the run cannot disagree.
 """
 import argparse
 import dataclasses
@@ -20,6 +22,7 @@ import sys
 import torch
 
 from nanochat.common import gpu_peak_flops, make_parser, positive_float, positive_int, str2bool
+from nanochat.gpt import MODEL_FLAGS as ALL_MODEL_FLAGS, add_model_flags, config_from_flags, planned_changes
 
 # --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak)
 GPU_NAMES = {
@@ -30,25 +33,7 @@ GPU_NAMES = {
 DEFAULT_CHARS_PER_TOKEN = 4.8  # the reference 65,536-token tokenizer on FineWeb-EDU text
 DEFAULT_CHARS_PER_SHARD = 250e6  # one reference FineWeb-EDU parquet shard holds about 250M characters
 KV_BYTES_PER_ELEMENT = 2  # bf16 cache
-MODEL_FLAGS = ("head_dim", "max_seq_len", "mlp_ratio", "activation", "tie_embeddings", "n_kv_head", "kv_head_ratio",
-               "softcap", "rope_base")
-
-# Each of the plan's changes alone (section 5.4), applied to the reference at the chosen depth.
-CHANGES = [
-    ("tied embeddings", dict(tie_embeddings=True)),
-    ("seq 1024", dict(max_seq_len=1024)),
-    ("seq 512", dict(max_seq_len=512)),
-    ("MLP 3x", dict(mlp_ratio=3.0)),
-    ("MLP 2.5x", dict(mlp_ratio=2.5)),
-    ("n_kv_head = n_head // 4", dict(n_kv_head=0, kv_head_ratio=4)),
-    ("GELU", dict(activation="gelu")),
-    ("SiLU", dict(activation="silu")),
-    ("softcap off", dict(softcap=0.0)),
-    ("RoPE base 100000", dict(rope_base=100000.0)),
-]
-ALL_TOGETHER = ("all together",
-                dict(tie_embeddings=True, max_seq_len=1024, mlp_ratio=3.0, n_kv_head=0, kv_head_ratio=4,
-                     activation="silu", softcap=0.0, rope_base=100000.0))
+MODEL_FLAGS = tuple(f for f in ALL_MODEL_FLAGS if f != "depth")  # the depth is swept (--depths)
 
 
 def parse_depths(spec):
@@ -83,15 +68,7 @@ def build_parser():
     g.add_argument("--depths", type=parse_depths, default="8:40:2", help="START:STOP[:STEP] or a list")
     g = p.add_argument_group("model (the flags of scripts.base_train)")
     g.add_argument("--vocab-size", type=positive_int, default=65536, help="tokenizer vocabulary")
-    g.add_argument("--head-dim", type=positive_int, default=128, help="channels per attention head")
-    g.add_argument("--max-seq-len", type=positive_int, default=2048, help="context length")
-    g.add_argument("--mlp-ratio", type=positive_float, default=4.0, help="MLP hidden size / width")
-    g.add_argument("--activation", default="relu2", choices=["relu2", "gelu", "silu"])
-    g.add_argument("--tie-embeddings", type=str2bool, default=False, help="share wte and lm_head")
-    g.add_argument("--n-kv-head", type=int, default=0, help="key/value heads (0 = n_head / --kv-head-ratio)")
-    g.add_argument("--kv-head-ratio", type=positive_int, default=1, help="n_kv_head = n_head // ratio")
-    g.add_argument("--softcap", type=float, default=15.0, help="logit softcap (0 = off)")
-    g.add_argument("--rope-base", type=positive_float, default=10000.0, help="rotary embedding base (theta)")
+    add_model_flags(g, with_depth=False)
     g.add_argument("--target-param-data-ratio", type=positive_float, default=20.0, help="tokens per parameter")
     g.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step")
     g = p.add_argument_group("data")
@@ -112,10 +89,6 @@ def get_args(argv=None):
         p.error(f"argument --reserve: must be in [0, 1), got {args.reserve}")
     if not (args.gpu_hour_cost >= 0 and math.isfinite(args.gpu_hour_cost)):
         p.error(f"argument --gpu-hour-cost: must be a non-negative number, got {args.gpu_hour_cost}")
-    if args.n_kv_head < 0:
-        p.error(f"argument --n-kv-head: must be >= 0 (0 = n_head / --kv-head-ratio), got {args.n_kv_head}")
-    if not (args.softcap >= 0 and math.isfinite(args.softcap)):
-        p.error(f"argument --softcap: must be >= 0 (0 = off), got {args.softcap}")
     return args
 
 # -----------------------------------------------------------------------------
@@ -123,9 +96,8 @@ def get_args(argv=None):
 
 def make_config(args, depth, **overrides):
     """The GPTConfig base_train would build for these flags at this depth."""
-    from scripts.base_train import build_config
     ns = argparse.Namespace(**{**vars(args), **overrides, "depth": depth})
-    return build_config(ns, args.vocab_size)
+    return config_from_flags(ns, args.vocab_size)
 
 
 def measure_model(config):
@@ -228,13 +200,13 @@ def choose_depth(plans, budget_hours):
 
 
 def compare_changes(args, depth, peak_flops, chars_per_token):
-    """[(label, Plan or error string)]: the reference, each change alone, all together, and the
-    given flags when they are none of those, all at `depth`."""
+    """[(label, Plan or error string)]: the reference, each planned change alone, all together, and
+    the given flags when they are none of those, all at `depth`."""
     defaults = build_parser().parse_args([])
     reference = {k: getattr(defaults, k) for k in MODEL_FLAGS}
     yours = {k: getattr(args, k) for k in MODEL_FLAGS}
-    variants = [("reference", {})] + CHANGES + [ALL_TOGETHER]
-    if yours != reference and yours != {**reference, **ALL_TOGETHER[1]}:
+    variants = [("reference", {})] + planned_changes(reference["max_seq_len"], context_label="seq")
+    if yours != reference and yours != {**reference, **variants[-1][1]}:
         variants.append(("your flags", yours))
     rows = []
     for label, change in variants:

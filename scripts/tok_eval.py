@@ -15,6 +15,7 @@ from nanochat.common import make_parser, positive_int
 from nanochat.dataset import DataError, iter_documents, parse_data_spec
 from nanochat.report import write_section
 from nanochat.tokenizer import PATTERNS, Tokenizer, get_tokenizer
+from nanochat.tokenizer_import import from_gpt2_files
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_REF_DIR = os.path.join(os.environ.get("NANOCHAT_SHARED_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")), "tokenizers")
@@ -75,7 +76,7 @@ def load_references(ref_dir):
     if os.path.exists(r50k):
         refs["GPT-2"] = Tokenizer.from_tiktoken_file(r50k, pattern=PATTERNS["gpt2"], special_tokens={"<|endoftext|>": 50256})
     elif all(os.path.exists(p) for p in gpt2):
-        refs["GPT-2"] = Tokenizer.from_gpt2_files(*gpt2)
+        refs["GPT-2"] = from_gpt2_files(*gpt2)
     if os.path.exists(cl100k):
         refs["GPT-4"] = Tokenizer.from_tiktoken_file(cl100k, pattern=PATTERNS["gpt4"],
                                                      special_tokens={"<|endoftext|>": 100257, "<|fim_prefix|>": 100258,

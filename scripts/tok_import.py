@@ -15,6 +15,7 @@ import sys
 
 from nanochat.common import make_parser
 from nanochat.tokenizer import PATTERNS, Tokenizer, TokenizerError, get_tokenizer_dir
+from nanochat.tokenizer_import import from_gpt2_files, from_hf_json
 
 
 def main(argv=None):
@@ -35,11 +36,11 @@ def main(argv=None):
         if args.tiktoken:
             tokenizer = Tokenizer.from_tiktoken_file(path, pattern=pattern or PATTERNS["nanochat"])
         elif args.hf_json:
-            tokenizer = Tokenizer.from_hf_json(path, pattern=pattern)
+            tokenizer = from_hf_json(path, pattern=pattern)
         else:
             if args.pattern:
                 parser.error("argument --pattern: GPT-2 files always use the gpt2 pattern")
-            tokenizer = Tokenizer.from_gpt2_files(os.path.join(path, "encoder.json"), os.path.join(path, "vocab.bpe"))
+            tokenizer = from_gpt2_files(os.path.join(path, "encoder.json"), os.path.join(path, "vocab.bpe"))
     except (TokenizerError, OSError) as e:
         raise SystemExit(f"error: cannot import {path}: {e}")
 

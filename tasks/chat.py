@@ -5,12 +5,12 @@ bad one is reported with its file and line. There is nothing to score: these are
 """
 import os
 
-from tasks.common import Task, data_path, read_jsonl, validate_conversation, get_data_dir
+from tasks.common import Task, data_path, read_jsonl, validate_conversation, get_task_data_dir
 
 
 def shared_chat_files():
     """Names of the chat files in the shared data folder (without .jsonl.gz)."""
-    folder = os.path.join(get_data_dir(), "chat")
+    folder = os.path.join(get_task_data_dir(), "chat")
     if not os.path.isdir(folder):
         return []
     return sorted(f[:-len(".jsonl.gz")] for f in os.listdir(folder) if f.endswith(".jsonl.gz"))

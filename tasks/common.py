@@ -7,13 +7,17 @@ tasks also carry conversation["letters"], and the assistant's reply is the gold 
 
     task = GSM8K(split="test", start=0, stop=100)   # a view: the first 100 test problems
     len(task), task[0], task.evaluate(task[0], "... #### 72")
-    mix = TaskMixture([GSM8K(split="train"), MMLU(split="dev"), MMLU(split="dev")])  # dev twice: upweighted
+
+Training mixes tasks with tasks.mixtures (weights per stage, held-out slices, decontamination).
 """
-import bisect
 import gzip
 import json
 import os
 import random
+
+# the conversation format and its one validator (shared with the tokenizer and the web server), re-exported:
+# the tasks check their data files with it (strict, the default)
+from nanochat.conversation import content_text, validate_conversation  # noqa: F401
 
 # -----------------------------------------------------------------------------
 # Where the task data lives
@@ -21,14 +25,15 @@ import random
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def get_data_dir():
-    """$NANOCHAT_DATA_DIR, else the shared data folder next to the repo (../shared/data)."""
+def get_task_data_dir():
+    """The folder of the task data (chat/ and eval/): $NANOCHAT_DATA_DIR, else the shared data folder next
+    to the repo (../shared/data). Not the pretraining shards (nanochat.dataset.get_shard_dir)."""
     return os.environ.get("NANOCHAT_DATA_DIR") or os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")
 
 
 def data_path(*parts, path=None, what="task data"):
-    """`path` if given, else get_data_dir()/parts...; a clear FileNotFoundError when it does not exist."""
-    full = path if path is not None else os.path.join(get_data_dir(), *parts)
+    """`path` if given, else get_task_data_dir()/parts...; a clear FileNotFoundError when it does not exist."""
+    full = path if path is not None else os.path.join(get_task_data_dir(), *parts)
     if not os.path.exists(full):
         raise FileNotFoundError(
             f"{what} not found at {full}. Pass its location explicitly (path=...), point NANOCHAT_DATA_DIR at a "
@@ -55,59 +60,6 @@ def read_jsonl(path):
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
     return rows
-
-# -----------------------------------------------------------------------------
-# Conversations
-
-ROLES = ("system", "user", "assistant")
-PART_TYPES = ("text", "python", "python_output")
-
-
-def validate_conversation(conversation):
-    """Raise ValueError unless the conversation is well formed: an optional leading system message, then
-    user/assistant alternating, starting with user; content a non-empty string or a list of parts (parts
-    only for the assistant)."""
-    if not isinstance(conversation, dict) or not isinstance(conversation.get("messages"), list):
-        raise ValueError('a conversation must be a dict with a "messages" list')
-    messages = conversation["messages"]
-    if not messages:
-        raise ValueError("a conversation needs at least one message")
-    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
-    if start == len(messages):
-        raise ValueError("a conversation needs a user message after the system message")
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or set(msg) - {"role", "content"} or "role" not in msg or "content" not in msg:
-            raise ValueError(f"message {i}: must be a dict with exactly 'role' and 'content'")
-        role, content = msg["role"], msg["content"]
-        if role not in ROLES:
-            raise ValueError(f"message {i}: role {role!r} is not one of {ROLES}")
-        if i >= start:
-            expected = "user" if (i - start) % 2 == 0 else "assistant"
-            if role != expected:
-                raise ValueError(f"message {i}: expected role {expected!r} (user and assistant alternate, "
-                                 f"starting with user), got {role!r}")
-        if isinstance(content, str):
-            if not content:
-                raise ValueError(f"message {i}: empty content")
-        elif isinstance(content, list):
-            if role != "assistant":
-                raise ValueError(f"message {i}: only assistant messages may have a list of parts")
-            if not content:
-                raise ValueError(f"message {i}: empty list of parts")
-            for j, part in enumerate(content):
-                if (not isinstance(part, dict) or part.get("type") not in PART_TYPES
-                        or not isinstance(part.get("text"), str)):
-                    raise ValueError(f"message {i} part {j}: must be {{'type': one of {PART_TYPES}, 'text': str}}")
-        else:
-            raise ValueError(f"message {i}: content must be a str or a list of parts")
-    return conversation
-
-
-def content_text(content):
-    """The plain text of a message's content (parts joined, tool calls and outputs included as their text)."""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content)
 
 # -----------------------------------------------------------------------------
 # Multiple choice
@@ -138,7 +90,7 @@ def mc_conversation(question, choices, gold, **extra):
     return conversation
 
 # -----------------------------------------------------------------------------
-# Tasks and their combinators
+# Tasks
 
 
 class Task:
@@ -183,62 +135,6 @@ class Task:
         if not -len(self) <= i < len(self):
             raise IndexError(f"{type(self).__name__} index {i} out of range for {len(self)} examples")
         return self.get_example(self.indices[i])
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-
-def _check_tasks(tasks):
-    tasks = list(tasks)
-    if not tasks or not all(isinstance(t, (Task, TaskMixture, TaskSequence)) for t in tasks):
-        raise ValueError("expected a non-empty list of tasks")
-    return tasks
-
-
-class TaskMixture:
-    """All examples of several tasks, shuffled together deterministically. List a task twice to see its
-    examples twice (upweighting)."""
-
-    def __init__(self, tasks, seed=42):
-        self.tasks = _check_tasks(tasks)
-        self.index = [(t, i) for t, task in enumerate(self.tasks) for i in range(len(task))]
-        random.Random(seed).shuffle(self.index)
-
-    def __len__(self):
-        return len(self.index)
-
-    def __getitem__(self, i):
-        t, j = self.index[i]
-        return self.tasks[t][j]
-
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
-
-
-class TaskSequence:
-    """Tasks one after another, in order (a curriculum)."""
-
-    def __init__(self, tasks):
-        self.tasks = _check_tasks(tasks)
-        self.offsets = []
-        total = 0
-        for task in self.tasks:
-            self.offsets.append(total)
-            total += len(task)
-        self.total = total
-
-    def __len__(self):
-        return self.total
-
-    def __getitem__(self, i):
-        if i < 0:
-            i += self.total
-        if not 0 <= i < self.total:
-            raise IndexError(f"TaskSequence index out of range for {self.total} examples")
-        t = bisect.bisect_right(self.offsets, i) - 1  # the last task starting at or before i (never an empty one)
-        return self.tasks[t][i - self.offsets[t]]
 
     def __iter__(self):
         for i in range(len(self)):

@@ -17,6 +17,7 @@ import sys
 
 from nanochat.common import logger, make_parser
 from nanochat.download import DownloadError, download_file  # noqa: F401  (re-exported)
+from tasks.common import get_task_data_dir
 
 EVAL_URL_ENV = "NANOCHAT_EVAL_URL"
 
@@ -98,9 +99,8 @@ def download_eval_data(dest_dir, groups=None, base_url=None, force=False, **kwar
 
 
 def main(argv=None):
-    from tasks.common import get_data_dir
     parser = make_parser(__doc__)
-    parser.add_argument("--dest", default=get_data_dir(), help="data folder to fill (the tasks read NANOCHAT_DATA_DIR)")
+    parser.add_argument("--dest", default=get_task_data_dir(), help="data folder to fill (the tasks read NANOCHAT_DATA_DIR)")
     parser.add_argument("--only", default="gsm8k,humaneval,mmlu,arc", help="comma-separated groups to fetch")
     parser.add_argument("--base-url", default=os.environ.get(EVAL_URL_ENV) or "",
                         help=f"mirror with the data folder's layout (env {EVAL_URL_ENV}); empty = public sources")
@@ -113,7 +113,7 @@ def main(argv=None):
     except (ValueError, DownloadError) as e:
         parser.exit(1, f"error: {e}\n")
     print(f"{len(written)} file(s) downloaded into {args.dest}")
-    if os.path.abspath(os.path.expanduser(args.dest)) != os.path.abspath(get_data_dir()):
+    if os.path.abspath(os.path.expanduser(args.dest)) != os.path.abspath(get_task_data_dir()):
         print(f"point the tasks at it with: export NANOCHAT_DATA_DIR={args.dest}")
 
 

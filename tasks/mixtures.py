@@ -23,12 +23,11 @@ shuffle of the source's rows whose first rows are held out. The slice depends on
 never on the stage, the weights or the run seed, so midtraining and SFT are validated on the same
 conversations and held-out loss compares across stages.
 """
-import math
-import os
 import random
 import re
 from dataclasses import dataclass
 
+from nanochat.dataset import parse_weighted_path
 from tasks.common import content_text
 
 VAL_FRACTION = 0.02
@@ -112,24 +111,9 @@ def load_source(name):
 
 
 def parse_extra_data(spec):
-    """'PATH[:WEIGHT],...' -> [(path, weight)]; weight defaults to 1. ValueError on a bad weight."""
-    out = []
-    for item in (spec or "").split(","):
-        item = item.strip()
-        if not item:
-            continue
-        path, weight = item, 1.0
-        head, sep, tail = item.rpartition(":")
-        if sep and head and not os.path.exists(item):
-            try:
-                weight = float(tail)
-            except ValueError:
-                raise ValueError(f"--extra-data entry {item!r}: weight {tail!r} is not a number (use PATH:WEIGHT)") from None
-            path = head
-        if not (math.isfinite(weight) and weight > 0):
-            raise ValueError(f"--extra-data entry {item!r}: weight must be a positive number")
-        out.append((path, weight))
-    return out
+    """'PATH[:WEIGHT],...' -> [(path, weight)]; weight defaults to 1, empty entries are skipped. ValueError
+    (nanochat.dataset.DataError) on a bad weight: the syntax is --data's, parsed by the same function."""
+    return [parse_weighted_path(item.strip(), "--extra-data entry") for item in (spec or "").split(",") if item.strip()]
 
 
 def holdout_split(n):

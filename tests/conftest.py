@@ -1,6 +1,9 @@
 """
 Shared fixtures. Expensive artifacts (a small tokenizer, a tiny checkpoint) are built once per
-test session and reused by every test that needs them.
+test session, when a test first asks for them, and reused by every test that needs them. They are
+trained on text kept in tests/fixtures, so a checkout without ../shared/data runs every test that
+is not about real data; those few ask for the data through require_shared_data (or mix_spec /
+mix_tokenizer), which skips them with a message naming what is missing.
 """
 import os
 import tempfile
@@ -26,30 +29,33 @@ def require_shared_data(*parts):
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    return require_shared_data()
-
-
-@pytest.fixture(scope="session")
 def base_dir():
     return _SESSION_BASE
 
 
-TEST_VOCAB_SIZE = 4096  # big enough for real merges (words, digit pairs), small enough for tiny models
+# -----------------------------------------------------------------------------
+# The in-repo fixture: tests/fixtures/text holds ~49 KB of everyday English written for these tests
+# (home, places, science, work, leisure, history, short stories) as .txt files, documents separated by
+# blank lines, and val.txt as the validation split. It is a data spec like any other (README, "Bring
+# your own data"), so the session tokenizer and the tiny checkpoint need nothing outside the repo.
+
+FIXTURE_TEXT = os.path.join(REPO_ROOT, "tests", "fixtures", "text")
+# tests/fixtures/chat: conversations in the {"messages": [...]} JSONL format, also written for these tests:
+# questions.jsonl (24 single-turn questions), tasks.jsonl (20 requests: multi-turn, system prompts, tool calls)
+FIXTURE_CHAT = os.path.join(REPO_ROOT, "tests", "fixtures", "chat")
+TEST_VOCAB_SIZE = 4096  # big enough for real merges (words, digit pairs), small enough for tiny models;
+# the fixture text supports ~4,450 merges, so the vocabulary is exactly this size
 
 
 @pytest.fixture(scope="session")
 def tokenizer(base_dir):
-    """A BPE tokenizer (vocab TEST_VOCAB_SIZE) trained once per session on ~3 MB of the shared English
-    text (the users' 45/40/15 wikipedia/books/reddit mix, train split) and saved to
-    $NANOCHAT_BASE_DIR/tokenizer, so get_tokenizer() and get_token_bytes() work in every test."""
+    """A BPE tokenizer (vocab TEST_VOCAB_SIZE) trained once per session on the in-repo fixture text (train
+    split) and saved to $NANOCHAT_BASE_DIR/tokenizer, so get_tokenizer() and get_token_bytes() work in
+    every test."""
     from nanochat.dataset import iter_documents
     from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
-    from scripts.tok_train import training_texts
-    pretrain = require_shared_data("pretrain")
-    spec = ",".join(f"{os.path.join(pretrain, name)}:{w}" for name, w in (("wikipedia", 45), ("books", 40), ("reddit", 15)))
-    texts = training_texts(iter_documents(spec, split="train", infinite=False), max_chars=3_000_000, doc_cap=10_000)
-    tok = Tokenizer.train_from_iterator(texts, TEST_VOCAB_SIZE)
+    tok = Tokenizer.train_from_iterator(iter_documents(FIXTURE_TEXT, split="train", infinite=False), TEST_VOCAB_SIZE)
+    assert tok.get_vocab_size() == TEST_VOCAB_SIZE, "the fixture text no longer supports TEST_VOCAB_SIZE"
     tok.save(get_tokenizer_dir())
     return tok
 
@@ -61,11 +67,30 @@ TINY_TRAIN_FLAGS = ["--depth=2", "--max-seq-len=64", "--device-batch-size=4", "-
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tokenizer):
-    """One tiny base model (depth 2, 64-token context) trained for 40 steps on the shared English mix,
+    """One tiny base model (depth 2, 64-token context) trained for 40 steps on the in-repo fixture text,
     saved as base checkpoint tag 'tiny'. Returns (checkpoint dir, training result dict)."""
     from nanochat.checkpoint import checkpoints_root
     from scripts.base_train import main
-    pretrain = require_shared_data("pretrain")
-    spec = ",".join(f"{os.path.join(pretrain, n)}:{w}" for n, w in (("wikipedia", 0.45), ("books", 0.40), ("reddit", 0.15)))
-    result = main(TINY_TRAIN_FLAGS + [f"--data={spec}", "--model-tag=tiny"])
+    result = main(TINY_TRAIN_FLAGS + [f"--data={FIXTURE_TEXT}", "--model-tag=tiny"])
     return os.path.join(checkpoints_root("base"), "tiny"), result
+
+# -----------------------------------------------------------------------------
+# Real data: only for tests about figures on the users' English mix. Built when a test asks for it.
+
+
+def mix_spec():
+    """The users' 45/40/15 wikipedia/books/reddit mix under ../shared/data/pretrain as a data spec (or skip)."""
+    pretrain = require_shared_data("pretrain")
+    return ",".join(f"{os.path.join(pretrain, n)}:{w}" for n, w in (("wikipedia", 0.45), ("books", 0.40), ("reddit", 0.15)))
+
+
+@pytest.fixture(scope="session")
+def mix_tokenizer():
+    """A BPE tokenizer (vocab TEST_VOCAB_SIZE) trained on ~3 MB of the shared English mix (train split),
+    for tests of its figures on real text. Kept in memory only: the tokenizer saved in the session's
+    base dir stays the fixture one, which the tiny checkpoint was trained with."""
+    from nanochat.dataset import iter_documents
+    from nanochat.tokenizer import Tokenizer
+    from scripts.tok_train import training_texts
+    texts = training_texts(iter_documents(mix_spec(), split="train", infinite=False), max_chars=3_000_000, doc_cap=10_000)
+    return Tokenizer.train_from_iterator(texts, TEST_VOCAB_SIZE)

@@ -1,6 +1,6 @@
 import os
 
-from conftest import require_shared_data
+from conftest import FIXTURE_TEXT
 from nanochat.report import get_report_dir, read_section_metrics
 from scripts import ablate
 
@@ -14,10 +14,31 @@ def test_variants_cover_every_planned_change():
         assert knob in flags
 
 
+def test_each_variant_is_the_reference_plus_its_change(monkeypatch, base_dir):
+    """ablate hands base_train its reference architecture flags (base_train's flags at tiny-scale
+    defaults, here with --mlp-ratio=3.5) followed by the variant's change: checked through base_train's
+    own parser and config rule, without training."""
+    from nanochat.gpt import config_from_flags, model_flags, planned_changes
+    from scripts import base_train
+    seen = {}
+
+    def fake_main(argv):
+        args = base_train.get_args(argv)
+        seen[args.model_tag] = config_from_flags(args, 512)
+        return {"val_bpb": 1.0, "steps": 1}
+    monkeypatch.setattr(base_train, "main", fake_main)
+    rows = ablate.main(["--mlp-ratio=3.5", "--only=reference|context 128|all together"])
+    assert [r["label"] for r in rows] == ["reference", "context 128", "all together"]
+    reference = dict(ablate.TINY_SCALE, mlp_ratio=3.5)
+    together = {**reference, **dict(planned_changes(256))["all together"]}
+    assert seen == {"ablate-reference": config_from_flags(model_flags(**reference), 512),
+                    "ablate-context-128": config_from_flags(model_flags(**{**reference, "max_seq_len": 128}), 512),
+                    "ablate-all-together": config_from_flags(model_flags(**together), 512)}
+    assert seen["ablate-all-together"].mlp_ratio == 3.0 and seen["ablate-reference"].n_layer == 4
+
+
 def test_equal_flops_runs_and_report(tokenizer, base_dir):
-    pretrain = require_shared_data("pretrain")
-    data = ",".join(f"{os.path.join(pretrain, n)}:{w}" for n, w in (("wikipedia", 0.45), ("books", 0.40), ("reddit", 0.15)))
-    rows = ablate.main([f"--data={data}", "--depth=1", "--max-seq-len=64", "--total-batch-size=1024",
+    rows = ablate.main([f"--data={FIXTURE_TEXT}", "--depth=1", "--max-seq-len=64", "--total-batch-size=1024",
                         "--device-batch-size=4", "--eval-tokens=2048", "--target-flops=3e9",
                         "--only=reference|MLP 3x|context 32"])
     by = {r["label"]: r for r in rows}

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO_ROOT, require_shared_data
+from conftest import FIXTURE_TEXT, REPO_ROOT
 
 TINY = ["--depth=1", "--seq-len=32", "--device-batch-size=2", "--accum=2", "--steps=3", "--skip=1", "--rounds=1",
         "--compile=false"]
@@ -34,8 +34,7 @@ def _number(cell):
 
 
 def test_tiny_bench_prints_finite_tables(tokenizer, base_dir):
-    require_shared_data("pretrain")
-    r = _bench(*TINY, f"--tokenizer-dir={os.path.join(base_dir, 'tokenizer')}")
+    r = _bench(*TINY, f"--data={FIXTURE_TEXT}", f"--tokenizer-dir={os.path.join(base_dir, 'tokenizer')}")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "load average" in out

@@ -309,6 +309,51 @@ def test_parse_task_names():
     with pytest.raises(ValueError, match="empty task name"):
         ce.parse_task_names("ARC-Easy||MMLU")
 
+
+def test_task_registry(tmp_path, monkeypatch):
+    """tasks.registry loads tasks by the library's names; 'none' or '' switches evaluation off."""
+    from tasks import registry
+    assert registry.TASK_NAMES is ce.TASK_NAMES and registry.parse_task_names is ce.parse_task_names
+    for off in ("none", " None ", "", "  ", None, []):
+        assert registry.load_tasks(off) == {}
+    with pytest.raises(ValueError, match="unknown task 'Foo'"):
+        registry.load_tasks("ARC-Easy|Foo")
+    with pytest.raises(ValueError, match="unknown task 'Foo'"):
+        registry.load_task("Foo")
+    monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))  # GSM8K's test split where tasks/ looks for it
+    (tmp_path / "eval" / "gsm8k").mkdir(parents=True)
+    write_gsm8k(str(tmp_path / "eval" / "gsm8k" / "test.jsonl"), [(q, a) for q, a, _ in GSM_SCRIPT])
+    loaded = registry.load_tasks("gsm8k|GSM8K")
+    assert list(loaded) == ["GSM8K"] and isinstance(loaded["GSM8K"], GSM8K) and len(loaded["GSM8K"]) == len(GSM_SCRIPT)
+    with pytest.raises(FileNotFoundError, match="NANOCHAT_DATA_DIR"):
+        registry.load_tasks("MMLU")
+
+
+def test_run_chat_eval_takes_loaded_tasks_only(tmp_path):
+    """The library never loads tasks itself: a named task missing from `tasks` is an error naming the fix,
+    and without names it evaluates the tasks it was given."""
+    tok, model, tasks, engine = make_fixture(str(tmp_path))
+    with pytest.raises(ValueError, match=r"MMLU not loaded.*tasks.registry.load_tasks"):
+        ce.run_chat_eval(model, tok, engine, "ARC-Easy|MMLU", tasks=tasks)
+    out = ce.run_chat_eval(model, tok, engine, tasks={"ARC-Easy": tasks["ARC-Easy"]})
+    assert list(out["results"]) == ["ARC-Easy"]
+    import ast
+    tree = ast.parse(open(ce.__file__).read())
+    imported = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    imported += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    assert not [m for m in imported if m == "tasks" or m.startswith("tasks.")], imported
+
+
+def test_pass_at_k_first_k_and_lazy():
+    assert [ce.pass_at_k([0, 0, 1, 0], k) for k in (1, 2, 3, 4, None)] == [0, 0, 1, 1, 1]
+    graded = []
+
+    def outcomes():
+        for o in (False, True, True, True):
+            graded.append(o)
+            yield o
+    assert ce.pass_at_k(outcomes()) == 1 and graded == [False, True]  # stops at the first correct sample
+
 # -----------------------------------------------------------------------------
 # Distributed: 2 gloo ranks agree with one process
 
@@ -316,7 +361,7 @@ def test_parse_task_names():
 def test_distributed_two_gloo_ranks(tmp_path):
     out_dir = str(tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO_ROOT, "tests", "chat_eval_worker.py"), out_dir]
+           os.path.join(REPO_ROOT, "tests", "workers", "chat_eval_worker.py"), out_dir]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -398,16 +443,14 @@ def test_cli_end_to_end(tmp_path, monkeypatch, capsys):
     assert report.exists() and "## Chat evaluation sft" in report.read_text()
 
 # -----------------------------------------------------------------------------
-# With the real inference engine, once it exists
+# With the real inference engine
 
 
 def test_with_real_engine(tmp_path):
-    import nanochat.engine as engine_module
-    if not hasattr(engine_module, "Engine"):
-        pytest.skip("nanochat.engine has no Engine yet (written concurrently); the scripted engine covers the logic")
+    from nanochat.engine import Engine
     tok, _, tasks, _ = make_fixture(str(tmp_path))
     model = tiny_gpt(tok.get_vocab_size())
-    engine = engine_module.Engine(model, tok)
+    engine = Engine(model, tok)
     out = ce.run_chat_eval(model, tok, engine, "ARC-Easy|GSM8K", num_samples=2, max_new_tokens=6,
                            temperature=1.0, tasks=tasks)
     assert out["results"]["GSM8K"]["num_problems"] == 4 and out["results"]["GSM8K"]["metric"] == "pass@2"

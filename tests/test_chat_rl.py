@@ -10,7 +10,8 @@ import torch
 
 from conftest import REPO_ROOT
 from nanochat import checkpoint as ck
-from nanochat.rl import group_advantages, pass_at_k, policy_gradient_loss, rollout_batch, split_completion
+from nanochat.chat_eval import pass_at_k
+from nanochat.rl import group_advantages, policy_gradient_loss, rollout_batch, split_completion
 
 TOY = ["--task=toy", "--source=base", "--model-tag=tiny", "--prompts-per-step=4", "--num-samples=8",
        "--device-batch-size=8", "--max-new-tokens=8", "--eval-problems=16", "--init-lr-frac=0.5"]
@@ -23,13 +24,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-@pytest.fixture
-def engine_ready():
-    import nanochat.engine
-    if not hasattr(nanochat.engine, "Engine"):
-        pytest.skip("nanochat.engine.Engine is not written yet")
 
 
 def _log(ckpt_dir):
@@ -126,7 +120,7 @@ def test_sft_rows_give_tool_outputs_no_gradient(tiny_checkpoint, tokenizer):
 # the stage
 
 
-def test_toy_reward_rises(tiny_checkpoint, engine_ready):
+def test_toy_reward_rises(tiny_checkpoint):
     from nanochat.report import read_section_metrics
     from scripts import chat_rl
     out = chat_rl.main(TOY + ["--num-iterations=30", "--eval-every=15", "--output-tag=toy"])
@@ -147,7 +141,7 @@ def test_toy_reward_rises(tiny_checkpoint, engine_ready):
     assert model.config.n_layer == 2
 
 
-def test_rl_resume_matches_uninterrupted_run(tiny_checkpoint, engine_ready):
+def test_rl_resume_matches_uninterrupted_run(tiny_checkpoint):
     import shutil
     from scripts import chat_rl
     flags = TOY + ["--num-iterations=4", "--save-every=2", "--eval-every=-1", "--eval-problems=2", "--eval-samples=2"]
@@ -175,7 +169,7 @@ def test_rl_refuses_missing_input(tiny_checkpoint):
         chat_rl.get_args(["--temperature=0"])
 
 
-def test_rl_two_ranks_equal_one_rank(tiny_checkpoint, engine_ready):
+def test_rl_two_ranks_equal_one_rank(tiny_checkpoint):
     """Each prompt's samples are seeded by its position in the run, so splitting the prompts over 2 gloo ranks
     gives the same samples, rewards and (up to float sums) the same update as one rank."""
     common = TOY + ["--num-iterations=1", "--num-samples=4", "--eval-every=-1", "--eval-problems=2", "--eval-samples=2"]

@@ -1,11 +1,12 @@
 """
-The web chat server (scripts/chat_web.py) and its page (nanochat/ui.html): the API through FastAPI's test
-client and a live uvicorn server on 127.0.0.1, the official `openai` client, a real browser (Debian's
-chromium driven by Playwright; skipped when absent) and a load test with 50 concurrent streaming clients.
+The web chat server (scripts/chat_web.py over nanochat/serve.py) and its page (nanochat/ui.html): the API
+through FastAPI's test client and a live uvicorn server on 127.0.0.1, the official `openai` client, a real
+browser (Debian's chromium driven by Playwright; skipped when absent) and a load test with 50 concurrent
+streaming clients.
 
 Most tests drive a FakeEngine that replies with scripted text token by token (deterministic streaming,
 slow or endless replies for disconnect and queue tests). The openai, load and CLI tests use a real tiny
-GPT: through nanochat.engine.Engine when it exists, else (openai and load tests only) a plain sampler.
+GPT through nanochat.engine.Engine.
 Screenshots land in tests/artifacts/ (git-ignored).
 """
 import asyncio
@@ -27,20 +28,16 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from scripts.chat_web import (RequestError, ServeConfig, StreamDecoder, Worker, WorkerPool, create_app, get_parser,
-                              main, parse_request)
+from nanochat.engine import Engine
+from nanochat.serve import RequestError, ServeConfig, Worker, WorkerPool, parse_request
+from nanochat.tokenizer import StreamDecoder
+from scripts.chat_web import create_app, get_parser, main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARTIFACTS = os.path.join(REPO_ROOT, "tests", "artifacts")
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
-
-try:
-    from nanochat.engine import Engine
-except ImportError:
-    Engine = None
-needs_engine = pytest.mark.skipif(Engine is None, reason="nanochat.engine.Engine does not exist yet (engine issue)")
 
 
 # -----------------------------------------------------------------------------
@@ -84,33 +81,6 @@ class FakeEngine:
             self.closed += 1
 
 
-class PlainSampler:
-    """Stand-in for nanochat.engine.Engine while it does not exist: full forward per token, no KV cache."""
-
-    def __init__(self, model, tokenizer):
-        self.model = model
-        self.stop = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-
-    @torch.no_grad()
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        rng = torch.Generator().manual_seed(seed)
-        ids = list(tokens)
-        for _ in range(max_tokens or 256):
-            logits = self.model(torch.tensor([ids]))[0, -1]
-            if temperature == 0:
-                token = int(logits.argmax())
-            else:
-                logits = logits / temperature
-                if top_k:
-                    kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                token = int(torch.multinomial(logits.softmax(-1), 1, generator=rng))
-            ids.append(token)
-            yield [token], [1]
-            if token in self.stop:
-                return
-
-
 def tiny_model(tokenizer, sequence_len=128):
     from nanochat.gpt import GPT, GPTConfig
     config = GPTConfig(sequence_len=sequence_len, vocab_size=tokenizer.get_vocab_size(), n_layer=2, n_head=2,
@@ -129,10 +99,9 @@ def tiny_model(tokenizer, sequence_len=128):
 
 @pytest.fixture(scope="module")
 def tiny(tokenizer):
-    """(engine, model, engine name): the real Engine when it exists, else PlainSampler."""
+    """(engine, model): the real Engine over a tiny GPT."""
     model = tiny_model(tokenizer)
-    engine = Engine(model, tokenizer) if Engine is not None else PlainSampler(model, tokenizer)
-    return engine, model
+    return Engine(model, tokenizer), model
 
 
 # -----------------------------------------------------------------------------
@@ -594,7 +563,6 @@ def test_openai_client(tokenizer, tiny):
             client.chat.completions.create(model="nanochat-test", messages=[{"role": "user", "content": "Hi"}], temperature=5)
 
 
-@needs_engine
 def test_real_engine_replies(tokenizer, tiny):
     engine, _ = tiny
     with client_for(engine, tokenizer, context_len=128) as client:
@@ -624,7 +592,6 @@ def test_cli_flag_errors(capsys, monkeypatch, tmp_path):
     assert "--max-queue" in get_parser().format_help()
 
 
-@needs_engine
 def test_cli_serves_a_checkpoint(tokenizer, tmp_path):
     """python -m scripts.chat_web against a tiny sft checkpoint in a private base dir."""
     from nanochat.checkpoint import save_checkpoint

@@ -1,11 +1,14 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from nanochat import checkpoint as ck
+from nanochat.chat_data import conversation_loss
 from nanochat.loss_eval import evaluate_bpb
 
 
@@ -75,10 +78,11 @@ def test_largest_model_and_missing_source(tmp_path, monkeypatch):
 
 
 class _ToyLM(torch.nn.Module):
-    """Uniform predictions over V tokens: loss is ln V for every target."""
-    def __init__(self, vocab):
+    """Uniform predictions over V tokens: loss is ln V for every target (`peak` adds that logit to token 1,
+    so losses differ by target)."""
+    def __init__(self, vocab, peak=0.0):
         super().__init__()
-        self.vocab = vocab
+        self.vocab, self.peak = vocab, peak
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def get_device(self):
@@ -86,6 +90,7 @@ class _ToyLM(torch.nn.Module):
 
     def forward(self, x, y, loss_reduction="mean"):
         logits = torch.zeros(*x.shape, self.vocab)
+        logits[..., 1] = self.peak
         return torch.nn.functional.cross_entropy(logits.view(-1, self.vocab), y.view(-1), ignore_index=-1,
                                                  reduction=loss_reduction)
 
@@ -101,3 +106,54 @@ def test_bits_per_byte_by_hand():
     assert bpb == pytest.approx(expected)
     with pytest.raises(ValueError, match="no text bytes"):
         evaluate_bpb(_ToyLM(vocab), iter([(x, torch.tensor([[0, 0, -1, -1]]))]), 1, token_bytes)
+
+
+class _ListTokenizer:
+    """A conversation is already {"ids": [...], "mask": [...]}: render_conversation only truncates."""
+    def render_conversation(self, conversation, max_tokens):
+        return conversation["ids"][:max_tokens], conversation["mask"][:max_tokens]
+
+    def get_bos_token_id(self):
+        return 0
+
+
+# (inputs, targets) batches and conversations whose losses differ from rank to rank
+BYTES = [0, 1, 2, 3, 1, 1, 1, 1]
+BATCHES = [(torch.zeros(1, 4, dtype=torch.long), torch.tensor([[2, 3, 0, -1]])),
+           (torch.zeros(1, 4, dtype=torch.long), torch.tensor([[1, 1, 4, 4]]))]
+CONVERSATIONS = [{"ids": [0, 5, 1, 1, 2], "mask": [0, 0, 1, 1, 1]}, {"ids": [0, 3, 3], "mask": [0, 1, 1]},
+                 {"ids": [0, 1, 2, 1], "mask": [0, 0, 0, 1]}]
+
+DIST_EVAL = """\
+import json, sys, torch
+sys.path.insert(0, {tests!r})
+from test_checkpoint import BATCHES, BYTES, CONVERSATIONS, _ListTokenizer, _ToyLM
+from nanochat.chat_data import conversation_loss
+from nanochat.common import compute_cleanup, compute_init
+from nanochat.loss_eval import evaluate_bpb
+_, rank, _, world, _ = compute_init("cpu")
+model = _ToyLM(8, peak=2.0)
+bpb = evaluate_bpb(model, iter(BATCHES[rank::world]), 1, torch.tensor(BYTES))
+loss = conversation_loss(model, _ListTokenizer(), CONVERSATIONS, batch_size=1, max_len=16)
+open({out!r} + "/rank%d.json" % rank, "w").write(json.dumps([bpb, loss]))
+compute_cleanup()
+"""
+
+
+def test_held_out_sums_over_two_gloo_ranks(tmp_path):
+    """bits per byte and the conversation loss under torchrun: each rank evaluates its share and the sums
+    are added over ranks, so every rank reports what one process gets over all the data."""
+    model = _ToyLM(8, peak=2.0)
+    expected = [evaluate_bpb(model, iter(BATCHES), 2, torch.tensor(BYTES)),
+                conversation_loss(model, _ListTokenizer(), CONVERSATIONS, batch_size=1, max_len=16)]
+    alone = [evaluate_bpb(model, iter(BATCHES[:1]), 1, torch.tensor(BYTES)),
+             conversation_loss(model, _ListTokenizer(), CONVERSATIONS[::2], batch_size=1, max_len=16)]
+    assert all(a != pytest.approx(e) for a, e in zip(alone, expected)), "rank 0's share alone must differ"
+    script = tmp_path / "w.py"
+    script.write_text(DIST_EVAL.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == pytest.approx(expected, rel=1e-12)

@@ -21,6 +21,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat import core_bundle as cb
 from nanochat import core_eval as ce
 
 # -----------------------------------------------------------------------------
@@ -191,7 +192,7 @@ def toy_bundle(tmp_path):
 
 
 def task(task_type, shots=0, delimiter=" ", label="t", baseline=0.0):
-    return ce.CoreTask(label, "x.jsonl", task_type, shots, delimiter, baseline)
+    return cb.CoreTask(label, "x.jsonl", task_type, shots, delimiter, baseline)
 
 # -----------------------------------------------------------------------------
 # core.yaml and eval_meta_data.csv
@@ -206,7 +207,7 @@ def test_parse_core_yaml_subset():
             "- label: 'it''s'\n"
             "  num_fewshot: 3\n"
             "  dataset_uri: x/y.jsonl\n")
-    assert ce.parse_core_yaml(text) == [
+    assert cb.parse_core_yaml(text) == [
         {"label": "a", "num_fewshot": [0, 5], "continuation_delimiter": "\nAnswer: ", "has_categories": True},
         {"label": "it's", "num_fewshot": 3, "dataset_uri": "x/y.jsonl"},
     ]
@@ -220,39 +221,39 @@ def test_parse_core_yaml_subset():
     }
     for text, message in bad.items():
         with pytest.raises(ValueError, match=message):
-            ce.parse_core_yaml(text, "t.yaml")
+            cb.parse_core_yaml(text, "t.yaml")
 
 
 def test_load_bundle_toy(toy_bundle):
-    tasks, missing = ce.load_bundle(toy_bundle)
+    tasks, missing = cb.load_bundle(toy_bundle)
     assert [t.label for t in tasks] == ["toy_mc", "toy_schema", "toy_lm"] and missing == ["toy_missing"]
     mc, schema, lm = tasks
     assert (mc.num_fewshot, mc.continuation_delimiter, mc.random_baseline) == (2, " ", 25.0)
     assert (lm.num_fewshot, lm.continuation_delimiter, lm.task_type) == (3, "\nA: ", "language_modeling")
-    assert ce.load_task_items(toy_bundle, schema) == SCHEMA_ITEMS
+    assert cb.load_task_items(toy_bundle, schema) == SCHEMA_ITEMS
 
 
 def test_bundle_errors_are_clear(toy_bundle, tmp_path):
     with pytest.raises(FileNotFoundError, match="not a CORE eval bundle"):
-        ce.load_bundle(str(tmp_path / "nowhere"))
+        cb.load_bundle(str(tmp_path / "nowhere"))
     meta = os.path.join(toy_bundle, "eval_meta_data.csv")
     with open(meta, "w") as f:
         f.write(TOY_META.replace("toy_lm,x,language modeling,3,6,0", "toy_lm,x,language modeling,3,6,abc"))
     with pytest.raises(ValueError, match="toy_lm.*bad random baseline"):
-        ce.load_bundle(toy_bundle)
+        cb.load_bundle(toy_bundle)
     with open(meta, "w") as f:
         f.write(TOY_META.replace("toy_schema,", "other_schema,"))
     with pytest.raises(ValueError, match="'toy_schema' has no 'Random baseline'"):
-        ce.load_bundle(toy_bundle)
+        cb.load_bundle(toy_bundle)
     make_toy_bundle(toy_bundle)
     with open(os.path.join(toy_bundle, "core.yaml"), "w") as f:
         f.write(TOY_YAML.replace("icl_task_type: schema", "icl_task_type: generation"))
     with pytest.raises(ValueError, match="'toy_schema' has icl_task_type 'generation'"):
-        ce.load_bundle(toy_bundle)
+        cb.load_bundle(toy_bundle)
     make_toy_bundle(toy_bundle)
     write_jsonl(os.path.join(toy_bundle, "eval_data", "toy", "mc.jsonl"), MC_ITEMS + [{"query": "q", "choices": ["a", "b"], "gold": 2}])
     with pytest.raises(ValueError, match=r"mc.jsonl:6: gold 2 is not an index"):
-        ce.load_task_items(toy_bundle, ce.load_bundle(toy_bundle)[0][0])
+        cb.load_task_items(toy_bundle, cb.load_bundle(toy_bundle)[0][0])
 
 # -----------------------------------------------------------------------------
 # Prompts
@@ -375,34 +376,48 @@ def test_max_per_task(toy_bundle):
 
 
 def test_centered_accuracy_and_aggregation():
-    assert ce.centered_accuracy(0.25, 25) == pytest.approx(0.0)
-    assert ce.centered_accuracy(1.0, 25) == pytest.approx(1.0)
-    assert ce.centered_accuracy(0.6, 50) == pytest.approx(0.2)
-    assert ce.centered_accuracy(0.1, 50) == pytest.approx(-0.8)
+    # one convention for CORE and ChatCORE: the baseline is a fraction, as the accuracy is
+    assert ce.centered_accuracy(0.25, 0.25) == pytest.approx(0.0)
+    assert ce.centered_accuracy(1.0, 0.25) == pytest.approx(1.0)
+    assert ce.centered_accuracy(0.6, 0.5) == pytest.approx(0.2)
+    assert ce.centered_accuracy(0.1, 0.5) == pytest.approx(-0.8)
     assert ce.centered_accuracy(0.3, 0) == pytest.approx(0.3)
-    assert ce.centered_accuracy(0.552294, 62) == pytest.approx(-0.178174, abs=1e-6)  # GPT-2's published boolq
+    assert ce.centered_accuracy(0.552294, 0.62) == pytest.approx(-0.178174, abs=1e-6)  # GPT-2's published boolq
+
+
+def test_centered_accuracy_refuses_a_percent_baseline(toy_bundle):
+    """eval_meta_data.csv gives baselines in percent; passed as they are, every task would center to about
+    -acc / 24 (baseline 25 -> (acc - 25) / -24). The metric refuses them, and evaluate_core converts."""
+    for percent in (25, 62.0, 1.0):
+        with pytest.raises(ValueError, match="not a fraction in \\[0, 1\\).*divided by 100"):
+            ce.centered_accuracy(0.5, percent)
+    out = ce.evaluate_core(LastLetterModel(), ByteTokenizer(), toy_bundle)
+    for label, r in out["results"].items():  # the result keeps the CSV's percent, the centering used a fraction
+        assert r["centered"] == pytest.approx(ce.centered_accuracy(r["accuracy"], r["random_baseline"] / 100))
+    assert out["results"]["toy_mc"]["random_baseline"] == 25.0
 
 
 def test_outputs_table_csv_report(toy_bundle, tmp_path, monkeypatch):
+    from scripts import base_eval
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
     out = ce.evaluate_core(LastLetterModel(), ByteTokenizer(), toy_bundle)
-    table = ce.format_results_table(out)
+    table = base_eval.format_results_table(out)
     assert "toy_schema" in table and f"{CORE:.4f}" in table and "missing tasks (not in CORE): toy_missing" in table
-    path = ce.write_results_csv(out, "../d4 step/5")
+    path = base_eval.write_results_csv(out, "../d4 step/5")
     assert os.path.dirname(path) == str(tmp_path / "base" / "base_eval") and os.path.basename(path).startswith("core_")
     with open(path) as f:
         rows = list(csv.DictReader(f))
     assert [r["Task"] for r in rows] == ["toy_mc", "toy_schema", "toy_lm", "toy_missing", "CORE"]
     assert float(rows[1]["Accuracy"]) == pytest.approx(0.75) and rows[3]["Status"] == "missing"
     assert float(rows[-1]["Centered"]) == pytest.approx(CORE, abs=1e-6)
-    report = ce.write_report(out, {"model": "toy"})
+    report = base_eval.write_report(out, {"model": "toy"})
     text = open(report).read()
     assert text.startswith("## Base model evaluation") and "toy_missing" in text and f"{CORE:.4f}" in text
     assert "| toy_lm | language_modeling | 3 | 6 | 0.5000 | 0.5000 |" in text
 
 
 def test_distributed_two_gloo_ranks(toy_bundle, tmp_path):
-    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "core_eval_worker.py")
+    worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "workers", "core_eval_worker.py")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            worker, toy_bundle, str(tmp_path)], capture_output=True, text=True, timeout=180, env=env)
@@ -445,27 +460,27 @@ class TiktokenGPT2:
 def test_real_bundle_tasks_and_prompts():
     from conftest import require_shared_data
     eval_dir = require_shared_data("eval", "core")
-    tasks, missing = ce.load_bundle(eval_dir)
+    tasks, missing = cb.load_bundle(eval_dir)
     assert len(tasks) == 20 and missing == ["squad", "coqa"]
     by_label = {t.label: t for t in tasks}
     assert by_label["boolq"].random_baseline == 62 and by_label["jeopardy"].continuation_delimiter == "\nAnswer: "
-    assert {t.task_type for t in tasks} == set(ce.TASK_TYPES)
+    assert {t.task_type for t in tasks} == set(cb.TASK_TYPES)
     assert by_label["jeopardy"].num_fewshot == 10 and by_label["winograd"].task_type == "schema"
     for t in tasks:  # every row of every present task validates and renders
-        items = ce.load_task_items(eval_dir, t)
+        items = cb.load_task_items(eval_dir, t)
         pairs = ce.render_item(t, items, len(items) - 1)
         assert len(pairs) == len(items[-1].get("choices", items[-1].get("context_options", [0])))
 
-    copa = ce.load_task_items(eval_dir, by_label["copa"])
+    copa = cb.load_task_items(eval_dir, by_label["copa"])
     ctx = "The man turned on the faucet, therefore "
     assert ce.render_item(by_label["copa"], copa, 0) == [(ctx, "the toilet filled with water."), (ctx, "water flowed from the spout.")]
 
-    wsc = ce.load_task_items(eval_dir, by_label["winograd"])
+    wsc = cb.load_task_items(eval_dir, by_label["winograd"])
     start = "The city councilmen refused the demonstrators a permit because the "
     assert ce.render_item(by_label["winograd"], wsc, 0) == [(start + "city councilmen ", "feared violence."),
                                                              (start + "demonstrators ", "feared violence.")]
 
-    jeopardy = ce.load_task_items(eval_dir, by_label["jeopardy"])
+    jeopardy = cb.load_task_items(eval_dir, by_label["jeopardy"])
     (ctx, cont), = ce.render_item(by_label["jeopardy"], jeopardy, 0)
     item = "WORLD HISTORY: This Navy commander flew from a base at Little America to the South Pole & back Nov. 28-29, 1929"
     assert cont == "Admiral Richard Byrd" and ctx.endswith("\n\n" + item + "\nAnswer: ")
@@ -542,14 +557,14 @@ def test_download_bundle(kind, server, toy_bundle, tmp_path, monkeypatch):
     else:
         make_targz(server.root / "core.tar.gz", toy_bundle)  # flat
     url = f"{server.url}/core.{kind}"
-    monkeypatch.setenv(ce.EVAL_BUNDLE_URL_ENV, url)
-    dest = ce.resolve_eval_dir(None)
-    assert dest == str(tmp_path / "base" / "eval_bundle") and ce.is_bundle_dir(dest)
-    assert ce.load_bundle(dest)[1] == ["toy_missing"]
+    monkeypatch.setenv(cb.EVAL_BUNDLE_URL_ENV, url)
+    dest = cb.resolve_eval_dir(None)
+    assert dest == str(tmp_path / "base" / "eval_bundle") and cb.is_bundle_dir(dest)
+    assert cb.load_bundle(dest)[1] == ["toy_missing"]
     assert ce.evaluate_core(LastLetterModel(), ByteTokenizer(), dest)["core"] == pytest.approx(CORE)
     assert _leftovers(tmp_path / "base") == []
     # already there: no second download
-    assert ce.download_eval_bundle() == dest and server.hits == [f"/core.{kind}"]
+    assert cb.download_eval_bundle() == dest and server.hits == [f"/core.{kind}"]
 
 
 def test_download_failures_leave_nothing(server, toy_bundle, tmp_path):
@@ -579,22 +594,22 @@ def test_download_failures_leave_nothing(server, toy_bundle, tmp_path):
     }
     for name, message in cases.items():
         with pytest.raises(RuntimeError, match=message):
-            ce.download_eval_bundle(f"{server.url}/{name}", dest)
+            cb.download_eval_bundle(f"{server.url}/{name}", dest)
         assert not os.path.exists(dest) and _leftovers(tmp_path / "out") == [], name
     with pytest.raises(RuntimeError, match="failed"):
-        ce.download_eval_bundle("http://127.0.0.1:9/none.zip", dest, timeout=5)  # nothing listens on port 9
+        cb.download_eval_bundle("http://127.0.0.1:9/none.zip", dest, timeout=5)  # nothing listens on port 9
 
 
 def test_no_url_and_bad_eval_dir_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
-    monkeypatch.delenv(ce.EVAL_BUNDLE_URL_ENV, raising=False)
+    monkeypatch.delenv(cb.EVAL_BUNDLE_URL_ENV, raising=False)
     with pytest.raises(RuntimeError, match=r"--eval-dir.*NANOCHAT_EVAL_BUNDLE_URL"):
-        ce.resolve_eval_dir(None)
+        cb.resolve_eval_dir(None)
     with pytest.raises(FileNotFoundError, match="is not a CORE eval bundle"):
-        ce.resolve_eval_dir(str(tmp_path))
+        cb.resolve_eval_dir(str(tmp_path))
     (tmp_path / "base" / "eval_bundle").mkdir(parents=True)
     with pytest.raises(RuntimeError, match="exists but is not a CORE eval bundle"):
-        ce.download_eval_bundle("http://127.0.0.1:9/x.zip")
+        cb.download_eval_bundle("http://127.0.0.1:9/x.zip")
 
 # -----------------------------------------------------------------------------
 # The script

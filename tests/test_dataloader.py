@@ -29,13 +29,9 @@ class ByteTokenizer:
 
 
 @pytest.fixture(scope="module")
-def real_tokenizer(request):
-    """The project tokenizer: conftest's session fixture when there is one, else GPT-2's ranks."""
-    try:
-        return request.getfixturevalue("tokenizer")
-    except pytest.FixtureLookupError:
-        from nanochat.tokenizer import Tokenizer
-        return Tokenizer.from_tiktoken_file(require_shared_data("tokenizers", "tiktoken", "r50k_base.tiktoken"))
+def real_tokenizer(tokenizer):
+    """The project tokenizer (conftest's session one, a real BPE) where ByteTokenizer would not do."""
+    return tokenizer
 
 
 @pytest.fixture
@@ -142,7 +138,7 @@ def test_two_gloo_ranks_under_torchrun(spec, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO_ROOT, "tests", "dataloader_worker.py"), spec, str(out)]
+           os.path.join(REPO_ROOT, "tests", "workers", "dataloader_worker.py"), spec, str(out)]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

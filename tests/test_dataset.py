@@ -49,6 +49,13 @@ def test_parse_data_spec_weights_and_errors(tmp_path):
                      (f"{a}:inf", "positive"), (f"{a}:abc", "not a number"), (f"{a},,{b}", "empty entry"), ("  ", "empty data spec")]:
         with pytest.raises(DataError, match=msg):
             parse_data_spec(bad)
+    # one entry, as --data and the chat stages' --extra-data write it: a path with ':' in its name stays whole
+    colon = tmp_path / "c:1"
+    colon.mkdir()
+    assert dataset.parse_weighted_path(str(colon)) == (str(colon), 1.0)
+    assert dataset.parse_weighted_path(f"{colon}:2", "--extra-data entry") == (str(colon), 2.0)
+    with pytest.raises(DataError, match=r"weight 'abc' of --extra-data entry 'x' is not a number \(write PATH:WEIGHT\)"):
+        dataset.parse_weighted_path("x:abc", "--extra-data entry")
 
 
 def test_readers_all_formats(tmp_path):
@@ -127,7 +134,8 @@ def test_reference_shards_last_is_validation(monkeypatch, tmp_path):
     data_dir.mkdir()
     for i in range(3):
         write_parquet(data_dir / dataset.shard_name(i), [f"s{i}-{j}" for j in range(4)])
-    (data_dir / "shard_00003.parquet.123.tmp").write_bytes(b"partial download")  # never read
+    (data_dir / "shard_00003.parquet.123.part").write_bytes(b"partial download")  # never read
+    (data_dir / "shard_00004.parquet.123.tmp").write_bytes(b"partial download")  # (older temp name)
     assert list(iter_documents(None, split="val", infinite=False)) == [f"s2-{j}" for j in range(4)]
     assert len(list(iter_documents(None, split="train", infinite=False))) == 8
 
@@ -311,7 +319,7 @@ def test_download_retries_interrupted_and_corrupt_transfers(shard_server, tmp_pa
     with pytest.raises(DataError, match=r"shard_00002.parquet .*after 3 attempts"):
         _download(shard_server, out, 3, retries=3)
     assert not (out / dataset.shard_name(2)).exists()
-    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    assert not [n for n in os.listdir(out) if n.endswith((".part", ".tmp"))]
 
 
 def test_download_replaces_a_corrupt_local_shard(shard_server, tmp_path):

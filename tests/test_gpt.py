@@ -129,6 +129,60 @@ def test_config_for_depth():
         config_for_depth(0, 100)
 
 
+def test_model_flags_round_trip(capsys):
+    """add_model_flags + config_from_flags: the defaults are the reference; every flag that is not part
+    of the sizing rule lands in the GPTConfig field of its name; a config's flags written back out and
+    parsed again give the same config; --kv-head-ratio rounds down to a divisor of n_head; bad values
+    are errors that name the flag."""
+    from nanochat.common import make_parser
+    from nanochat.gpt import MODEL_FLAGS, SIZING_FLAGS, add_model_flags, config_from_flags, model_flags
+    p = make_parser(None)
+    assert tuple(add_model_flags(p)) == MODEL_FLAGS
+    assert config_from_flags(p.parse_args([]), 65536) == config_for_depth(20, 65536) == GPTConfig(vocab_size=65536)
+    args = p.parse_args(["--depth=8", "--head-dim=64", "--max-seq-len=512", "--mlp-ratio=2.5", "--activation=gelu",
+                         "--tie-embeddings", "--kv-head-ratio=3", "--softcap=0", "--rope-base=50000"])
+    c = config_from_flags(args, 512)
+    assert (c.n_layer, c.n_embd, c.n_head, c.n_kv_head, c.sequence_len, c.vocab_size) == (8, 512, 8, 2, 512, 512)
+    for name in set(MODEL_FLAGS) - set(SIZING_FLAGS) - {"softcap"}:
+        assert getattr(c, name) == getattr(args, name), name
+    assert c.softcap is None  # 0 = off, stored as None
+    argv = [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}" for k, v in vars(args).items()]
+    assert config_from_flags(p.parse_args(argv), 512) == c
+    # the kv-head rule: n_head // ratio rounded down to a divisor (depth 28: 14 heads // 4 = 3 -> 2);
+    # an explicit --n-kv-head wins over the ratio
+    assert config_from_flags(model_flags(depth=28, kv_head_ratio=4), 65536).n_kv_head == 2
+    assert config_from_flags(model_flags(n_kv_head=5, kv_head_ratio=4), 65536).n_kv_head == 5
+    with pytest.raises(ValueError, match="n_kv_head"):
+        config_from_flags(model_flags(n_kv_head=3), 65536)
+    # no --depth where the caller sweeps depths; defaults replaced by dest; unknown names are errors
+    q = make_parser(None)
+    assert add_model_flags(q, with_depth=False, head_dim=64) == list(MODEL_FLAGS[1:])
+    assert q.parse_args([]).head_dim == 64 and "depth" not in vars(q.parse_args([]))
+    with pytest.raises(ValueError, match="n_embd"):
+        add_model_flags(make_parser(None), n_embd=128)
+    with pytest.raises(ValueError, match="n_embd"):
+        model_flags(n_embd=128)
+    for bad, flag in (("--n-kv-head=-1", "--n-kv-head"), ("--softcap=-1", "--softcap"), ("--mlp-ratio=0", "--mlp-ratio"),
+                      ("--rope-base=0", "--rope-base"), ("--activation=relu", "--activation"), ("--depth=0", "--depth")):
+        with pytest.raises(SystemExit):
+            p.parse_args([bad])
+        assert flag in capsys.readouterr().err
+
+
+def test_planned_changes():
+    """One declaration of the first user's planned changes: each alone over the reference, contexts
+    as fractions of the reference context, "all together" the marked ones merged."""
+    from nanochat.gpt import MODEL_FLAGS, PLANNED_CHANGES, planned_changes
+    rows = planned_changes(2048, context_label="seq")
+    assert [label for label, _ in rows] == ["tied embeddings", "seq 1024", "seq 512", "MLP 3x", "MLP 2.5x",
+                                             "n_kv_head = n_head // 4", "GELU", "SiLU", "softcap off",
+                                             "RoPE base 100000", "all together"]
+    assert len(rows) == len(PLANNED_CHANGES) + 1 and all(set(change) <= set(MODEL_FLAGS) for _, change in rows)
+    assert rows[-1] == ("all together", dict(tie_embeddings=True, max_seq_len=1024, mlp_ratio=3.0, n_kv_head=0,
+                                             kv_head_ratio=4, activation="silu", softcap=0.0, rope_base=100000.0))
+    assert dict(planned_changes(256))["context 64"] == dict(max_seq_len=64)
+
+
 # -----------------------------------------------------------------------------
 # forward semantics
 
@@ -181,7 +235,7 @@ def test_loss_reductions_and_ignore_index():
 @pytest.mark.parametrize("compiled", [False, True])  # eager in-place path / the exp form traced by dynamo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softcap_cross_entropy_matches_reference(dtype, compiled, cap):
-    from nanochat.gpt import SoftcapCrossEntropy
+    from nanochat.kernels import SoftcapCrossEntropy
     torch.manual_seed(0)
     z = (torch.randn(64, 50) * 20).to(dtype)
     z[0, :5] = torch.tensor([1e4, -1e4, 700.0, -700.0, 0.0])  # extreme logits: finite loss and gradient
@@ -212,14 +266,14 @@ def test_chunked_head_loss_matches_reference(monkeypatch, mode, cap):
     """The head matmul + summed (softcapped) cross-entropy in chunks of rows, gradients computed in the
     forward: same loss and gradients (x and the weight) as the composed reference, with a chunk size that
     does not divide the tokens, ignored targets, and no gradient work under no_grad."""
-    import nanochat.gpt as gpt
-    monkeypatch.setattr(gpt, "HEAD_CHUNK_ROWS", 7)
+    import nanochat.kernels as kernels
+    monkeypatch.setattr(kernels, "HEAD_CHUNK_ROWS", 7)
     torch.manual_seed(0)
     x0, w0 = torch.randn(30, 16), torch.randn(50, 16) * 2
     tgt = torch.randint(0, 50, (30,))
     tgt[[2, 9, 29]] = -1
     x, w, xr, wr = (t.clone().requires_grad_() for t in (x0, w0, x0, w0))
-    fn = lambda x, w: gpt.ChunkedHeadLoss.apply(x, w, tgt, cap, torch.is_grad_enabled())
+    fn = lambda x, w: kernels.ChunkedHeadLoss.apply(x, w, tgt, cap, torch.is_grad_enabled())
     if mode == "compiled":
         fn = torch.compile(fn, backend="aot_eager", fullgraph=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
@@ -233,9 +287,9 @@ def test_chunked_head_loss_matches_reference(monkeypatch, mode, cap):
     torch.testing.assert_close(x.grad, xr.grad, **tol)
     torch.testing.assert_close(w.grad, wr.grad, **tol)
     assert x.grad.dtype == w.grad.dtype == torch.float32 and (x.grad[[2, 9, 29]] == 0).all()
-    monkeypatch.setattr(gpt, "_logit_grads", lambda *a: pytest.fail("gradients computed under no_grad"))
+    monkeypatch.setattr(kernels, "_logit_grads", lambda *a: pytest.fail("gradients computed under no_grad"))
     with torch.no_grad():
-        torch.testing.assert_close(gpt.ChunkedHeadLoss.apply(x0, w0, tgt, cap, torch.is_grad_enabled()), ref.detach(), **tol)
+        torch.testing.assert_close(kernels.ChunkedHeadLoss.apply(x0, w0, tgt, cap, torch.is_grad_enabled()), ref.detach(), **tol)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2])  # MHA and GQA
@@ -418,7 +472,7 @@ def _compile_check(backend, dtype):
 def test_recompute_attention_matches_sdpa(monkeypatch, n_kv_head, dtype):
     """Compiled CPU training takes the flash forward + recomputing matmul backward (GQA through grouped
     rows): same output and q/k/v gradients as SDPA; over the score budget, or eager, it is SDPA itself."""
-    import nanochat.gpt as gpt
+    import nanochat.kernels as kernels
     torch.manual_seed(0)
     q = torch.randn(2, 4, 48, 32, dtype=dtype, requires_grad=True)
     k, v = (torch.randn(2, n_kv_head, 48, 32, dtype=dtype, requires_grad=True) for _ in range(2))
@@ -434,19 +488,19 @@ def test_recompute_attention_matches_sdpa(monkeypatch, n_kv_head, dtype):
         return make_boxed_func(gm.forward)
 
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)  # bf16: a few ulps
-    for limit, ours_taken in ((gpt.RECOMPUTE_ATTENTION_MAX_SCORES, True), (0, False)):
-        monkeypatch.setattr(gpt, "RECOMPUTE_ATTENTION_MAX_SCORES", limit)
+    for limit, ours_taken in ((kernels.RECOMPUTE_ATTENTION_MAX_SCORES, True), (0, False)):
+        monkeypatch.setattr(kernels, "RECOMPUTE_ATTENTION_MAX_SCORES", limit)
         torch._dynamo.reset()
         graphs.clear()
         backend = aot_autograd(fw_compiler=record, bw_compiler=record)
-        out = torch.compile(gpt.causal_attention, backend=backend, fullgraph=True)(q, k, v)
+        out = torch.compile(kernels.causal_attention, backend=backend, fullgraph=True)(q, k, v)
         grads = torch.autograd.grad(out, (q, k, v), grad_out)
         assert len(graphs) == 2 and ("flash_attention_for_cpu_backward" not in graphs[1]) == ours_taken
         torch.testing.assert_close(out, ref, **tol)
         for ours, theirs in zip(grads, ref_grads):
             torch.testing.assert_close(ours, theirs, **tol)
     monkeypatch.undo()
-    eager = gpt.causal_attention(q, k, v)  # eager: SDPA and the flash kernel's own backward
+    eager = kernels.causal_attention(q, k, v)  # eager: SDPA and the flash kernel's own backward
     assert "FlashAttention" in type(eager.grad_fn).__name__, type(eager.grad_fn).__name__
 
 

@@ -1,5 +1,5 @@
-"""Chat stages on CPU: mixtures (held-out slices, no evaluation leaks, english-chat content), rendering and
-packing masks on the shared chat data, and the tiny base model through midtraining and SFT (held-out loss
+"""Chat stages on CPU: mixtures (held-out slices, no evaluation leaks, english-chat content), rendering masks
+on the shared chat data, packing and loader state on the in-repo conversations, and the tiny base model through midtraining and SFT (held-out loss
 falls at each stage, exact resume, clear errors)."""
 import contextlib
 import json
@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO_ROOT, TEST_VOCAB_SIZE, require_shared_data
+from conftest import FIXTURE_CHAT, REPO_ROOT, TEST_VOCAB_SIZE, require_shared_data
 from nanochat import checkpoint as ck
 from nanochat.chat_data import ConversationStream, PackedLoader, PaddedLoader, pad_conversations
 
@@ -39,11 +39,10 @@ def chat_file(name):
 
 
 def small_mixture(*names, weight=1.0):
+    """A mixture of the in-repo conversation files (tests/fixtures/chat/NAME.jsonl: questions, tasks)."""
     from tasks.chat import ChatTask
     from tasks.mixtures import Mixture
-    for n in names:
-        chat_file(n)
-    return Mixture([(n, ChatTask(n), weight) for n in names], decontaminate=False)
+    return Mixture([(n, ChatTask(os.path.join(FIXTURE_CHAT, f"{n}.jsonl")), weight) for n in names], decontaminate=False)
 
 
 def _log(ckpt_dir):
@@ -85,7 +84,7 @@ def test_render_masks_on_shared_chat_and_tool_calls(tokenizer):
 
 
 def test_packed_rows_are_the_conversations_end_to_end(tokenizer):
-    mixture = small_mixture("dolly_hhrlhf_small", "alpaca_seed_tasks")
+    mixture = small_mixture("questions", "tasks")
     B, T = 3, 64
     loader = PackedLoader(tokenizer, ConversationStream(mixture, seed=1), B, T)
     batches = [next(loader) for _ in range(6)]
@@ -150,13 +149,13 @@ def test_step_loss_weighs_every_token_the_same(tiny_checkpoint, tokenizer):
 
 @pytest.mark.parametrize("kind", ["packed", "padded"])
 def test_loader_state_resumes_exactly(tokenizer, kind):
-    mixture = small_mixture("alpaca_seed_tasks", "self_instruct_user_oriented", weight=0.5)
+    mixture = small_mixture("questions", "tasks", weight=0.5)
 
     def make():
         stream = ConversationStream(mixture, slot=1, num_slots=2, seed=7)
         return PackedLoader(tokenizer, stream, 2, 48) if kind == "packed" else PaddedLoader(tokenizer, stream, 2, 48)
     a = make()
-    for _ in range(40):  # past an epoch boundary: 207 rows per epoch, 103 per slot
+    for _ in range(40):  # past an epoch boundary: 22 rows per epoch, 11 per slot
         next(a)
     state = a.state_dict()
     want = [next(a) for _ in range(70)]
@@ -170,7 +169,7 @@ def test_loader_state_resumes_exactly(tokenizer, kind):
 
 
 def test_slots_split_each_epoch_and_fractional_weights_resample(tokenizer):
-    mixture = small_mixture("alpaca_seed_tasks", weight=2.5)
+    mixture = small_mixture("tasks", weight=2.5)
     n = len(mixture.train[0])
     assert len(mixture) == round(2.5 * n)
     rows0, rows1 = mixture.epoch_rows(0, seed=5), mixture.epoch_rows(1, seed=5)

@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-import dist_optim_worker as worker
+from workers import dist_optim_worker as worker
 from nanochat.optim import AdamW, Muon, orthogonalize
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +78,7 @@ def test_distributed_optimizers_match_single_process(tmp_path):
     do not own it."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(REPO_ROOT, "tests", "dist_optim_worker.py"), str(tmp_path)]
+           os.path.join(REPO_ROOT, "tests", "workers", "dist_optim_worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name, config in worker.CASES.items():

@@ -8,8 +8,9 @@ import sys
 import pytest
 import torch
 
-from nanochat.gpt import GPT
-from scripts import base_train, plan
+from nanochat import gpt
+from nanochat.gpt import GPT, config_from_flags
+from scripts import ablate, base_train, plan
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100 = 989e12
@@ -38,7 +39,45 @@ def test_model_flags_mirror_base_train():
     flags = ["--max-seq-len=512", "--mlp-ratio=2.5", "--activation=gelu", "--tie-embeddings=true", "--kv-head-ratio=2",
              "--softcap=0", "--rope-base=50000"]
     assert plan.make_config(args_for(*flags, "--vocab-size=512"), 8) == \
-        base_train.build_config(base_train.get_args(["--depth=8"] + flags), 512)
+        config_from_flags(base_train.get_args(["--depth=8"] + flags), 512)
+
+
+def model_flag_actions(module, monkeypatch):
+    """{dest: the argparse action} of the architecture flags the script's get_args parser declares."""
+    made, real = [], module.make_parser
+    monkeypatch.setattr(module, "make_parser", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
+    module.get_args([])
+    return {a.dest: a for a in made[0]._actions if a.dest in gpt.MODEL_FLAGS}
+
+
+def test_scripts_accept_the_same_architecture_flags(monkeypatch):
+    """base_train, plan and ablate take the architecture flags from nanochat.gpt.add_model_flags: the
+    same names, types, choices and help; plan sweeps --depths instead of --depth, ablate's defaults are
+    its tiny scale."""
+    spec = lambda a: (a.option_strings, a.type, a.choices, a.help, type(a))
+    flags = {m.__name__: model_flag_actions(m, monkeypatch) for m in (base_train, plan, ablate)}
+    ours, theirs, tiny = flags["scripts.base_train"], flags["scripts.plan"], flags["scripts.ablate"]
+    assert set(ours) == set(tiny) == set(gpt.MODEL_FLAGS) and set(theirs) == set(gpt.MODEL_FLAGS) - {"depth"}
+    for dest, action in ours.items():
+        assert spec(action) == spec(tiny[dest]) and (dest == "depth" or spec(action) == spec(theirs[dest])), dest
+        assert tiny[dest].default == ablate.TINY_SCALE.get(dest, action.default), dest
+        assert dest == "depth" or action.default == theirs[dest].default, dest
+
+
+def test_plan_and_ablate_read_one_planned_changes_list(monkeypatch):
+    """The planner's comparison and the ablation's variants are nanochat.gpt.PLANNED_CHANGES: a change
+    added there shows up in both."""
+    args = args_for()
+    rows = plan.compare_changes(args, 20, H100, 4.8)
+    changes = gpt.planned_changes(2048, context_label="seq")
+    assert [label for label, _ in rows] == ["reference"] + [label for label, _ in changes]
+    for (label, p), (_, change) in zip(rows[1:], changes):
+        assert p.config == plan.make_config(args, 20, **change), label
+    assert [label for label, _ in ablate.variants(256)] == ["reference"] + [label for label, _ in gpt.planned_changes(256)]
+    extra = ("RoPE base 500000", dict(rope_base=500000.0), False)
+    monkeypatch.setattr(gpt, "PLANNED_CHANGES", gpt.PLANNED_CHANGES + (extra,))
+    assert dict(plan.compare_changes(args, 20, H100, 4.8))["RoPE base 500000"].config.rope_base == 500000.0
+    assert dict(ablate.variants(256))["RoPE base 500000"] == ["--rope-base=500000"]
 
 
 @pytest.mark.parametrize("depth,flags", [

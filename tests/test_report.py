@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from nanochat import report
+from nanochat import report, report_plots
 from nanochat.report import SECTION_ORDER, generate, read_section_metrics, reset, slugify, write_section
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,16 +175,25 @@ def test_code_size_with_and_without_git(monkeypatch):
     assert report.git_info() == {"commit": "unknown", "branch": "unknown", "dirty": "unknown"}
 
 
-def test_dependency_parser_fallback_matches_tomllib():
+def test_dependencies_from_pyproject_or_installed_metadata(base, monkeypatch):
+    """[project].dependencies of pyproject.toml; on Python 3.10 (no tomllib) the installed package's runtime
+    requirements, extras left out; "unknown" in the report when neither can be read."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
-    with open(os.path.join(REPO_ROOT, "pyproject.toml"), encoding="utf-8") as f:
-        text = f.read()
-    assert report._simple_dependencies(text) == tomllib.loads(text)["project"]["dependencies"]
-    tricky = ('[build-system]\nrequires = ["setuptools"]\n\n[project]\nname = "x"\n'
-              '# a comment with "quotes" = [\ndependencies = [\n  "a>=1",  # why\n  \'b[c]==2\',\n]\n\n'
-              '[project.optional-dependencies]\ndev = ["pytest"]\n')
-    assert report._simple_dependencies(tricky) == tomllib.loads(tricky)["project"]["dependencies"] == ["a>=1", "b[c]==2"]
-    assert report._simple_dependencies("[tool.x]\ndependencies = ['no']\n") == []
+    pyproject = os.path.join(REPO_ROOT, "pyproject.toml")
+    with open(pyproject, "rb") as f:
+        assert report.project_dependencies(pyproject) == tomllib.load(f)["project"]["dependencies"]
+    assert report.project_dependencies(os.path.join(str(base), "no-pyproject.toml")) is None
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # as on Python 3.10
+    installed = ['a>=1', 'b>=2; python_version < "3.11"', 'c>=3; extra == "web"', 'd; python_version >= "3" and extra == "dev"']
+    monkeypatch.setattr(report.importlib.metadata, "requires", lambda name: installed if name == "nanochat" else None)
+    assert report.project_dependencies(pyproject) == ['a>=1', 'b>=2; python_version < "3.11"']
+
+    def not_installed(name):
+        raise report.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(report.importlib.metadata, "requires", not_installed)
+    assert report.project_dependencies(pyproject) is None
+    assert "- Dependencies: unknown " in read_report(generate(plots=False))
 
 
 def write_log(path, steps=60, eval_every=20):
@@ -202,7 +211,7 @@ def write_log(path, steps=60, eval_every=20):
 def test_read_log_skips_torn_lines(tmp_path):
     path = str(tmp_path / "log.jsonl")
     write_log(path)
-    records = report.read_log(path)
+    records = report_plots.read_log(path)
     assert len(records) == 60 + 4 and records[-1]["step"] == 60
 
 
@@ -246,7 +255,7 @@ def test_a_failing_plot_does_not_break_the_report(base, monkeypatch):
 
     def broken(*args):
         raise RuntimeError("disk full")
-    monkeypatch.setattr(report, "plot_run", broken)
+    monkeypatch.setattr(report_plots, "plot_run", broken)
     text = read_report(generate())
     assert "Plot for base d4 failed: RuntimeError: disk full" in text and "## Summary" in text
     assert not [n for n in os.listdir(os.path.join(str(base), "report")) if n.endswith(".png")]

@@ -1,4 +1,4 @@
-"""The task library: the common base and combinators, each task on the shared data, and the downloader."""
+"""The task library: the common base, each task on the shared data, and the downloader."""
 import csv
 import gzip
 import http.server
@@ -9,8 +9,8 @@ import threading
 import pytest
 
 from conftest import require_shared_data
-from tasks.common import (Task, TaskMixture, TaskSequence, content_text, data_path, get_data_dir, mc_conversation,
-                          render_mc, validate_conversation)
+from tasks.common import (Task, content_text, data_path, get_task_data_dir, mc_conversation, render_mc,
+                          validate_conversation)
 
 # -----------------------------------------------------------------------------
 # common
@@ -51,22 +51,6 @@ def test_task_slicing_and_shuffling():
         Numbers(3).evaluate(Numbers(3)[0], "x")
 
 
-def test_task_mixture_and_sequence():
-    a, b = Numbers(3), Numbers(5)
-    mix = TaskMixture([a, b, a], seed=0)
-    assert len(mix) == 11
-    seen = sorted(ids(mix))
-    assert seen == sorted([0, 1, 2] * 2 + list(range(5)))  # `a` listed twice: seen twice
-    assert ids(mix) == ids(TaskMixture([a, b, a], seed=0))
-    assert ids(mix) != ids(TaskMixture([a, b, a], seed=1))
-    seq = TaskSequence([Numbers(2), Numbers(0), Numbers(3, start=1)])
-    assert len(seq) == 4 and ids(seq) == [0, 1, 1, 2] and ids([seq[-1]]) == [2]
-    with pytest.raises(IndexError):
-        seq[4]
-    with pytest.raises(ValueError):
-        TaskMixture([])
-
-
 def test_render_mc_and_mc_conversation():
     text = render_mc("What is 2+2?", ["3", "4", "5", "22"])
     assert text.splitlines()[0] == "What is 2+2?"
@@ -99,7 +83,7 @@ def test_validate_conversation():
 
 def test_data_dir_and_missing_data(monkeypatch, tmp_path):
     monkeypatch.setenv("NANOCHAT_DATA_DIR", str(tmp_path))
-    assert get_data_dir() == str(tmp_path)
+    assert get_task_data_dir() == str(tmp_path)
     with pytest.raises(FileNotFoundError) as e:
         data_path("eval", "gsm8k", "test.jsonl", what="GSM8K test data")
     message = str(e.value)
@@ -108,7 +92,7 @@ def test_data_dir_and_missing_data(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match="tasks.download"):
         GSM8K(split="test")
     monkeypatch.delenv("NANOCHAT_DATA_DIR")
-    assert get_data_dir().endswith(os.path.join("shared", "data"))
+    assert get_task_data_dir().endswith(os.path.join("shared", "data"))
 
 # -----------------------------------------------------------------------------
 # ARC and MMLU: letters map to the gold index
@@ -392,6 +376,47 @@ def test_download_file(server, tmp_path):
     with pytest.raises(DownloadError, match="HTTP 500"):
         download_file(f"{url}/data.jsonl", str(out / "r2.jsonl"), retries=1, backoff=0.01)
     assert _leftovers(out) == [] and _leftovers(out / "sub") == []
+
+
+def test_download_file_refetches_invalid_files_within_the_retry_budget(server, tmp_path):
+    """refetch_invalid (the pretraining shards use it): a file that fails its check is fetched again, counted
+    against the same retries as network errors; without it a failed check is final. Errors carry the HTTP
+    status and the number of attempts."""
+    from nanochat.download import DownloadError, download_file
+    url, root, handler = server
+    (root / "data.jsonl").write_text('{"a": 1}\n')
+    out = tmp_path / "out"
+    calls = []
+
+    def flaky(path):  # the first two transfers that arrive are "corrupt"
+        calls.append(path)
+        if len(calls) <= 2:
+            raise ValueError("bad bytes")
+
+    handler.fail_first["/data.jsonl"] = 1  # and a 500 before them: one budget for both kinds of failure
+    dest = download_file(f"{url}/data.jsonl", str(out / "a.jsonl"), validate=flaky, retries=3, backoff=0.01,
+                         refetch_invalid=True)
+    assert open(dest).read() == '{"a": 1}\n' and len(calls) == 3 and handler.fail_first["/data.jsonl"] == 0
+    calls.clear()
+    with pytest.raises(DownloadError, match="failed validation: bad bytes") as e:
+        download_file(f"{url}/data.jsonl", str(out / "b.jsonl"), validate=flaky, retries=1, backoff=0.01,
+                      refetch_invalid=True)
+    assert e.value.attempts == 2 and len(calls) == 2 and not (out / "b.jsonl").exists()
+    calls.clear()
+    with pytest.raises(DownloadError, match="failed validation") as e:
+        download_file(f"{url}/data.jsonl", str(out / "c.jsonl"), validate=flaky, retries=3, backoff=0.01)
+    assert e.value.attempts == 1 and len(calls) == 1  # the default: a failed check is final
+
+    def not_gzip(path):  # a check that raises OSError is still a failed check, not a network error
+        raise OSError("Not a gzipped file")
+
+    with pytest.raises(DownloadError, match="failed validation: Not a gzipped file") as e:
+        download_file(f"{url}/data.jsonl", str(out / "d.jsonl"), validate=not_gzip, retries=3, backoff=0.01)
+    assert e.value.attempts == 1
+    with pytest.raises(DownloadError, match="HTTP 404") as e:
+        download_file(f"{url}/nope.jsonl", str(out / "e.jsonl"), retries=3, backoff=0.01, refetch_invalid=True)
+    assert e.value.status == 404 and e.value.attempts == 1
+    assert _leftovers(out) == [] and sorted(os.listdir(out)) == ["a.jsonl"]
 
 
 def test_download_eval_data_from_mirror(server, tmp_path, monkeypatch):

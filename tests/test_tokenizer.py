@@ -1,7 +1,8 @@
 """
 Tokenizer tests: exact round trips (property-based and on real text), special tokens, conversation
 rendering, external formats, the saved format and its error messages, and the three scripts.
-Most use conftest's session `tokenizer` (vocab 4096, trained on the shared English text).
+Most use conftest's session `tokenizer` (vocab 4096, trained on the in-repo text in tests/fixtures); the
+compression figure uses `mix_tokenizer` (the same size, trained on the shared English mix).
 """
 import json
 import os
@@ -16,10 +17,11 @@ from tiktoken.load import load_tiktoken_bpe
 import torch
 from hypothesis import given, settings, strategies as st
 
-from conftest import REPO_ROOT, TEST_VOCAB_SIZE, require_shared_data
+from conftest import FIXTURE_TEXT, REPO_ROOT, TEST_VOCAB_SIZE, require_shared_data
 from nanochat.tokenizer import (GPT2_PATTERN, GPT4_PATTERN, META_FILE, RANKS_FILE, SPECIAL_TOKENS, SPLIT_PATTERN,
                                 TOKEN_BYTES_FILE, Tokenizer, TokenizerError, get_token_bytes, get_tokenizer,
                                 get_tokenizer_dir, parse_ranks)
+from nanochat.tokenizer_import import byte_level_chars, from_gpt2_files, from_hf_json
 
 # -----------------------------------------------------------------------------
 # Random text: astral-plane characters, combining marks, mixed scripts, whitespace runs.
@@ -112,7 +114,8 @@ def _val_texts(max_chars=200_000):
     return texts
 
 
-def test_roundtrip_and_compression_on_shared_english(tokenizer):
+def test_roundtrip_and_compression_on_shared_english(mix_tokenizer):
+    tokenizer = mix_tokenizer
     texts = _val_texts()
     rows = tokenizer.encode(texts, num_threads=4)
     assert [tokenizer.decode(r) for r in rows] == texts
@@ -394,7 +397,7 @@ def test_tiktoken_cl100k(tmp_path):
 def test_gpt2_files_match_r50k(tmp_path):
     gpt2 = require_shared_data("tokenizers", "gpt2")
     r50k = require_shared_data("tokenizers", "tiktoken", "r50k_base.tiktoken")
-    from_files = Tokenizer.from_gpt2_files(os.path.join(gpt2, "encoder.json"), os.path.join(gpt2, "vocab.bpe"))
+    from_files = from_gpt2_files(os.path.join(gpt2, "encoder.json"), os.path.join(gpt2, "vocab.bpe"))
     from_tiktoken = Tokenizer.from_tiktoken_file(r50k, pattern=GPT2_PATTERN, special_tokens={"<|endoftext|>": 50256})
     assert from_files.mergeable_ranks == from_tiktoken.mergeable_ranks
     assert from_files.special_tokens == from_tiktoken.special_tokens
@@ -407,7 +410,8 @@ def test_gpt2_files_match_r50k(tmp_path):
 def _train_hf(pre_tokenizer, special_tokens=(), vocab_size=700):
     tokenizers = pytest.importorskip("tokenizers")
     from tokenizers import decoders, models, pre_tokenizers, trainers
-    text = open(require_shared_data("pretrain", "tiny.txt"), encoding="utf-8").read()[:200_000]
+    from nanochat.dataset import iter_documents
+    text = "\n\n".join(iter_documents(FIXTURE_TEXT, split="train", infinite=False))  # the in-repo text
     hf = tokenizers.Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizer
     hf.decoder = decoders.ByteLevel()
@@ -424,7 +428,7 @@ def test_hf_json_with_split_pattern(tmp_path):
                    special_tokens=["<|endoftext|>", "<|bos|>"])
     path = tmp_path / "tokenizer.json"
     hf.save(str(path))
-    tok = Tokenizer.from_hf_json(str(path))
+    tok = from_hf_json(str(path))
     assert tok.pattern == SPLIT_PATTERN
     assert tok.encode_special("<|endoftext|>") == 0 and tok.get_bos_token_id() == 1  # its own ids kept
     assert tok.get_vocab_size() == hf.get_vocab_size() + len(SPECIAL_TOKENS) - 1
@@ -441,7 +445,7 @@ def test_hf_json_gpt2_style_byte_level(tmp_path):
     hf = _train_hf(pre_tokenizers.ByteLevel(add_prefix_space=False))  # its built-in GPT-2 regex
     path = tmp_path / "tokenizer.json"
     hf.save(str(path))
-    tok = Tokenizer.from_hf_json(str(path))
+    tok = from_hf_json(str(path))
     assert tok.pattern == GPT2_PATTERN
     _check_external(tok, lambda s: hf.encode(s, add_special_tokens=False).ids)
 
@@ -455,14 +459,14 @@ def test_hf_json_that_is_not_byte_level_bpe(tmp_path):
     path = tmp_path / "tokenizer.json"
     hf.save(str(path))
     with pytest.raises(TokenizerError, match="not a byte-level BPE"):
-        Tokenizer.from_hf_json(str(path))
+        from_hf_json(str(path))
     wp = tokenizers.Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.save(str(path))
     with pytest.raises(TokenizerError, match="not a BPE tokenizer"):
-        Tokenizer.from_hf_json(str(path))
+        from_hf_json(str(path))
     path.write_text("{oops")
     with pytest.raises(TokenizerError, match="not valid JSON"):
-        Tokenizer.from_hf_json(str(path))
+        from_hf_json(str(path))
 
 # -----------------------------------------------------------------------------
 # Scripts (run in-process against a private base dir)
@@ -534,7 +538,6 @@ def test_bench_quick_run():
 
 
 def test_hf_json_consistency_checks(tmp_path):
-    from nanochat.tokenizer import byte_level_chars
     chars = byte_level_chars()
     base = {chars[b]: b for b in range(256)}
 
@@ -542,7 +545,7 @@ def test_hf_json_consistency_checks(tmp_path):
         cfg = {"model": {"type": "BPE", "vocab": vocab, "merges": merges}, "pre_tokenizer": {"type": "ByteLevel"},
                "decoder": {"type": "ByteLevel"}, "added_tokens": []}
         (tmp_path / "t.json").write_text(json.dumps(cfg))
-        return Tokenizer.from_hf_json(str(tmp_path / "t.json"))
+        return from_hf_json(str(tmp_path / "t.json"))
 
     tok = load({**base, "ab": 256, "abc": 257}, [["a", "b"], ["ab", "c"]])
     assert tok.encode("abcab") == [257, 256] and tok.pattern == GPT2_PATTERN

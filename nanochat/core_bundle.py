@@ -1,0 +1,298 @@
+"""
+The CORE evaluation bundle: which tasks there are, their data, and where the bundle comes from.
+
+A bundle is a folder holding
+    core.yaml              the `icl_tasks:` list: label, dataset_uri, icl_task_type, num_fewshot, ...
+    eval_meta_data.csv     one row per task; its 'Random baseline' column (in percent) centers the accuracy
+    eval_data/<uri>.jsonl  the items of each task
+It is read from --eval-dir, or from $NANOCHAT_BASE_DIR/eval_bundle, downloaded once (a zip or tar.gz of
+that folder) from $NANOCHAT_EVAL_BUNDLE_URL. Scoring the tasks is nanochat/core_eval.py's job.
+"""
+import csv
+import json
+import os
+import posixpath
+import re
+import shutil
+import tarfile
+import tempfile
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import yaml
+
+from nanochat.common import get_base_dir, print0
+from nanochat.download import DownloadError, download_file
+
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+REQUIRED_FIELDS = {
+    "multiple_choice": ("query", "choices", "gold"),
+    "schema": ("context_options", "continuation", "gold"),
+    "language_modeling": ("context", "continuation"),
+}
+EVAL_BUNDLE_URL_ENV = "NANOCHAT_EVAL_BUNDLE_URL"
+BUNDLE_FILES = ("core.yaml", "eval_meta_data.csv")
+
+
+@dataclass
+class CoreTask:
+    label: str
+    dataset_uri: str            # relative to <eval_dir>/eval_data/
+    task_type: str              # one of TASK_TYPES
+    num_fewshot: int
+    continuation_delimiter: str
+    random_baseline: float      # in percent, as in eval_meta_data.csv
+
+# -----------------------------------------------------------------------------
+# core.yaml and eval_meta_data.csv
+
+
+def parse_core_yaml(text, source="core.yaml"):
+    """The `icl_tasks:` list of core.yaml as a list of dicts, read by PyYAML (safe loader). The file must be a
+    top-level `icl_tasks:` list of flat mappings whose values are scalars or one-line [lists], as the
+    published bundles are; anything else, a repeated key (which YAML would silently let win) or a YAML syntax
+    error is a ValueError naming source:line, rather than a silent misread."""
+    def at(node):
+        return f"{source}:{node.start_mark.line + 1}"
+
+    for lineno, raw in enumerate(text.splitlines(), 1):  # YAML's own message for this is cryptic
+        if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+            raise ValueError(f"{source}:{lineno}: tabs are not allowed in YAML indentation")
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None or not isinstance(root, yaml.MappingNode):
+            raise ValueError(f"{source}: no `icl_tasks:` list found")
+        tasks_node = None
+        for key, value in root.value:
+            if key.value != "icl_tasks":
+                raise ValueError(f"{at(key)}: expected the top-level key `icl_tasks:`, got {key.value!r}")
+            tasks_node = value
+        if isinstance(tasks_node, yaml.ScalarNode) and tasks_node.tag.endswith(":null"):
+            return []  # `icl_tasks:` with no items
+        if not isinstance(tasks_node, yaml.SequenceNode):
+            raise ValueError(f"{at(tasks_node)}: `icl_tasks:` must be a list of `-` items")
+        for item in tasks_node.value:
+            if not isinstance(item, yaml.MappingNode):
+                raise ValueError(f"{at(item)}: expected a `-` list item of `key: value` lines")
+            seen = set()
+            for key, value in item.value:
+                if key.value in seen:
+                    raise ValueError(f"{at(key)}: duplicate key {key.value!r}")
+                seen.add(key.value)
+                flat_list = (isinstance(value, yaml.SequenceNode) and value.flow_style
+                             and all(isinstance(v, yaml.ScalarNode) for v in value.value))
+                if not isinstance(value, yaml.ScalarNode) and not flat_list:
+                    raise ValueError(f"{at(key)}: nested blocks are not supported here, expected `key: value` "
+                                     "with a scalar or a one-line [list]")
+        return loader.construct_document(tasks_node)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        why = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
+        raise ValueError(f"{where}: cannot parse the YAML ({why})") from None
+    finally:
+        loader.dispose()
+
+
+def load_random_baselines(path):
+    """{task label: random baseline in percent} from eval_meta_data.csv."""
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        fields = reader.fieldnames or []
+        if "Eval Task" not in fields or "Random baseline" not in fields:
+            raise ValueError(f"{path}: expected the columns 'Eval Task' and 'Random baseline', got {fields}")
+        baselines = {}
+        for row in reader:
+            try:
+                b = float(row["Random baseline"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: task {row['Eval Task']!r} has a bad random baseline {row['Random baseline']!r}") from None
+            if not 0 <= b < 100:
+                raise ValueError(f"{path}: task {row['Eval Task']!r} random baseline {b} is not a percentage in [0, 100)")
+            baselines[row["Eval Task"].strip()] = b
+    return baselines
+
+
+def _task_from_entry(entry, baselines, where):
+    for key in ("label", "dataset_uri", "icl_task_type", "num_fewshot"):
+        if key not in entry:
+            raise ValueError(f"{where}: task entry {entry} has no {key!r}")
+    label = str(entry["label"])
+    task_type = entry["icl_task_type"]
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"{where}: task {label!r} has icl_task_type {task_type!r}, expected one of {TASK_TYPES}")
+    shots = entry["num_fewshot"]
+    if isinstance(shots, list):
+        if not shots:
+            raise ValueError(f"{where}: task {label!r} has an empty num_fewshot list")
+        shots = shots[0]  # the bundle allows a sweep; CORE uses one setting, the first
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise ValueError(f"{where}: task {label!r} has num_fewshot {entry['num_fewshot']!r}, expected an integer >= 0")
+    if label not in baselines:
+        raise ValueError(f"{where}: task {label!r} has no 'Random baseline' row in eval_meta_data.csv")
+    delimiter = entry.get("continuation_delimiter", " ")
+    if not isinstance(delimiter, str):
+        raise ValueError(f"{where}: task {label!r} continuation_delimiter must be a string, got {delimiter!r}")
+    return CoreTask(label, str(entry["dataset_uri"]), task_type, shots, delimiter, baselines[label])
+
+
+def load_bundle(eval_dir):
+    """(tasks whose data file is present, labels of tasks whose data file is missing), in core.yaml order."""
+    yaml_path = os.path.join(eval_dir, "core.yaml")
+    meta_path = os.path.join(eval_dir, "eval_meta_data.csv")
+    for path in (yaml_path, meta_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} not found: {eval_dir} is not a CORE eval bundle "
+                                    "(expected core.yaml, eval_meta_data.csv and eval_data/)")
+    with open(yaml_path, encoding="utf-8") as f:
+        entries = parse_core_yaml(f.read(), yaml_path)
+    baselines = load_random_baselines(meta_path)
+    present, missing, seen = [], [], set()
+    for entry in entries:
+        task = _task_from_entry(entry, baselines, yaml_path)
+        if task.label in seen:
+            raise ValueError(f"{yaml_path}: task {task.label!r} is listed twice")
+        seen.add(task.label)
+        exists = os.path.isfile(os.path.join(eval_dir, "eval_data", task.dataset_uri))
+        (present if exists else missing).append(task if exists else task.label)
+    return present, missing
+
+
+def _validate_item(item, task_type, where):
+    if not isinstance(item, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    for key in REQUIRED_FIELDS[task_type]:
+        if key not in item:
+            raise ValueError(f"{where}: a {task_type} item needs {REQUIRED_FIELDS[task_type]}, {key!r} is missing")
+    options = item.get("choices", item.get("context_options"))
+    if options is not None:
+        if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{where}: expected a list of at least two strings, got {options!r}")
+        gold = item["gold"]
+        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(options):
+            raise ValueError(f"{where}: gold {gold!r} is not an index into its {len(options)} options")
+    if "continuation" in item and not isinstance(item["continuation"], str):
+        raise ValueError(f"{where}: continuation must be a string")
+
+
+def load_task_items(eval_dir, task):
+    """The validated rows of one task's JSONL file."""
+    path = os.path.join(eval_dir, "eval_data", task.dataset_uri)
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
+            _validate_item(item, task.task_type, f"{path}:{lineno}")
+            items.append(item)
+    if not items:
+        raise ValueError(f"{path}: no items")
+    return items
+
+# -----------------------------------------------------------------------------
+# Getting the bundle: a local directory, or a one-time download of a zip / tar.gz archive
+
+
+def is_bundle_dir(path):
+    return all(os.path.isfile(os.path.join(path, name)) for name in BUNDLE_FILES)
+
+
+def _check_member_name(name):
+    parts = name.replace("\\", "/").split("/")
+    if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
+        raise ValueError(f"unsafe path in archive: {name!r}")
+
+
+def _archive_files(path):
+    """(kind, member file names) of a zip or tar(.gz) archive. Reads it all, so a corrupt or
+    truncated archive fails here, and refuses paths that would land outside the target folder."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                bad = zf.testzip()
+                if bad is not None:
+                    raise ValueError(f"member {bad} fails its CRC check")
+                infos = zf.infolist()
+                kind, names, files = "zip", [i.filename for i in infos], [i.filename for i in infos if not i.is_dir()]
+        else:
+            with tarfile.open(path, "r:*") as tf:
+                members = tf.getmembers()
+                kind, names, files = "tar", [m.name for m in members], [m.name for m in members if m.isfile()]
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise ValueError(f"not a valid zip or tar.gz archive ({type(e).__name__}: {e})") from None
+    for name in names:
+        _check_member_name(name)
+    return kind, files
+
+
+def _bundle_root(files):
+    """The folder inside the archive that holds core.yaml and eval_meta_data.csv (the shallowest one)."""
+    roots = sorted({posixpath.dirname(n) for n in files if posixpath.basename(n) == "core.yaml"}, key=lambda r: (r.count("/"), r))
+    for root in roots:
+        if all(posixpath.join(root, f) in files for f in BUNDLE_FILES):
+            return root
+    raise ValueError(f"it has no folder holding {' and '.join(BUNDLE_FILES)}")
+
+
+def download_eval_bundle(url=None, dest=None, timeout=60):
+    """Download and unpack the bundle into dest (default $NANOCHAT_BASE_DIR/eval_bundle) unless it
+    is already there. Unpacked next to dest and renamed into place, so dest is complete or absent."""
+    url = url if url is not None else os.environ.get(EVAL_BUNDLE_URL_ENV, "").strip()
+    dest = dest or os.path.join(get_base_dir(), "eval_bundle")
+    if is_bundle_dir(dest):
+        return dest
+    if not url:
+        raise RuntimeError(
+            f"no CORE eval bundle at {dest} and no download URL: either pass --eval-dir=DIR pointing at an "
+            f"unpacked bundle (core.yaml, eval_meta_data.csv, eval_data/...; e.g. ../shared/data/eval/core), "
+            f"or set {EVAL_BUNDLE_URL_ENV} to the URL of a zip or tar.gz of that folder")
+    if os.path.exists(dest):
+        raise RuntimeError(f"{dest} exists but is not a CORE eval bundle (no core.yaml); remove it and retry")
+    parent = os.path.dirname(os.path.abspath(dest))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".eval_bundle-", suffix=".tmp")
+    try:
+        archive = os.path.join(tmp, "bundle.archive")
+        print0(f"downloading the CORE eval bundle from {url}")
+        try:
+            download_file(url, archive, retries=2, backoff=0.5, timeout=timeout)
+        except DownloadError as e:
+            raise RuntimeError(f"download of the CORE eval bundle from {url} failed: {e}") from None
+        try:
+            kind, files = _archive_files(archive)
+            root = _bundle_root(files)
+        except ValueError as e:
+            raise RuntimeError(f"the file downloaded from {url} is not a usable CORE eval bundle: {e}") from None
+        unpacked = os.path.join(tmp, "unpacked")
+        if kind == "zip":
+            with zipfile.ZipFile(archive) as zf:
+                zf.extractall(unpacked)
+        else:
+            with tarfile.open(archive, "r:*") as tf:
+                members = [m for m in tf.getmembers() if m.isfile() or m.isdir()]  # no links or devices
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+                tf.extractall(unpacked, members=members, **safe)
+        try:
+            os.replace(os.path.join(unpacked, root), dest)
+        except OSError:
+            if not is_bundle_dir(dest):  # else another process finished the same download first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def resolve_eval_dir(eval_dir=None):
+    """An explicit bundle directory, else $NANOCHAT_BASE_DIR/eval_bundle, downloaded if needed."""
+    if eval_dir:
+        if not is_bundle_dir(eval_dir):
+            raise FileNotFoundError(f"--eval-dir {eval_dir} is not a CORE eval bundle: it needs "
+                                    f"{' and '.join(BUNDLE_FILES)} and eval_data/")
+        return eval_dir
+    return download_eval_bundle()
