@@ -9,7 +9,7 @@ What every training stage (base, mid, SFT, RL) shares, so that each script keeps
 - checkpoint state a run resumes from exactly, and the model a chat stage starts from;
 - the end-of-stage report section.
 
-The command-line side (flag groups, exit-with-message helpers) lives with the scripts in scripts/_stage_cli.py.
+The command-line side (flag groups, exit-with-message helpers) lives with the scripts in scripts/_cli.py.
 """
 import dataclasses
 import json

@@ -27,7 +27,7 @@ from nanochat.training import (StepLogger, StepStats, accumulate_gradients, find
                                init_device, lr_multiplier, muon_momentum, optimizer_step, report_stage,
                                save_training_state, set_learning_rates)
 
-from ._stage_cli import (add_optimizer_flags, add_run_flags, check_optimizer_flags, resume_or_exit,
+from ._cli import (add_optimizer_flags, add_run_flags, check_optimizer_flags, resume_or_exit,
                          setup_stage_optimizers, stage_error, use_compile)
 
 

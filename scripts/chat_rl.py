@@ -23,7 +23,7 @@ from nanochat.common import all_reduce_sum, compute_cleanup, make_parser, positi
 from nanochat.training import (StepLogger, StepStats, all_reduce_mean, init_device, lr_multiplier, optimizer_step,
                                report_stage, save_training_state, set_learning_rates)
 
-from ._stage_cli import (add_optimizer_flags, add_run_flags, add_stage_io_flags, check_optimizer_flags,
+from ._cli import (add_optimizer_flags, add_run_flags, add_stage_io_flags, check_optimizer_flags,
                          open_stage_or_exit, resume_or_exit, setup_stage_optimizers, stage_error)
 
 TASKS = ("gsm8k", "toy")

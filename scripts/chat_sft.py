@@ -22,7 +22,7 @@ from nanochat.training import (HeldOutLoss, StepLogger, StepStats, accumulate_gr
                                optimizer_step, report_stage, save_training_state, set_learning_rates)
 from tasks.mixtures import describe_mixtures
 
-from ._stage_cli import (CATEGORICAL, add_chat_data_flags, add_optimizer_flags, add_run_flags, add_stage_io_flags,
+from ._cli import (CATEGORICAL, add_chat_data_flags, add_optimizer_flags, add_run_flags, add_stage_io_flags,
                          check_optimizer_flags, load_chat_data_or_exit, open_stage_or_exit, resume_or_exit,
                          setup_stage_optimizers, stage_error)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanochat import training
-from scripts import _stage_cli as stage_cli
+from scripts import _cli as stage_cli
 
 
 def test_grad_accum_steps_divides_exactly():

@@ -1,8 +1,8 @@
 """
-The command-line side of the training stages (base_train, mid_train, chat_sft, chat_rl): their shared flag
-groups, and start-up steps that turn a missing file or a bad flag into a one-line exit naming the script.
-Not an entry point; the library side (schedules, the gradient step, step stats, checkpoint state, the report
-section) is nanochat/training.py.
+The command-line plumbing the scripts share: the training stages' (base_train, mid_train, chat_sft, chat_rl)
+flag groups, and start-up steps that turn a missing file or a bad flag into a one-line exit naming the script.
+Not an entry point; the library side of the stages (schedules, the gradient step, step stats, checkpoint state,
+the report section) is nanochat/training.py.
 """
 from nanochat.checkpoint import CheckpointError
 from nanochat.common import auto_bool, positive_int, print0, str2bool
