@@ -27,6 +27,7 @@ here on the training text (or copied from --tokenizer-dir). Without ../shared/da
 """
 import contextlib
 import gzip
+import functools
 import io
 import json
 import math
@@ -235,8 +236,9 @@ def script_costs(ev, records, steps, skip):
 
 def make_bare_step(config, args, B, device, dtype, compiled):
     """(step, optimizers): step() runs one optimizer step of the script's model work on fixed random
-    tokens and returns its time: `accum` forward+backward micro-steps, gradient clipping, Muon + AdamW."""
-    from nanochat.training import grad_accum_steps, optimizer_step
+    tokens and returns its time: `accum` forward+backward micro-steps, gradient clipping, Muon + AdamW,
+    through the same nanochat.training functions the script calls."""
+    from nanochat.training import accumulate_gradients, grad_accum_steps, optimizer_step
     model = build_ours(config, device)
     run = torch.compile(model, dynamic=False) if compiled else model
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -245,16 +247,12 @@ def make_bare_step(config, args, B, device, dtype, compiled):
     g = torch.Generator().manual_seed(0)
     batches = [tuple(torch.randint(0, config.vocab_size, (B, config.sequence_len), generator=g).to(device) for _ in "xy")
                for _ in range(accum)]
+    autocast = functools.partial(autocast_context, device.type, dtype)
 
     def step():
         synchronize(device.type)
         t0 = time.perf_counter()
-        loss = torch.zeros((), device=device)
-        for x, y in batches:
-            with autocast_context(device.type, dtype):
-                micro = run(x, y)
-            (micro / accum).backward()
-            loss += micro.detach() / accum
+        loss = accumulate_gradients(run, batches, autocast, per_token=False)
         optimizer_step(model, optimizers, grad_clip=args.grad_clip)
         loss.item()  # the script's sync point
         return time.perf_counter() - t0
@@ -267,7 +265,7 @@ def loop_pieces(tokenizer, args, B, T, accum, optimizers, device, work, min_toke
     accumulation slot); their cost comes in bursts (a tokenizer batch is up to 128 documents or 4M
     characters), so they run for at least `min_tokens` tokens and the mean is the amortized cost."""
     from nanochat.dataloader import DataLoader
-    from nanochat.training import StepLogger, lr_multiplier, muon_momentum, set_learning_rates, throughput
+    from nanochat.training import StepLogger, StepStats, lr_multiplier, muon_momentum, set_learning_rates
     loaders = [DataLoader(tokenizer, B, T, spec=args.data, split="train", device=device, seed=args.seed, rank=a,
                           world_size=accum) for a in range(accum)]
     steps = min(max(20, math.ceil(min_tokens / (B * T * accum))), 2000)
@@ -293,13 +291,12 @@ def loop_pieces(tokenizer, args, B, T, accum, optimizers, device, work, min_toke
     pieces["LR + momentum setting"] = timed_steps(set_lr)
     logger = StepLogger(os.path.join(work, "pieces"), "dummy", {}, rank=0)
 
-    def log_step(i):  # the script's record and console line; the console goes to a buffer here
-        tok_per_sec, mfu = throughput(args.total_batch_size, 1.0, 1e9, 1e12)
+    stats = StepStats(steps, 0, device.type, per_step=args.total_batch_size, flops_per_unit=1e9, peak_flops=1e12)
+
+    def log_step(i):  # the script's step stats, record and console line; the console goes to a buffer here
+        stats.begin()
         with contextlib.redirect_stdout(io.StringIO()):
-            logger.log({"step": i, "loss": 5.0, "smooth_loss": 5.0, "lrm": 1.0, "dt": 1.0, "tok_per_sec": tok_per_sec,
-                        "mfu": mfu, "total_training_flops": 1e15},
-                       f"step {i:05d}/{steps:05d} | loss {5.0:.4f} | lrm {1.0:.2f} | {tok_per_sec:,.0f} tok/s | "
-                       f"MFU {100 * mfu:.2f}% | 0m01s elapsed | ETA 0m01s")
+            logger.log(*stats.end(i + 1, 1.0, loss=5.0))
     pieces["logging: console line + JSONL append"] = timed_steps(log_step)
     return pieces, first
 
