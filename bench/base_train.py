@@ -26,8 +26,8 @@ here on the training text (or copied from --tokenizer-dir). Without ../shared/da
 --data, a synthetic corpus of random words is written there instead, with a warning.
 """
 import contextlib
-import gzip
 import functools
+import gzip
 import io
 import json
 import math
