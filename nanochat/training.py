@@ -12,14 +12,15 @@ What every training stage (base, mid, SFT, RL) shares, so that each script keeps
 The command-line side (flag groups, exit-with-message helpers) lives with the scripts in scripts/_cli.py.
 """
 import dataclasses
+import functools
 import json
 import os
 import time
 
 import torch
 
-from nanochat.checkpoint import (CheckpointError, build_model, checkpoints_root, find_largest_model, find_last_step,
-                                 load_checkpoint, load_model, resolve_checkpoint, save_checkpoint, step_dir)
+from nanochat.checkpoint import (CheckpointError, checkpoints_root, find_largest_model, find_last_step, load_checkpoint,
+                                 load_model, resolve_checkpoint, save_checkpoint)
 from nanochat.common import (DummyWandb, all_reduce_sum, autocast_context, autodetect_device_type, compute_init,
                              format_duration, get_compute_dtype, get_peak_memory, print0, synchronize)
 
@@ -92,7 +93,7 @@ def init_device(device_type, seed):
     device_type = autodetect_device_type(device_type or None)
     _, rank, _, world_size, device = compute_init(device_type, seed=seed)
     dtype = get_compute_dtype(device_type)
-    return device_type, rank, world_size, device, dtype, lambda: autocast_context(device_type, dtype)
+    return device_type, rank, world_size, device, dtype, functools.partial(autocast_context, device_type, dtype)
 
 # -----------------------------------------------------------------------------
 # The gradient step
@@ -194,13 +195,13 @@ class StepStats:
             parts.append(f"loss {debiased:.4f}")
         record.update(fields)
         parts += [f"{k} {v:.4f}" for k, v in fields.items()]
-        rate = self.per_step / dt
+        rate, mfu = throughput(self.per_step, dt, self.flops_per_unit or 0.0, self.peak_flops or 1.0)
         record.update({"lrm": lrm, "dt": dt, self.rate_key: rate})
         parts += [f"lrm {lrm:.2f}", f"{rate:,.{0 if rate >= 100 else 1}f} {self.rate_unit}"]
         if self.flops_per_unit:
             record["total_training_flops"] = self.flops_per_unit * self.per_step * step
             if self.peak_flops:
-                record["mfu"] = rate * self.flops_per_unit / self.peak_flops
+                record["mfu"] = mfu
                 parts.append(f"MFU {100 * record['mfu']:.2f}%")
         eta = self.total_time / max(self.timed_steps, 1) * (self.num_iterations - step)
         parts += [f"{format_duration(self.total_time)} elapsed", f"ETA {format_duration(eta)}"]
@@ -280,22 +281,13 @@ class HeldOutLoss:
 # Checkpoint state a run resumes from exactly
 
 
-def rng_state(device_type):
-    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
-
-
-def restore_rng_state(state, device_type):
-    torch.set_rng_state(state["cpu"])
-    if device_type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"].cpu())
-
-
 def save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank=0, world_size=1):
     """A checkpoint a run can resume from exactly: weights, each rank's optimizer and loader states, RNG.
     Collective under torchrun."""
     state = {"optimizers": [opt.state_dict() for opt in optimizers], "loaders": [l.state_dict() for l in loaders]}
+    rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
     return save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank=rank, world_size=world_size,
-                           rng_state=rng_state(device_type))
+                           rng_state=rng)
 
 
 def restore_training_state(ckpt_dir, step, optimizers, loaders, device, device_type, rank=0, world_size=1, accum=1,
@@ -316,15 +308,10 @@ def restore_training_state(ckpt_dir, step, optimizers, loaders, device, device_t
         opt.load_state_dict(state)
     for loader, state in zip(loaders, payload["optimizer"]["loaders"]):
         loader.load_state_dict(state)
-    restore_rng_state(payload["rng"], device_type)
+    torch.set_rng_state(payload["rng"]["cpu"])
+    if device_type == "cuda" and payload["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(payload["rng"]["cuda"].cpu())
     return meta
-
-
-def check_tokenizer_vocab(tokenizer, vocab_size, where):
-    """CheckpointError unless the tokenizer has the vocabulary size the checkpoint was trained with."""
-    if tokenizer.get_vocab_size() != vocab_size:
-        raise CheckpointError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but {where} was trained with "
-                              f"{vocab_size}: use the tokenizer the checkpoint was trained with")
 
 
 def open_stage(stage, input_source, device, model_tag=None, step=None, output_tag=None, resume=False):
@@ -333,20 +320,18 @@ def open_stage(stage, input_source, device, model_tag=None, step=None, output_ta
     Resume: the stage's own last checkpoint of output_tag (or model_tag, or the largest).
     Returns (model, tokenizer, ckpt_dir, start_step, resume_meta or None, origin {source, model_tag, step}).
     CheckpointError / OSError / ValueError with a clear message (missing checkpoint, other tokenizer)."""
-    from nanochat.tokenizer import get_tokenizer
+    root = checkpoints_root(stage)
     if resume:
-        root = checkpoints_root(stage)
-        tag = output_tag or model_tag or find_largest_model(root)
-        ckpt_dir = os.path.join(root, tag)
-        start_step = find_last_step(ckpt_dir)
-        model, meta = build_model(ckpt_dir, start_step, device, phase="train")
-        tokenizer = get_tokenizer()
-        check_tokenizer_vocab(tokenizer, model.config.vocab_size, f"checkpoint {step_dir(ckpt_dir, start_step)}")
-        return model, tokenizer, ckpt_dir, start_step, meta, meta.get("input")
-    in_dir, in_step = resolve_checkpoint(input_source, model_tag, step)
-    model, tokenizer, _ = load_model(input_source, device, phase="train", model_tag=os.path.basename(in_dir), step=in_step)
-    ckpt_dir = os.path.join(checkpoints_root(stage), output_tag or os.path.basename(in_dir))
-    return model, tokenizer, ckpt_dir, 0, None, {"source": input_source, "model_tag": os.path.basename(in_dir), "step": in_step}
+        source, tag = stage, output_tag or model_tag or find_largest_model(root)
+        step = find_last_step(os.path.join(root, tag))
+    else:
+        in_dir, step = resolve_checkpoint(input_source, model_tag, step)
+        source, tag = input_source, os.path.basename(in_dir)
+    model, tokenizer, meta = load_model(source, device, phase="train", model_tag=tag, step=step)
+    if resume:
+        return model, tokenizer, os.path.join(root, tag), step, meta, meta.get("input")
+    origin = {"source": input_source, "model_tag": tag, "step": step}
+    return model, tokenizer, os.path.join(root, output_tag or tag), 0, None, origin
 
 # -----------------------------------------------------------------------------
 # The end of a stage
