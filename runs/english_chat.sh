@@ -5,7 +5,7 @@
 #   TOKENIZER_FILE: an existing 64K tokenizer (.tiktoken ranks or HF tokenizer.json) to import;
 #   without it one is trained at 65,536 on the mix.
 #
-# Architecture (the plan's section 5.4), each a base_train flag:
+# Architecture (the first user's planned changes, gpt.PLANNED_CHANGES), each a base_train flag:
 #   tied wte/lm_head, context 1024, MLP 3x, n_kv_head = n_head // 4, SiLU, softcap off,
 #   RoPE base 10000 (plenty for a 1024-token context; raise it only for longer contexts).
 # Size, from `python -m scripts.plan --gpus=8 --gpu=h100 --hours=11 <these flags> --chars-per-token=5.1`:
