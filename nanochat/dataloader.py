@@ -13,7 +13,6 @@ The distributed tokenizing loader: documents of the mixture -> BOS-prefixed toke
   Restoring re-reads and re-tokenizes from there. It is a few hundred bytes of JSON.
 """
 import itertools
-import json
 
 import numpy as np
 import torch
@@ -38,10 +37,9 @@ class DataLoader:
         for name, value in (("B", B), ("T", T), ("tokenizer_threads", tokenizer_threads),
                             ("tokenizer_batch_size", tokenizer_batch_size)):
             _check_positive(name, value)
-        if rank is None or world_size is None:
-            _, dist_rank, _, dist_world = get_dist_info()
-            rank = dist_rank if rank is None else rank
-            world_size = dist_world if world_size is None else world_size
+        _, dist_rank, _, dist_world = get_dist_info()
+        rank = dist_rank if rank is None else rank
+        world_size = dist_world if world_size is None else world_size
         _check_positive("world_size", world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"DataLoader: rank must be in [0, {world_size}), got {rank!r}")
@@ -66,27 +64,18 @@ class DataLoader:
 
     # -- reading and tokenizing
 
-    def _next_own_document(self):
-        """The next document of this rank, or None when a one-pass stream is over."""
-        while True:
-            index = self.docs.index
-            try:
-                text = next(self.docs)
-            except StopIteration:
-                return None
-            if index % self.world_size == self.rank:
-                return text
-
     def _tokenize_more(self):
-        """Append one tokenizer batch to the buffer; False when there is nothing left to read."""
+        """Append one tokenizer batch of this rank's documents to the buffer; False when there is nothing
+        left to read."""
         state = self.docs.state_dict()
         texts, chars = [], 0
-        while len(texts) < self.batch_docs and chars < MAX_BATCH_CHARS:
-            text = self._next_own_document()
-            if text is None:
-                break
+        for index, text in enumerate(self.docs, start=self.docs.index):  # index: the document's place in the stream
+            if index % self.world_size != self.rank:
+                continue
             texts.append(text)
             chars += len(text)
+            if len(texts) == self.batch_docs or chars >= MAX_BATCH_CHARS:
+                break
         if not texts:
             return False
         rows = self.tokenizer.encode(texts, prepend=self.bos, num_threads=self.threads)
@@ -146,8 +135,6 @@ class DataLoader:
             if len(state) != self.world_size:
                 raise DataError(f"loader states for {len(state)} ranks, but this run has {self.world_size}")
             state = state[self.rank]
-        if isinstance(state, (str, bytes)):
-            state = json.loads(state)
         if state.get("version") != 1:
             raise DataError(f"unknown loader state version {state.get('version')!r}")
         if (state["rank"], state["world_size"]) != (self.rank, self.world_size):
@@ -164,10 +151,8 @@ class DataLoader:
             self._advance(min(skip, self._available()))
 
 
-def build_val_loader(tokenizer, B, T, spec=None, device="cpu", tokenizer_threads=4, tokenizer_batch_size=128,
-                     rank=None, world_size=None):
-    """Batches of the validation split, the same for every run. It cycles (with a warning when the
-    split is smaller than what is asked), so every rank can take the same fixed number of steps.
-    Build a fresh one per evaluation."""
-    return DataLoader(tokenizer, B, T, spec=spec, split="val", device=device, tokenizer_threads=tokenizer_threads,
-                      tokenizer_batch_size=tokenizer_batch_size, infinite=True, rank=rank, world_size=world_size)
+def build_val_loader(tokenizer, B, T, **kwargs):
+    """Batches of the validation split, the same for every run (DataLoader's keyword arguments). It cycles
+    (with a warning when the split is smaller than what is asked), so every rank can take the same fixed
+    number of steps. Build a fresh one per evaluation."""
+    return DataLoader(tokenizer, B, T, split="val", infinite=True, **kwargs)

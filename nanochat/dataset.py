@@ -22,6 +22,7 @@ point of the stream. The seed shifts each source's starting point by up to 1,000
 seeds interleave differently. A source that runs out starts over (a new epoch), with a warning.
 """
 import collections
+import glob
 import gzip
 import itertools
 import json
@@ -29,7 +30,6 @@ import math
 import os
 import random
 import sys
-import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -75,13 +75,10 @@ def parse_data_spec(spec):
     """'a:0.45,b:0.4,c' -> [DataSource('a', 0.45), DataSource('b', 0.4), DataSource('c', 1.0)]."""
     if not spec or not spec.strip():
         raise DataError("empty data spec: expected PATH[:WEIGHT][,PATH[:WEIGHT]...]")
-    sources = []
-    for item in spec.split(","):
-        if not item.strip():
-            raise DataError(f"empty entry in data spec {spec!r}")
-        path, weight = parse_weighted_path(item.strip())
-        sources.append(DataSource(os.path.expanduser(path), weight))
-    return sources
+    items = [item.strip() for item in spec.split(",")]
+    if not all(items):
+        raise DataError(f"empty entry in data spec {spec!r}")
+    return [DataSource(os.path.expanduser(path), weight) for path, weight in map(parse_weighted_path, items)]
 
 
 def get_shard_dir():
@@ -129,15 +126,11 @@ def list_text_files(path):
 
 def source_files(source, split):
     """(files of `source` that hold `split`, whether their documents are split by hash)."""
-    if split not in SPLITS:
-        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     if source.reference:
         files = list_reference_shards(source.path)
         if len(files) >= 2:
             return (files[:-1] if split == "train" else files[-1:]), False
-        if not files:
-            raise DataError(f"no reference shards in {source.path}: run `python -m nanochat.dataset -n 8`")
-        return files, True  # a single shard: split it by hash
+        return files, True  # a single shard (resolve_sources checked there is one): split it by hash
     files = list_text_files(source.path)
     val = [f for f in files if is_validation_file(f)] if os.path.isdir(source.path) else []
     if not val:
@@ -151,33 +144,32 @@ def source_files(source, split):
 # -----------------------------------------------------------------------------
 # Reading one file
 
-def _iter_parquet(path):
+def _iter_parquet(path, row_groups=None):
+    """Documents of a parquet file with a string `text` column (DataError otherwise), from its first
+    `row_groups` row groups (None: all)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     try:
         pf = pq.ParquetFile(path)
     except Exception as e:
-        raise DataError(f"cannot read parquet file {path}: {e}")
+        raise DataError(f"{path} is not a valid parquet file: {e}") from None
     with pf:
         schema = pf.schema_arrow
         if "text" not in schema.names:
             raise DataError(f"parquet file {path} has no 'text' column (columns: {schema.names})")
         if not (pa.types.is_string(schema.field("text").type) or pa.types.is_large_string(schema.field("text").type)):
             raise DataError(f"parquet file {path}: column 'text' holds {schema.field('text').type}, not strings")
-        for i in range(pf.num_row_groups):
+        for i in range(pf.num_row_groups if row_groups is None else row_groups):
             try:
                 texts = pf.read_row_group(i, columns=["text"]).column("text").to_pylist()
             except Exception as e:
                 raise DataError(f"cannot read row group {i} of parquet file {path}: {e}")
-            for text in texts:
-                if text:
-                    yield text
+            yield from filter(None, texts)
 
 
 def _iter_jsonl(path, on_bad_line="skip"):
     opener = gzip.open if path.endswith(".gz") else open
-    bad = 0
-    lineno = 0
+    bad = lineno = 0
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -204,23 +196,15 @@ def _iter_jsonl(path, on_bad_line="skip"):
 def _iter_txt(path):
     try:
         with open(path, encoding="utf-8") as f:
-            paragraph = []
-            for line in f:
-                if line.strip():
-                    paragraph.append(line)
-                elif paragraph:
-                    yield "".join(paragraph).rstrip("\n")
-                    paragraph = []
-            if paragraph:
-                yield "".join(paragraph).rstrip("\n")
+            for text, lines in itertools.groupby(f, key=lambda line: bool(line.strip())):
+                if text:
+                    yield "".join(lines).rstrip("\n")
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"cannot read {path}: {e}") from None
 
 
 def iter_file_documents(path, on_bad_line="skip"):
-    """Documents (non-empty strings) of one file, in file order."""
-    if on_bad_line not in BAD_LINE_POLICIES:
-        raise DataError(f"on_bad_line must be one of {BAD_LINE_POLICIES}, got {on_bad_line!r}")
+    """Documents (non-empty strings) of one file, in file order. on_bad_line: "skip" or "fail" (jsonl)."""
     if path.endswith(".parquet"):
         yield from _iter_parquet(path)
     elif path.endswith((".jsonl", ".jsonl.gz")):
@@ -242,6 +226,7 @@ class SourceReader:
         self.split = split
         self.on_bad_line = on_bad_line
         self.files, self.hash_split = source_files(source, split)
+        self.names = [os.path.basename(f) for f in self.files] + [None]  # None: past the last file
         self.epoch = 0
         self.file_index = 0
         self.doc_index = 0      # documents read from files[file_index] (before the hash split)
@@ -271,13 +256,11 @@ class SourceReader:
         return None
 
     def state_dict(self):
-        return {"path": self.source.path, "file": os.path.basename(self.files[self.file_index]) if self.file_index < len(self.files) else None,
-                "epoch": self.epoch, "file_index": self.file_index, "doc_index": self.doc_index,
-                "docs_in_epoch": self.docs_in_epoch}
+        return {"path": self.source.path, "file": self.names[self.file_index], "epoch": self.epoch,
+                "file_index": self.file_index, "doc_index": self.doc_index, "docs_in_epoch": self.docs_in_epoch}
 
     def load_state_dict(self, state):
-        if state["file_index"] > len(self.files) or (state["file"] is not None and (
-                state["file_index"] == len(self.files) or os.path.basename(self.files[state["file_index"]]) != state["file"])):
+        if state["file_index"] >= len(self.names) or self.names[state["file_index"]] != state["file"]:
             raise DataError(f"cannot restore the position in data source {self.source.path}: it was in file "
                             f"{state['file']!r} (number {state['file_index']}), which is not there any more")
         if self._docs is not None:
@@ -290,8 +273,10 @@ class SourceReader:
 # The weighted mixture of sources
 
 class DocumentMixture:
-    """An iterator of documents (str) over the sources of a spec, each source's share of the text
-    following its weight (see the module docstring). infinite=False reads each source once."""
+    """An iterator of documents (str) over the sources of `spec` (None: the reference shards), each source's
+    share of the text following its weight (see the module docstring). infinite=False is one pass over each
+    source (tokenizer training). Paths, weights and the split are checked here (DataError); a file's contents
+    (a parquet without `text`, a bad jsonl line with on_bad_line="fail") when it is read."""
 
     def __init__(self, spec=None, split="train", seed=0, infinite=True, on_bad_line="skip"):
         if split not in SPLITS:
@@ -349,11 +334,7 @@ class DocumentMixture:
         self.done = list(state["done"])
 
 
-def iter_documents(spec=None, split="train", seed=0, infinite=True, on_bad_line="skip"):
-    """Documents of the weighted mixture of `spec` (None: the reference shards). infinite=False is one
-    pass over each source (tokenizer training). Paths, weights and the split are checked here (DataError);
-    a file's contents (a parquet without `text`, a bad jsonl line with on_bad_line="fail") when it is read."""
-    return DocumentMixture(spec, split=split, seed=seed, infinite=infinite, on_bad_line=on_bad_line)
+iter_documents = DocumentMixture  # the name the scripts use
 
 # -----------------------------------------------------------------------------
 # Reference shards: parallel downloads through download.download_file (retries, validation, atomic rename)
@@ -361,35 +342,18 @@ def iter_documents(spec=None, split="train", seed=0, infinite=True, on_bad_line=
 DEFAULT_DATA_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 
 
-def get_data_url():
-    return os.environ.get("NANOCHAT_DATA_URL") or DEFAULT_DATA_URL
-
-
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
 def list_reference_shards(data_dir):
-    if not os.path.isdir(data_dir):
-        return []
-    return sorted(os.path.join(data_dir, n) for n in os.listdir(data_dir) if n.startswith("shard_") and n.endswith(".parquet"))
+    return sorted(glob.glob(os.path.join(glob.escape(data_dir), "shard_*.parquet")))
 
 
 def check_parquet(path, full=False):
     """Raise DataError unless `path` is a parquet file with a string `text` column. full=True also
     decodes every row group (catches corruption inside the file, not only a bad footer)."""
-    import pyarrow.parquet as pq
-    try:
-        with pq.ParquetFile(path) as pf:
-            names = pf.schema_arrow.names
-            if "text" not in names:
-                raise DataError(f"parquet file {path} has no 'text' column (columns: {names})")
-            for i in range(pf.num_row_groups if full else 0):
-                pf.read_row_group(i, columns=["text"])
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path} is not a valid parquet file: {e}")
+    collections.deque(_iter_parquet(path, row_groups=None if full else 0), maxlen=0)
 
 
 def download_shard(index, base_url, data_dir, retries=5, backoff=2.0, timeout=60):
@@ -419,51 +383,34 @@ def download_shard(index, base_url, data_dir, retries=5, backoff=2.0, timeout=60
     return "downloaded"
 
 
-class _Progress:
-    """A one-line bar on a terminal, one line per shard otherwise (logs stay readable)."""
-
-    def __init__(self, total, stream=None):
-        self.total, self.done, self.stream = total, 0, stream or sys.stdout
-        self.tty = self.stream.isatty()
-        self.lock = threading.Lock()
-
-    def update(self, name, outcome):
-        with self.lock:
-            self.done += 1
-            if self.tty:
-                filled = 30 * self.done // self.total
-                self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} shards")
-                if self.done == self.total:
-                    self.stream.write("\n")
-            else:
-                self.stream.write(f"[{self.done}/{self.total}] {name} {outcome}\n")
-            self.stream.flush()
-
-
 def download_shards(num_shards, workers=4, base_url=None, data_dir=None, retries=5, backoff=2.0, timeout=60):
     """Make shard_00000 .. shard_{num_shards-1} present and valid in data_dir. Returns their paths.
     Raises DataError naming every shard that failed."""
-    base_url = base_url or get_data_url()
+    base_url = base_url or os.environ.get("NANOCHAT_DATA_URL") or DEFAULT_DATA_URL
     data_dir = data_dir or get_shard_dir()
     os.makedirs(data_dir, exist_ok=True)
-    for n in os.listdir(data_dir):  # temp files of a killed download (a live one is written to every second)
-        tmp = os.path.join(data_dir, n)  # (.tmp: the name before downloads went through download_file)
+    # temp files of a killed download (a live one is written to every second; .tmp: the name before
+    # downloads went through download_file)
+    for tmp in glob.glob(os.path.join(glob.escape(data_dir), "shard_*")):
         try:
-            if n.startswith("shard_") and n.endswith((".part", ".tmp")) and time.time() - os.path.getmtime(tmp) > 3600:
+            if tmp.endswith((".part", ".tmp")) and time.time() - os.path.getmtime(tmp) > 3600:
                 os.remove(tmp)
         except OSError:
             pass  # another downloader got there first
-    progress = _Progress(num_shards)
-    errors = {}
+    tty, errors = sys.stdout.isatty(), {}
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = {pool.submit(download_shard, i, base_url, data_dir, retries, backoff, timeout): i for i in range(num_shards)}
-        for future in as_completed(futures):
+        for done, future in enumerate(as_completed(futures), 1):
             i = futures[future]
             try:
                 outcome = future.result()
             except DataError as e:
                 errors[i], outcome = str(e), "FAILED"
-            progress.update(shard_name(i), outcome)
+            if tty:  # a one-line bar on a terminal, one line per shard otherwise (logs stay readable)
+                bar = "#" * (30 * done // num_shards)
+                print(f"\r[{bar:.<30}] {done}/{num_shards} shards", end="\n" if done == num_shards else "", flush=True)
+            else:
+                print(f"[{done}/{num_shards}] {shard_name(i)} {outcome}", flush=True)
     if errors:
         raise DataError(f"{len(errors)} of {num_shards} shard(s) failed:\n" + "\n".join(errors[i] for i in sorted(errors)))
     return [os.path.join(data_dir, shard_name(i)) for i in range(num_shards)]

@@ -4,6 +4,7 @@ The one download routine: the reference pretraining shards, the task data and th
 """
 import http.client
 import os
+import shutil
 import tempfile
 import time
 import urllib.error
@@ -21,21 +22,6 @@ class DownloadError(RuntimeError):
         self.status, self.attempts = status, attempts
 
 
-def _fetch_to(url, fileobj, timeout):
-    """Stream `url` into `fileobj`; raise when the body is shorter than the announced Content-Length."""
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        expected = response.headers.get("Content-Length")
-        received = 0
-        while True:
-            chunk = response.read(1 << 20)
-            if not chunk:
-                break
-            fileobj.write(chunk)
-            received += len(chunk)
-    if expected is not None and received != int(expected):
-        raise DownloadError(f"{url}: transfer interrupted, incomplete download ({received} of {expected} bytes)")
-
-
 def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0, timeout=60.0, refetch_invalid=False):
     """Download `url` to `dest` atomically and return `dest`.
 
@@ -49,15 +35,18 @@ def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0,
     Raises DownloadError naming the url, with its `status` and `attempts`."""
     dest = os.path.abspath(os.path.expanduser(dest))
     os.makedirs(os.path.dirname(dest), exist_ok=True)
-    attempt = 0
-    while True:
+    for attempt in range(retries + 1):
         fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix=os.path.basename(dest) + ".", suffix=".part")
         try:
             try:
-                with os.fdopen(fd, "wb") as f:
-                    _fetch_to(url, f, timeout)
+                with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
+                    shutil.copyfileobj(response, f, 1 << 20)
                     f.flush()
                     os.fsync(f.fileno())
+                    expected, received = response.headers.get("Content-Length"), f.tell()
+                if expected is not None and received != int(expected):  # the server hung up early
+                    raise DownloadError(f"{url}: transfer interrupted, incomplete download "
+                                        f"({received} of {expected} bytes)")
             except urllib.error.HTTPError as e:
                 retryable = e.code >= 500 or e.code == 429
                 error = DownloadError(f"{url}: HTTP {e.code} {e.reason}", status=e.code)
@@ -81,9 +70,8 @@ def download_file(url, dest, validate=None, sha256=None, retries=3, backoff=1.0,
             if os.path.exists(tmp):
                 os.remove(tmp)
         error.attempts = attempt + 1
-        if not retryable or attempt >= retries:
+        if not retryable or attempt == retries:
             raise error
         wait = backoff * (2 ** attempt)
         logger.warning(f"download failed ({error}); retrying in {wait:.1f}s ({attempt + 1}/{retries})")
         time.sleep(wait)
-        attempt += 1

@@ -14,18 +14,19 @@ BPE tokenizer.json or GPT-2's encoder.json + vocab.bpe through nanochat/tokenize
 special tokens are added when missing (add_our_special_tokens).
 """
 import base64
+import functools
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import tiktoken
 import torch
 
-from nanochat.common import atomic_open, atomic_write_bytes, get_base_dir, logger
+from nanochat.common import atomic_write_bytes, atomic_write_text, get_base_dir, logger
 from nanochat.conversation import validate_conversation
 
 SPECIAL_TOKENS = [
@@ -82,18 +83,31 @@ def parse_ranks(data, source="ranks file"):
     return ranks
 
 
+def read_json(path, prefix=""):
+    """json.load of a UTF-8 file; TokenizerError "<prefix><path>: not valid JSON (...)" when it is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{prefix}{path}: not valid JSON ({e})") from None
+
+
 def add_our_special_tokens(mergeable_ranks, special_tokens):
     """A tokenizer made elsewhere keeps its special tokens ({name: id}); ours that are missing are appended
     after the highest id, so its own ids never move."""
     special_tokens = dict(special_tokens or {})
     next_id = max(list(mergeable_ranks.values()) + list(special_tokens.values())) + 1
-    for name in SPECIAL_TOKENS:
-        if name not in special_tokens:
-            special_tokens[name] = next_id
-            next_id += 1
-    return special_tokens
+    missing = [name for name in SPECIAL_TOKENS if name not in special_tokens]
+    return {**special_tokens, **{name: next_id + i for i, name in enumerate(missing)}}
 
 # -----------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool(pid, num_threads):
+    """The batch-encoding threads, kept across calls. Keyed by pid: after a fork the parent's threads do not
+    exist in the child, which makes its own."""
+    return ThreadPoolExecutor(num_threads, thread_name_prefix="nanochat-tokenizer")
+
 
 class Tokenizer:
     """Encodes with tiktoken; trains with rustbpe; renders chat conversations into (ids, mask)."""
@@ -120,19 +134,9 @@ class Tokenizer:
             raise TokenizerError(f"tiktoken rejected the tokenizer: {e}") from None
         self._id_to_special = {i: s for s, i in self.special_tokens.items()}
         self.train_stats = None  # {"docs", "chars"} when made by train_from_iterator
-        self._pool, self._pool_lock = None, threading.Lock()
         # tiktoken keeps one regex per thread-id slot, and a regex is fastest for the first thread
         # that uses it; claim this thread's slot now, before any batch worker can.
         self.enc.encode_ordinary("warm up")
-
-    def __getstate__(self):  # picklable (e.g. into worker processes) without the thread pool
-        state = self.__dict__.copy()
-        state["_pool"], state["_pool_lock"] = None, None
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._pool_lock = threading.Lock()
 
     # --- construction --------------------------------------------------------
 
@@ -170,40 +174,12 @@ class Tokenizer:
     @classmethod
     def from_directory(cls, path):
         """Load a tokenizer saved with save(); checks every file against meta.json."""
-        meta_path = os.path.join(path, META_FILE)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"no tokenizer directory at {path}")
-        if not os.path.exists(meta_path):
-            raise FileNotFoundError(f"no tokenizer at {path}: {META_FILE} is missing")
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                meta = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise TokenizerError(f"corrupt tokenizer file {meta_path}: not valid JSON ({e})") from None
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-            raise TokenizerError(f"corrupt tokenizer file {meta_path}: not a {FORMAT_NAME} metadata file")
-        if meta.get("version") != FORMAT_VERSION:
-            raise TokenizerError(f"{meta_path}: format version {meta.get('version')!r}, this code reads version {FORMAT_VERSION}")
-        try:
-            pattern, special_tokens, vocab_size = meta["pattern"], meta["special_tokens"], meta["vocab_size"]
-            ranks_sha = meta["sha256"][RANKS_FILE]
-        except (KeyError, TypeError) as e:
-            raise TokenizerError(f"corrupt tokenizer file {meta_path}: missing field {e}") from None
-        if not (isinstance(pattern, str) and isinstance(special_tokens, dict) and isinstance(vocab_size, int)
-                and all(isinstance(k, str) and isinstance(v, int) for k, v in special_tokens.items())):
-            raise TokenizerError(f"corrupt tokenizer file {meta_path}: pattern, special_tokens or vocab_size has the wrong type")
-        ranks_path = os.path.join(path, RANKS_FILE)
-        if not os.path.exists(ranks_path):
-            raise FileNotFoundError(f"tokenizer at {path} is incomplete: {RANKS_FILE} is missing")
-        with open(ranks_path, "rb") as f:
-            data = f.read()
-        if hashlib.sha256(data).hexdigest() != ranks_sha:
-            raise TokenizerError(f"corrupt tokenizer file {ranks_path}: its sha256 does not match {META_FILE} "
-                                 "(modified or partially written); train or import the tokenizer again")
-        ranks = parse_ranks(data, ranks_path)
-        tok = cls(ranks, special_tokens, pattern)
-        if tok.get_vocab_size() != vocab_size:
-            raise TokenizerError(f"corrupt tokenizer at {path}: {META_FILE} says vocab size {vocab_size}, the files give {tok.get_vocab_size()}")
+        meta = _read_meta(path)
+        ranks = parse_ranks(_read_checked(path, RANKS_FILE, meta), os.path.join(path, RANKS_FILE))
+        tok = cls(ranks, meta["special_tokens"], meta["pattern"])
+        if tok.get_vocab_size() != meta["vocab_size"]:
+            raise TokenizerError(f"corrupt tokenizer at {path}: {META_FILE} says vocab size {meta['vocab_size']}, "
+                                 f"the files give {tok.get_vocab_size()}")
         return tok
 
     @classmethod
@@ -220,28 +196,22 @@ class Tokenizer:
     def save(self, directory):
         """Write the three files, each atomically, meta.json last: it holds the others' sha256, so a
         reader never accepts a mix of old and new files."""
-        os.makedirs(directory, exist_ok=True)
-        ranks_data = dump_ranks(self.mergeable_ranks)
         buf = io.BytesIO()
         torch.save(self.token_bytes(), buf)
-        token_bytes_data = buf.getvalue()
-        atomic_write_bytes(os.path.join(directory, RANKS_FILE), ranks_data)
-        atomic_write_bytes(os.path.join(directory, TOKEN_BYTES_FILE), token_bytes_data)
-        meta = {
-            "format": FORMAT_NAME, "version": FORMAT_VERSION,
-            "vocab_size": self.get_vocab_size(), "pattern": self.pattern, "special_tokens": self.special_tokens,
-            "sha256": {RANKS_FILE: hashlib.sha256(ranks_data).hexdigest(),
-                       TOKEN_BYTES_FILE: hashlib.sha256(token_bytes_data).hexdigest()},
-        }
-        with atomic_open(os.path.join(directory, META_FILE), "w") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
+        files = {RANKS_FILE: dump_ranks(self.mergeable_ranks), TOKEN_BYTES_FILE: buf.getvalue()}
+        for name, data in files.items():
+            atomic_write_bytes(os.path.join(directory, name), data)
+        meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "vocab_size": self.get_vocab_size(),
+                "pattern": self.pattern, "special_tokens": self.special_tokens,
+                "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}}
+        atomic_write_text(os.path.join(directory, META_FILE), json.dumps(meta, indent=1, ensure_ascii=False))
         logger.info(f"saved tokenizer (vocab {self.get_vocab_size():,}) to {directory}")
 
     def token_bytes(self):
         """int32 tensor [vocab_size]: UTF-8 byte length of each token, 0 for special tokens and unused ids."""
         lengths = torch.zeros(self.get_vocab_size(), dtype=torch.int32)
-        for tok, rank in self.mergeable_ranks.items():
-            lengths[rank] = len(tok)
+        ranks = self.mergeable_ranks
+        lengths[list(ranks.values())] = torch.tensor([len(tok) for tok in ranks], dtype=torch.int32)
         return lengths
 
     # --- encoding ------------------------------------------------------------
@@ -274,24 +244,16 @@ class Tokenizer:
             ids.insert(0, self._resolve(prepend))
         if append is not None:
             ids.append(self._resolve(append))
+        return ids
 
     def encode(self, text, prepend=None, append=None, num_threads=8):
         """str -> list of ids, or list of str -> list of lists. Special-token strings inside the text
         are encoded as plain text, never as special tokens."""
         if isinstance(text, str):
-            ids = self.enc.encode_ordinary(text)
-            if prepend is not None or append is not None:
-                self._add_ends(ids, prepend, append)
-            return ids
-        if isinstance(text, (list, tuple)):
-            if not all(isinstance(t, str) for t in text):
-                raise TypeError("encode() takes a string or a list of strings")
-            rows = self._encode_batch(list(text), num_threads)
-            if prepend is not None or append is not None:
-                for ids in rows:
-                    self._add_ends(ids, prepend, append)
-            return rows
-        raise TypeError(f"encode() takes a string or a list of strings, got {type(text).__name__}")
+            return self._add_ends(self.enc.encode_ordinary(text), prepend, append)
+        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
+            raise TypeError(f"encode() takes a string or a list of strings, got {type(text).__name__}")
+        return [self._add_ends(ids, prepend, append) for ids in self._encode_batch(list(text), num_threads)]
 
     def _encode_batch(self, texts, num_threads):
         """Like tiktoken's encode_ordinary_batch, but with a thread pool kept across calls (no thread
@@ -299,30 +261,13 @@ class Tokenizer:
         contiguous chunks of similar size instead of one task each."""
         if num_threads <= 1 or len(texts) <= 1:
             return [self.enc.encode_ordinary(t) for t in texts]
-        target = sum(map(len, texts)) / (4 * num_threads) + 1
-        chunks, start, size = [], 0, 0
-        for i, t in enumerate(texts):
-            size += len(t)
-            if size >= target:
-                chunks.append(texts[start:i + 1])
-                start, size = i + 1, 0
-        if start < len(texts):
-            chunks.append(texts[start:])
+        size = sum(map(len, texts)) / (4 * num_threads) + 1  # characters per chunk
+        ends = itertools.accumulate(map(len, texts))
+        groups = itertools.groupby(zip(ends, texts), key=lambda end_text: end_text[0] // size)
+        chunks = [[t for _, t in group] for _, group in groups]
         encode = self.enc.encode_ordinary  # releases the GIL while it works
-        rows = []
-        for part in self._executor(num_threads).map(lambda chunk: [encode(t) for t in chunk], chunks):
-            rows.extend(part)
-        return rows
-
-    def _executor(self, num_threads):
-        with self._pool_lock:
-            pid = os.getpid()
-            if self._pool is None or self._pool[:2] != (pid, num_threads):
-                if self._pool is not None and self._pool[0] == pid:
-                    self._pool[2].shutdown(wait=False)
-                # after a fork the old pool's threads do not exist in the child: the pid check makes a new one
-                self._pool = (pid, num_threads, ThreadPoolExecutor(num_threads, thread_name_prefix="nanochat-tokenizer"))
-            return self._pool[2]
+        parts = _thread_pool(os.getpid(), num_threads).map(lambda chunk: [encode(t) for t in chunk], chunks)
+        return list(itertools.chain.from_iterable(parts))
 
     __call__ = encode
 
@@ -333,15 +278,9 @@ class Tokenizer:
         try:
             return self.enc.decode(ids, errors="replace")
         except (KeyError, ValueError, OverflowError, TypeError):
-            bad = [i for i in ids if not (isinstance(i, int) and self._is_valid_id(i))]
+            valid = set(self.mergeable_ranks.values()) | set(self._id_to_special)
+            bad = [i for i in ids if not isinstance(i, int) or i not in valid]
             raise ValueError(f"cannot decode: invalid token id(s) {bad[:5]} (vocab size {self.get_vocab_size()})") from None
-
-    def _is_valid_id(self, i):
-        try:
-            self.enc.decode_single_token_bytes(i)
-            return True
-        except (KeyError, ValueError, OverflowError):
-            return False
 
     def id_to_token(self, idx):
         """The token's text (special tokens by name; a partial UTF-8 sequence shows as U+FFFD)."""
@@ -473,12 +412,42 @@ def get_tokenizer():
 def get_token_bytes(device="cpu"):
     """int32 tensor [vocab_size] on `device`: UTF-8 bytes per token id, 0 for special tokens (for bits per byte)."""
     path = _require_tokenizer_dir()
-    tb_path = os.path.join(path, TOKEN_BYTES_FILE)
-    with open(os.path.join(path, META_FILE), encoding="utf-8") as f:
-        expected = json.load(f).get("sha256", {}).get(TOKEN_BYTES_FILE)
-    with open(tb_path, "rb") as f:
+    data = _read_checked(path, TOKEN_BYTES_FILE, _read_meta(path))
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).to(device)
+
+
+def _read_meta(path):
+    """meta.json of the tokenizer directory `path`, checked for the format, version and the fields loading needs."""
+    meta_path = os.path.join(path, META_FILE)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no tokenizer directory at {path}")
+    if not os.path.exists(meta_path):
+        raise FileNotFoundError(f"no tokenizer at {path}: {META_FILE} is missing")
+    meta = read_json(meta_path, "corrupt tokenizer file ")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise TokenizerError(f"corrupt tokenizer file {meta_path}: not a {FORMAT_NAME} metadata file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise TokenizerError(f"{meta_path}: format version {meta.get('version')!r}, this code reads version {FORMAT_VERSION}")
+    missing = [k for k in ("pattern", "special_tokens", "vocab_size", "sha256") if k not in meta]
+    if missing:
+        raise TokenizerError(f"corrupt tokenizer file {meta_path}: missing field {missing[0]!r}")
+    specials = meta["special_tokens"]
+    if not (isinstance(meta["pattern"], str) and isinstance(meta["vocab_size"], int)
+            and isinstance(meta["sha256"], dict) and isinstance(specials, dict)
+            and all(isinstance(k, str) and isinstance(v, int) for k, v in specials.items())):
+        raise TokenizerError(f"corrupt tokenizer file {meta_path}: pattern, special_tokens, vocab_size or sha256 "
+                             "has the wrong type")
+    return meta
+
+
+def _read_checked(path, name, meta):
+    """The bytes of file `name` of the tokenizer directory `path`, checked against the sha256 in its meta.json."""
+    file_path = os.path.join(path, name)
+    if not os.path.exists(file_path):
+        raise FileNotFoundError(f"tokenizer at {path} is incomplete: {name} is missing")
+    with open(file_path, "rb") as f:
         data = f.read()
-    if hashlib.sha256(data).hexdigest() != expected:
-        raise TokenizerError(f"corrupt tokenizer file {tb_path}: its sha256 does not match {META_FILE}")
-    token_bytes = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    return token_bytes.to(device)
+    if hashlib.sha256(data).hexdigest() != meta["sha256"].get(name):
+        raise TokenizerError(f"corrupt tokenizer file {file_path}: its sha256 does not match {META_FILE} "
+                             "(modified or partially written); train or import the tokenizer again")
+    return data

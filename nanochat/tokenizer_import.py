@@ -8,10 +8,8 @@ adjacent pair whose concatenation has the lowest rank; keeping the ids as ranks 
 as long as ids grow with merge order, which ranks_from_byte_level checks. Our special tokens are appended
 after the highest id when missing. Used by scripts/tok_import.py and scripts/tok_eval.py.
 """
-import json
-
 from nanochat.common import logger
-from nanochat.tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError, add_our_special_tokens
+from nanochat.tokenizer import GPT2_PATTERN, Tokenizer, TokenizerError, add_our_special_tokens, read_json
 
 # -----------------------------------------------------------------------------
 # GPT-2's byte-level alphabet and byte-level BPE -> tiktoken ranks
@@ -21,14 +19,8 @@ def byte_level_chars():
     """{byte value: the character that stands for it}: printable Latin-1 bytes stand for themselves, the
     others for the characters from U+0100 on, in byte order."""
     printable = set(range(ord("!"), ord("~") + 1)) | set(range(ord("¡"), ord("¬") + 1)) | set(range(ord("®"), ord("ÿ") + 1))
-    mapping, shifted = {}, 0
-    for b in range(256):
-        if b in printable:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + shifted)
-            shifted += 1
-    return mapping
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) if b in printable else chr(256 + others.index(b)) for b in range(256)}
 
 
 def ranks_from_byte_level(vocab, merges, specials, source):
@@ -76,14 +68,6 @@ def ranks_from_byte_level(vocab, merges, specials, source):
 # Hugging Face tokenizer.json
 
 
-def _hf_steps(pre_tokenizer):
-    if not pre_tokenizer:
-        return []
-    if pre_tokenizer.get("type") == "Sequence":
-        return list(pre_tokenizer.get("pretokenizers") or [])
-    return [pre_tokenizer]
-
-
 def _hf_pattern(steps, path):
     for step in steps:
         if step.get("type") == "Split":
@@ -101,11 +85,7 @@ def from_hf_json(path, pattern=None):
     package is not needed. Its added tokens become special tokens (with their ids); ours are appended
     when missing. Unlike HF, which cuts added tokens out of any text, plain text never yields them.
     `pattern` overrides the file's own pre-split regex."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{path}: not valid JSON ({e})") from None
+    cfg = read_json(path)
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict) or model.get("type", "BPE") != "BPE" or "merges" not in model:
         raise TokenizerError(f"{path}: not a BPE tokenizer (model type {model.get('type') if isinstance(model, dict) else None!r})")
@@ -113,7 +93,8 @@ def from_hf_json(path, pattern=None):
         raise TokenizerError(f"{path}: model.vocab must be an object and model.merges a list")
     if model.get("byte_fallback") or model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise TokenizerError(f"{path}: BPE with byte_fallback / subword prefixes is not byte-level BPE")
-    steps = _hf_steps(cfg.get("pre_tokenizer"))
+    pre = cfg.get("pre_tokenizer") or {}
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else [pre]  # ({} is no step)
     if not any(s.get("type") == "ByteLevel" for s in steps) and (cfg.get("decoder") or {}).get("type") != "ByteLevel":
         raise TokenizerError(f"{path}: not a byte-level BPE (no ByteLevel pre-tokenizer or decoder)")
     if cfg.get("normalizer"):
@@ -140,11 +121,7 @@ def from_hf_json(path, pattern=None):
 
 def from_gpt2_files(encoder_json, vocab_bpe):
     """A Tokenizer from GPT-2's original encoder.json + vocab.bpe; <|endoftext|> is kept as a special token."""
-    try:
-        with open(encoder_json, encoding="utf-8") as f:
-            vocab = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{encoder_json}: not valid JSON ({e})") from None
+    vocab = read_json(encoder_json)
     if not isinstance(vocab, dict):
         raise TokenizerError(f"{encoder_json}: expected a JSON object of token -> id")
     with open(vocab_bpe, encoding="utf-8") as f:

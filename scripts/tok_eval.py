@@ -16,9 +16,7 @@ from nanochat.dataset import DataError, iter_documents, parse_data_spec
 from nanochat.report import write_section
 from nanochat.tokenizer import PATTERNS, Tokenizer, get_tokenizer
 from nanochat.tokenizer_import import from_gpt2_files
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_REF_DIR = os.path.join(os.environ.get("NANOCHAT_SHARED_DATA", os.path.join(os.path.dirname(REPO_ROOT), "shared", "data")), "tokenizers")
+from tasks.common import get_task_data_dir
 
 # Short samples written for this evaluation.
 SAMPLES = {
@@ -101,13 +99,6 @@ def prose_texts(spec, max_chars):
     return out
 
 
-def mix_chars_per_token(tokenizer, prose):
-    """Characters per token of the weighted mixture (a weight is a share of characters, as in training)."""
-    total = sum(w for _, _, w in prose)
-    tokens_per_char = sum(w / total * len(tokenizer.encode(text)) / max(1, len(text)) for _, text, w in prose)
-    return 1 / tokens_per_char
-
-
 def compression_table(tokenizers, texts):
     """Markdown table of bytes/token per text and tokenizer, with ours relative to each reference."""
     names = list(tokenizers)
@@ -127,7 +118,8 @@ def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--data", default=None, help="data spec whose sources' validation splits are evaluated; default: the reference shards")
     parser.add_argument("--max-chars", type=positive_int, default=1_000_000, help="characters of validation text per source")
-    parser.add_argument("--ref-dir", default=DEFAULT_REF_DIR, help="directory with the reference tokenizer files ('' = none)")
+    parser.add_argument("--ref-dir", default=os.path.join(get_task_data_dir(), "tokenizers"),
+                        help="directory with the reference tokenizer files ('' = none)")
     args = parser.parse_args(argv)
 
     try:
@@ -152,7 +144,9 @@ def main(argv=None):
     table, results = compression_table(tokenizers, texts)
     metrics = {"vocab_size": ours.get_vocab_size()}
     if prose:  # what scripts.plan reads to turn a token budget into characters of data
-        metrics["chars_per_token"] = round(mix_chars_per_token(ours, prose), 4)
+        total = sum(w for _, _, w in prose)  # a weight is a share of characters, as in training
+        tokens_per_char = sum(w / total * len(ours.encode(text)) / max(1, len(text)) for _, text, w in prose)
+        metrics["chars_per_token"] = round(1 / tokens_per_char, 4)
         nbytes = sum(len(t.encode("utf-8")) for _, t, _ in prose)
         metrics["bytes_per_token"] = round(nbytes / sum(len(ours.encode(t)) for _, t, _ in prose), 4)
         notes.append(f"our characters per token on the --data mix (weighted as in training): {metrics['chars_per_token']:.3f}")

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-from nanochat.common import logger, make_parser
+from nanochat.common import logger, make_parser, str2bool
 from nanochat.download import DownloadError, download_file  # noqa: F401  (re-exported)
 from tasks.common import get_task_data_dir
 
@@ -26,7 +26,8 @@ EVAL_URL_ENV = "NANOCHAT_EVAL_URL"
 # Validation hooks for the task formats: fail fast on an HTML error page or a truncated file.
 
 def validate_jsonl(path):
-    opener = gzip.open if path.endswith(".gz") or _is_gzip(path) else open
+    with open(path, "rb") as f:
+        opener = gzip.open if path.endswith(".gz") or f.read(2) == b"\x1f\x8b" else open  # by name or magic bytes
     n = 0
     with opener(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -45,11 +46,6 @@ def validate_mmlu_csv(path):
         header = f.readline().strip()
     if header != "question,choice0,choice1,choice2,choice3,answer":
         raise ValueError(f"unexpected CSV header {header[:80]!r}")
-
-
-def _is_gzip(path):
-    with open(path, "rb") as f:
-        return f.read(2) == b"\x1f\x8b"
 
 # -----------------------------------------------------------------------------
 # What to download: path under the data folder -> default public source
@@ -104,7 +100,7 @@ def main(argv=None):
     parser.add_argument("--only", default="gsm8k,humaneval,mmlu,arc", help="comma-separated groups to fetch")
     parser.add_argument("--base-url", default=os.environ.get(EVAL_URL_ENV) or "",
                         help=f"mirror with the data folder's layout (env {EVAL_URL_ENV}); empty = public sources")
-    parser.add_argument("--force", action="store_true", help="download files that already exist again")
+    parser.add_argument("--force", type=str2bool, default=False, help="download files that already exist again")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     try:

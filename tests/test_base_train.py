@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from conftest import FIXTURE_TEXT, REPO_ROOT, TINY_TRAIN_FLAGS
+from conftest import FIXTURE_TEXT, REPO_ROOT
 from nanochat import checkpoint as ck
 from scripts import base_train
 

@@ -3,7 +3,7 @@ torchrun worker for tests/test_optim.py: trains tiny models for a few steps with
 optimizers (gloo), each rank on its half of a global batch, and saves the parameters and this rank's
 optimizer state so the test can compare them with single-process training on the whole batch
 (the test imports CASES / make_model / make_batch / train from here for that).
-Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_optim_worker.py OUT_DIR
+Usage: python -m torch.distributed.run --standalone --nproc_per_node=2 tests/workers/dist_optim_worker.py OUT_DIR
 """
 import os
 import sys
