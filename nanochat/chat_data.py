@@ -15,6 +15,7 @@ Both loaders resume exactly from state_dict(): the stream position plus, for pac
 not yet consumed.
 """
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce_sum, dist_rank_world
 
@@ -49,11 +50,9 @@ class ConversationStream:
         return self
 
     def __next__(self):
-        rows = self.rows(self.epoch)
         if self.cursor >= self.rows_per_epoch():
             self.epoch, self.cursor = self.epoch + 1, 0
-            rows = self.rows(self.epoch)
-        ref = rows[self.cursor]
+        ref = self.rows(self.epoch)[self.cursor]
         self.cursor += 1
         return self.mixture.get(ref)
 
@@ -110,14 +109,9 @@ def pad_conversations(rendered, pad_id, max_len=None):
     max_len); targets are -1 on padding and where the mask of the target token is 0."""
     if max_len is not None:
         rendered = [(ids[:max_len + 1], mask[:max_len + 1]) for ids, mask in rendered]
-    L = max(len(ids) for ids, _ in rendered) - 1
-    x = torch.full((len(rendered), L), pad_id, dtype=torch.long)
-    y = torch.full((len(rendered), L), -1, dtype=torch.long)
-    for b, (ids, mask) in enumerate(rendered):
-        n = len(ids) - 1
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        x[b, :n] = ids_t[:-1]
-        y[b, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), ids_t[1:], -1)
+    rows = [(torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.bool)) for ids, mask in rendered]
+    x = pad_sequence([ids[:-1] for ids, _ in rows], batch_first=True, padding_value=pad_id)
+    y = pad_sequence([ids[1:].where(mask[1:], -1) for ids, mask in rows], batch_first=True, padding_value=-1)
     return x, y
 
 

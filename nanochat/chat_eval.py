@@ -25,12 +25,12 @@ import random
 import time
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce_sum, dist_rank_world, print0
 from nanochat.core_eval import centered_accuracy
 
 TASK_NAMES = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval")
-BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
 ORDER_SEED = 1234  # --max-problems takes a fixed shuffled sample, the same in every run
 
 # -----------------------------------------------------------------------------
@@ -41,20 +41,18 @@ def parse_task_names(spec):
     """'ARC-Easy|GSM8K' (or a list of names) -> ['ARC-Easy', 'GSM8K']. Case-insensitive, duplicates dropped;
     ValueError naming the unknown task otherwise. Here, not in tasks/, because scripts check their flags and
     this module canonicalizes the names it is given before any task data is loaded."""
-    parts = spec.split("|") if isinstance(spec, str) else list(spec)
     canonical = {name.lower(): name for name in TASK_NAMES}
     names = []
-    for part in parts:
-        key = str(part).strip().lower()
-        if not key:
+    for part in spec.split("|") if isinstance(spec, str) else spec:
+        name = str(part).strip()
+        if not name:
             raise ValueError(f"empty task name in {spec!r}; separate task names with '|'")
-        if key not in canonical:
-            raise ValueError(f"unknown task {str(part).strip()!r}; choose from {'|'.join(TASK_NAMES)}")
-        if canonical[key] not in names:
-            names.append(canonical[key])
+        if name.lower() not in canonical:
+            raise ValueError(f"unknown task {name!r}; choose from {'|'.join(TASK_NAMES)}")
+        names.append(canonical[name.lower()])
     if not names:
         raise ValueError(f"no task names in {spec!r}")
-    return names
+    return list(dict.fromkeys(names))  # duplicates dropped, first one kept
 
 
 def pass_at_k(outcomes, k=None):
@@ -72,14 +70,7 @@ def chat_core(results):
     return sum(r["centered"] for r in results.values()) / len(results)
 
 # -----------------------------------------------------------------------------
-# Problem order and device
-
-
-def _model_device(model):
-    if hasattr(model, "get_device"):
-        return model.get_device()
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
+# Problem order
 
 
 def problem_order(num_problems, max_problems=None):
@@ -94,11 +85,8 @@ def problem_order(num_problems, max_problems=None):
 # Categorical: the logits of the answer letters at the answer position
 
 
-def letter_token_ids(tokenizer, letters, cache=None):
+def letter_token_ids(tokenizer, letters):
     """Token id of each candidate letter; ValueError unless each letter encodes to exactly one token."""
-    key = tuple(letters)
-    if cache is not None and key in cache:
-        return cache[key]
     ids = []
     for letter in letters:
         tokens = tokenizer.encode(letter)
@@ -106,40 +94,27 @@ def letter_token_ids(tokenizer, letters, cache=None):
             raise ValueError(f"answer letter {letter!r} encodes to {len(tokens)} tokens {tokens}; categorical "
                              "scoring needs every candidate letter to be a single token of the tokenizer")
         ids.append(tokens[0])
-    if cache is not None:
-        cache[key] = ids
     return ids
 
 
 @torch.no_grad()
-def predict_letters(model, tokenizer, conversations, device=None, max_len=None, letter_cache=None):
+def predict_letters(model, tokenizer, conversations, device=None, max_len=None):
     """One forward pass over the conversations' prompts (right-padded); per conversation, the letter of
     conversation["letters"] whose token has the highest logit at the answer position. Other tokens are
     ignored however likely. Prompts longer than max_len keep their last max_len tokens."""
     if not conversations:
         return []
-    device = device if device is not None else _model_device(model)
-    prompts = [tokenizer.render_for_completion(c) for c in conversations]
+    device = device if device is not None else next(model.parameters()).device
+    prompts = [torch.tensor(tokenizer.render_for_completion(c)) for c in conversations]
     if max_len:
         prompts = [p[-max_len:] for p in prompts]
-    B, T = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, T), tokenizer.get_bos_token_id(), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-    # candidates padded to the longest letter list; padded slots score -inf
-    candidates = [letter_token_ids(tokenizer, c["letters"], letter_cache) for c in conversations]
-    L = max(len(c) for c in candidates)
-    cand = torch.zeros((B, L), dtype=torch.long)
-    valid = torch.zeros((B, L), dtype=torch.bool)
-    for i, c in enumerate(candidates):
-        cand[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        valid[i, :len(c)] = True
+    ids = pad_sequence(prompts, batch_first=True, padding_value=tokenizer.get_bos_token_id())
     logits = model(ids.to(device))
     answer_pos = torch.tensor([len(p) - 1 for p in prompts], device=logits.device)
-    last = logits[torch.arange(B, device=logits.device), answer_pos].float()  # (B, V)
-    scores = last.gather(1, cand.to(logits.device)).masked_fill(~valid.to(logits.device), float("-inf"))
-    choice = scores.argmax(dim=1).tolist()  # ties go to the earliest letter
-    return [c["letters"][j] for c, j in zip(conversations, choice)]
+    last = logits[torch.arange(len(prompts), device=logits.device), answer_pos].float()  # (B, V)
+    # argmax over the candidate letters' logits only; ties go to the earliest letter
+    picks = [int(row[letter_token_ids(tokenizer, c["letters"])].argmax()) for c, row in zip(conversations, last)]
+    return [c["letters"][j] for c, j in zip(conversations, picks)]
 
 
 def evaluate_categorical(task, model, tokenizer, indices, batch_size=8, device=None):
@@ -149,10 +124,10 @@ def evaluate_categorical(task, model, tokenizer, indices, batch_size=8, device=N
     conversations = [task[i] for i in indices]
     lengths = [len(tokenizer.render_for_completion(c)) for c in conversations]
     order = sorted(range(len(conversations)), key=lambda j: -lengths[j])
-    cache, correct = {}, 0
+    correct = 0
     for start in range(0, len(order), batch_size):
         batch = [conversations[j] for j in order[start:start + batch_size]]
-        predictions = predict_letters(model, tokenizer, batch, device, max_len, cache)
+        predictions = predict_letters(model, tokenizer, batch, device, max_len)
         correct += sum(bool(task.evaluate(c, p)) for c, p in zip(batch, predictions))
     return correct
 
@@ -168,12 +143,9 @@ def sample_replies(engine, tokenizer, conversation, num_samples=1, max_new_token
                                        temperature=temperature, top_k=top_k or None, seed=seed)
     if len(results) != num_samples:
         raise RuntimeError(f"engine returned {len(results)} samples, {num_samples} were asked for")
-    replies = []
-    for tokens in results:
-        if list(tokens[:len(prompt)]) != prompt:
-            raise RuntimeError("engine result does not start with the prompt tokens")
-        replies.append(tokenizer.decode(list(tokens[len(prompt):])))
-    return replies
+    if any(list(tokens[:len(prompt)]) != prompt for tokens in results):
+        raise RuntimeError("engine result does not start with the prompt tokens")
+    return [tokenizer.decode(list(tokens[len(prompt):])) for tokens in results]
 
 
 def evaluate_generative(task, engine, tokenizer, indices, num_samples=1, max_new_tokens=512, temperature=0.0,
@@ -194,9 +166,9 @@ def evaluate_generative(task, engine, tokenizer, indices, num_samples=1, max_new
 # A whole evaluation
 
 
-def evaluate_task(name, task, model, tokenizer, engine=None, max_problems=None, batch_size=8, num_samples=1,
-                  max_new_tokens=512, temperature=0.0, top_k=50, seed=42, device=None):
-    """{"accuracy", "centered", "correct", "num_problems", "metric", ...} for one task, summed over ranks."""
+def evaluate_task(name, task, model, tokenizer, engine, max_problems, batch_size, device, **sampling):
+    """{"accuracy", "centered", "correct", "num_problems", "metric", ...} for one task, summed over ranks.
+    `sampling` holds evaluate_generative's settings."""
     order = problem_order(len(task), max_problems)
     rank, world_size = dist_rank_world()
     mine = order[rank::world_size]
@@ -204,17 +176,14 @@ def evaluate_task(name, task, model, tokenizer, engine=None, max_problems=None, 
         correct = evaluate_categorical(task, model, tokenizer, mine, batch_size, device)
         metric = "accuracy"
     elif task.eval_type == "generative":
-        if engine is None:
-            raise ValueError(f"{name} is generative: pass an inference engine")
-        correct = evaluate_generative(task, engine, tokenizer, mine, num_samples, max_new_tokens, temperature,
-                                      top_k, seed, label=name)
-        metric = f"pass@{num_samples}"
+        correct = evaluate_generative(task, engine, tokenizer, mine, label=name, **sampling)
+        metric = f"pass@{sampling['num_samples']}"
     else:
         raise ValueError(f"{name}: unknown eval_type {task.eval_type!r}")
     correct, total = all_reduce_sum(torch.tensor([correct, len(mine)], dtype=torch.long)).tolist()
     assert total == len(order), f"ranks evaluated {total} problems, expected {len(order)}"
     accuracy = correct / total if total else 0.0
-    baseline = BASELINES.get(name, 0.25 if task.eval_type == "categorical" else 0.0)
+    baseline = 0.25 if task.eval_type == "categorical" else 0.0  # 4-way multiple choice, or nothing by chance
     return {"accuracy": accuracy, "centered": centered_accuracy(accuracy, baseline), "correct": correct,
             "num_problems": total, "metric": metric, "eval_type": task.eval_type, "baseline": baseline}
 
@@ -236,24 +205,23 @@ def run_chat_eval(model, tokenizer, engine, task_names=None, max_problems=None, 
     if engine is None and any(tasks[n].eval_type == "generative" for n in names):
         from nanochat.engine import Engine
         engine = Engine(model, tokenizer)
+    sampling = {"num_samples": num_samples, "max_new_tokens": max_new_tokens, "temperature": temperature,
+                "top_k": top_k, "seed": seed}
     was_training = model.training
     model.eval()
     results = {}
     try:
         for name in names:
             t0 = time.time()
-            r = evaluate_task(name, tasks[name], model, tokenizer, engine, max_problems, batch_size, num_samples,
-                              max_new_tokens, temperature, top_k, seed, device)
-            results[name] = r
+            r = results[name] = evaluate_task(name, tasks[name], model, tokenizer, engine, max_problems, batch_size,
+                                              device, **sampling)
             print0(f"{name:<14} {r['metric']:<9} {r['correct']:>5}/{r['num_problems']:<5} acc={r['accuracy']:.4f} "
                    f"centered={r['centered']:+.4f} ({time.time() - t0:.1f}s)")
     finally:
         model.train(was_training)
     core = chat_core(results)
-    metrics = {name: r["accuracy"] for name, r in results.items()}
-    metrics["ChatCORE"] = core
-    settings = {"max_problems": max_problems, "batch_size": batch_size, "num_samples": num_samples,
-                "max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "seed": seed}
+    metrics = {name: r["accuracy"] for name, r in results.items()} | {"ChatCORE": core}
+    settings = {"max_problems": max_problems, "batch_size": batch_size, **sampling}
     return {"results": results, "chatcore": core, "metrics": metrics, "settings": settings}
 
 # -----------------------------------------------------------------------------

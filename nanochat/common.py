@@ -318,7 +318,7 @@ class ArgumentParser(_BoolFlagsMixin, argparse.ArgumentParser):
 def make_parser(description):
     return ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
 
-def _number_type(cast, ok, expected, name):
+def number_type(cast, ok, expected, name):
     """An argparse type: `cast` the text, and accept it when ok(x); otherwise 'expected <expected>, got ...'."""
     def parse(value):
         try:
@@ -331,10 +331,10 @@ def _number_type(cast, ok, expected, name):
     parse.__name__ = parse.__qualname__ = name
     return parse
 
-positive_int = _number_type(int, lambda n: n > 0, "a positive integer", "positive_int")
-non_negative_int = _number_type(int, lambda n: n >= 0, "an integer >= 0", "non_negative_int")
-positive_float = _number_type(float, lambda x: 0 < x < float("inf"), "a finite number > 0", "positive_float")
-non_negative_float = _number_type(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0", "non_negative_float")
+positive_int = number_type(int, lambda n: n > 0, "a positive integer", "positive_int")
+non_negative_int = number_type(int, lambda n: n >= 0, "an integer >= 0", "non_negative_int")
+positive_float = number_type(float, lambda x: 0 < x < float("inf"), "a finite number > 0", "positive_float")
+non_negative_float = number_type(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0", "non_negative_float")
 
 class DummyWandb:
     """Stands in for a wandb run when none is requested, so training code logs unconditionally."""

@@ -11,9 +11,7 @@ that folder) from $NANOCHAT_EVAL_BUNDLE_URL. Scoring the tasks is nanochat/core_
 import csv
 import json
 import os
-import posixpath
 import re
-import shutil
 import tarfile
 import tempfile
 import zipfile
@@ -59,10 +57,9 @@ def parse_core_yaml(text, source="core.yaml"):
     for lineno, raw in enumerate(text.splitlines(), 1):  # YAML's own message for this is cryptic
         if "\t" in raw[: len(raw) - len(raw.lstrip())]:
             raise ValueError(f"{source}:{lineno}: tabs are not allowed in YAML indentation")
-    loader = yaml.SafeLoader(text)
     try:
-        root = loader.get_single_node()
-        if root is None or not isinstance(root, yaml.MappingNode):
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if not isinstance(root, yaml.MappingNode):
             raise ValueError(f"{source}: no `icl_tasks:` list found")
         tasks_node = None
         for key, value in root.value:
@@ -86,14 +83,12 @@ def parse_core_yaml(text, source="core.yaml"):
                 if not isinstance(value, yaml.ScalarNode) and not flat_list:
                     raise ValueError(f"{at(key)}: nested blocks are not supported here, expected `key: value` "
                                      "with a scalar or a one-line [list]")
-        return loader.construct_document(tasks_node)
+        return yaml.safe_load(text)["icl_tasks"]  # checked above, now built
     except yaml.YAMLError as e:
         mark = getattr(e, "context_mark", None) or getattr(e, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark else source
         why = "; ".join(str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x) or str(e)
         raise ValueError(f"{where}: cannot parse the YAML ({why})") from None
-    finally:
-        loader.dispose()
 
 
 def load_random_baselines(path):
@@ -140,12 +135,8 @@ def _task_from_entry(entry, baselines, where):
 
 def load_bundle(eval_dir):
     """(tasks whose data file is present, labels of tasks whose data file is missing), in core.yaml order."""
-    yaml_path = os.path.join(eval_dir, "core.yaml")
-    meta_path = os.path.join(eval_dir, "eval_meta_data.csv")
-    for path in (yaml_path, meta_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path} not found: {eval_dir} is not a CORE eval bundle "
-                                    "(expected core.yaml, eval_meta_data.csv and eval_data/)")
+    check_bundle_dir(eval_dir)
+    yaml_path, meta_path = (os.path.join(eval_dir, name) for name in BUNDLE_FILES)
     with open(yaml_path, encoding="utf-8") as f:
         entries = parse_core_yaml(f.read(), yaml_path)
     baselines = load_random_baselines(meta_path)
@@ -203,41 +194,39 @@ def is_bundle_dir(path):
     return all(os.path.isfile(os.path.join(path, name)) for name in BUNDLE_FILES)
 
 
-def _check_member_name(name):
-    parts = name.replace("\\", "/").split("/")
-    if name.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", name):
-        raise ValueError(f"unsafe path in archive: {name!r}")
+def check_bundle_dir(path):
+    """path, when it holds a bundle; else a FileNotFoundError saying what a bundle is."""
+    if not is_bundle_dir(path):
+        raise FileNotFoundError(f"{path} is not a CORE eval bundle: it needs {', '.join(BUNDLE_FILES)} and eval_data/")
+    return path
 
 
-def _archive_files(path):
-    """(kind, member file names) of a zip or tar(.gz) archive. Reads it all, so a corrupt or
-    truncated archive fails here, and refuses paths that would land outside the target folder."""
+def _check_member_names(names):
+    for name in names:
+        if name.startswith(("/", "\\")) or ".." in name.replace("\\", "/").split("/") or re.match(r"^[A-Za-z]:", name):
+            raise ValueError(f"unsafe path in archive: {name!r}")
+
+
+def _unpack_bundle(archive, dest):
+    """Unpack a zip or tar(.gz) archive into dest; return the shallowest folder in it holding the bundle files.
+    Every member is read and CRC-checked, so a corrupt or truncated archive fails here (ValueError), as does a
+    path that would land outside dest. Tar links and devices are left out."""
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                bad = zf.testzip()
-                if bad is not None:
-                    raise ValueError(f"member {bad} fails its CRC check")
-                infos = zf.infolist()
-                kind, names, files = "zip", [i.filename for i in infos], [i.filename for i in infos if not i.is_dir()]
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                _check_member_names(zf.namelist())
+                zf.extractall(dest)
         else:
-            with tarfile.open(path, "r:*") as tf:
-                members = tf.getmembers()
-                kind, names, files = "tar", [m.name for m in members], [m.name for m in members if m.isfile()]
+            with tarfile.open(archive, "r:*") as tf:
+                _check_member_names(tf.getnames())
+                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.10.12 / 3.11.4
+                tf.extractall(dest, members=[m for m in tf if m.isfile() or m.isdir()], **safe)
     except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError) as e:
         raise ValueError(f"not a valid zip or tar.gz archive ({type(e).__name__}: {e})") from None
-    for name in names:
-        _check_member_name(name)
-    return kind, files
-
-
-def _bundle_root(files):
-    """The folder inside the archive that holds core.yaml and eval_meta_data.csv (the shallowest one)."""
-    roots = sorted({posixpath.dirname(n) for n in files if posixpath.basename(n) == "core.yaml"}, key=lambda r: (r.count("/"), r))
-    for root in roots:
-        if all(posixpath.join(root, f) in files for f in BUNDLE_FILES):
-            return root
-    raise ValueError(f"it has no folder holding {' and '.join(BUNDLE_FILES)}")
+    roots = [folder for folder, _, _ in os.walk(dest) if is_bundle_dir(folder)]
+    if not roots:
+        raise ValueError(f"it has no folder holding {' and '.join(BUNDLE_FILES)}")
+    return min(roots, key=lambda folder: (folder.count(os.sep), folder))
 
 
 def download_eval_bundle(url=None, dest=None, timeout=60):
@@ -256,8 +245,8 @@ def download_eval_bundle(url=None, dest=None, timeout=60):
         raise RuntimeError(f"{dest} exists but is not a CORE eval bundle (no core.yaml); remove it and retry")
     parent = os.path.dirname(os.path.abspath(dest))
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".eval_bundle-", suffix=".tmp")
-    try:
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".eval_bundle-", suffix=".tmp",
+                                     ignore_cleanup_errors=True) as tmp:
         archive = os.path.join(tmp, "bundle.archive")
         print0(f"downloading the CORE eval bundle from {url}")
         try:
@@ -265,34 +254,17 @@ def download_eval_bundle(url=None, dest=None, timeout=60):
         except DownloadError as e:
             raise RuntimeError(f"download of the CORE eval bundle from {url} failed: {e}") from None
         try:
-            kind, files = _archive_files(archive)
-            root = _bundle_root(files)
+            root = _unpack_bundle(archive, os.path.join(tmp, "unpacked"))
         except ValueError as e:
             raise RuntimeError(f"the file downloaded from {url} is not a usable CORE eval bundle: {e}") from None
-        unpacked = os.path.join(tmp, "unpacked")
-        if kind == "zip":
-            with zipfile.ZipFile(archive) as zf:
-                zf.extractall(unpacked)
-        else:
-            with tarfile.open(archive, "r:*") as tf:
-                members = [m for m in tf.getmembers() if m.isfile() or m.isdir()]  # no links or devices
-                safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
-                tf.extractall(unpacked, members=members, **safe)
         try:
-            os.replace(os.path.join(unpacked, root), dest)
+            os.replace(root, dest)
         except OSError:
             if not is_bundle_dir(dest):  # else another process finished the same download first
                 raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
 def resolve_eval_dir(eval_dir=None):
     """An explicit bundle directory, else $NANOCHAT_BASE_DIR/eval_bundle, downloaded if needed."""
-    if eval_dir:
-        if not is_bundle_dir(eval_dir):
-            raise FileNotFoundError(f"--eval-dir {eval_dir} is not a CORE eval bundle: it needs "
-                                    f"{' and '.join(BUNDLE_FILES)} and eval_data/")
-        return eval_dir
-    return download_eval_bundle()
+    return check_bundle_dir(eval_dir) if eval_dir else download_eval_bundle()

@@ -15,6 +15,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce_sum, dist_rank_world, print0
 from nanochat.core_bundle import load_bundle, load_task_items
@@ -50,21 +51,10 @@ def render_item(task, items, idx):
     shots = [_example_text(task, items[j]) for j in sample_fewshot(len(items), idx, task.num_fewshot)]
     prefix = "".join(s + "\n\n" for s in shots)
     if task.task_type == "multiple_choice":
-        pairs = [(prefix + item["query"] + d, choice) for choice in item["choices"]]
-    elif task.task_type == "schema":
-        pairs = [(prefix + option + d, item["continuation"]) for option in item["context_options"]]
-    else:
-        pairs = [(prefix + item["context"] + d, item["continuation"])]
-    return pairs
-
-
-def _common_prefix_len(a, b):
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+        return [(prefix + item["query"] + d, choice) for choice in item["choices"]]
+    if task.task_type == "schema":
+        return [(prefix + option + d, item["continuation"]) for option in item["context_options"]]
+    return [(prefix + item["context"] + d, item["continuation"])]
 
 
 def tokenize_item(tokenizer, pairs):
@@ -77,7 +67,7 @@ def tokenize_item(tokenizer, pairs):
     fulls = tokenizer.encode([c + k for c, k in pairs], prepend=bos)
     spans = []
     for (c, k), ctx, full in zip(pairs, contexts, fulls):
-        start = _common_prefix_len(ctx, full)
+        start = len(os.path.commonprefix([ctx, full]))
         if start >= len(full):
             raise ValueError(f"the continuation {k!r} has no tokens of its own after the context {c[-80:]!r}")
         spans.append((start, len(full)))
@@ -87,12 +77,9 @@ def tokenize_item(tokenizer, pairs):
 def crop_left(seqs, spans, max_len):
     """Keep the last max_len tokens of each sequence, shifting its span to match. A continuation
     that does not fit is scored from the second kept token on (the first has no prediction)."""
-    out_seqs, out_spans = [], []
-    for seq, (start, end) in zip(seqs, spans):
-        cut = max(0, len(seq) - max_len)
-        out_seqs.append(seq[cut:])
-        out_spans.append((max(start - cut, 1), end - cut))
-    return out_seqs, out_spans
+    cuts = [max(0, len(seq) - max_len) for seq in seqs]
+    return ([seq[cut:] for seq, cut in zip(seqs, cuts)],
+            [(max(start - cut, 1), end - cut) for (start, end), cut in zip(spans, cuts)])
 
 # -----------------------------------------------------------------------------
 # Scoring
@@ -102,11 +89,7 @@ def score_sequences(model, seqs, spans, pad_id, device):
     """One forward pass over the sequences, right-padded with pad_id (causal attention, so the
     padding never affects the real positions). Returns, per sequence, the mean cross-entropy over
     its continuation tokens and whether every continuation token was the argmax prediction."""
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    ids = ids.to(device)
+    ids = pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=pad_id).to(device)
     logits = model(ids)
     losses, exact = [], []
     for i, (start, end) in enumerate(spans):

@@ -8,7 +8,6 @@ Without --eval-dir the bundle is read from $NANOCHAT_BASE_DIR/eval_bundle, downl
 $NANOCHAT_EVAL_BUNDLE_URL (a zip or tar.gz of core.yaml, eval_meta_data.csv and eval_data/).
 Prints a results table, writes $NANOCHAT_BASE_DIR/base_eval/core_<tag>.csv and a report section.
 """
-import argparse
 import csv
 import os
 import re
@@ -16,19 +15,12 @@ import re
 import torch.distributed as dist
 
 from nanochat.common import (atomic_open, autocast_context, compute_cleanup, compute_init, get_base_dir,
-                             get_compute_dtype, is_ddp_initialized, make_parser, non_negative_int)
+                             get_compute_dtype, is_ddp_initialized, make_parser, non_negative_int, number_type)
 from nanochat.core_bundle import resolve_eval_dir
 from nanochat.core_eval import evaluate_core
 
 
-def max_items(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected -1 (all items) or a positive integer, got {value!r}")
-    if n == 0 or n < -1:
-        raise argparse.ArgumentTypeError(f"expected -1 (all items) or a positive integer, got {value!r}")
-    return n
+max_items = number_type(int, lambda n: n == -1 or n > 0, "-1 (all items) or a positive integer", "max_items")
 
 
 # -----------------------------------------------------------------------------
@@ -104,7 +96,6 @@ def main(argv=None):
         dist.barrier()
         eval_dir = eval_dir or resolve_eval_dir(args.eval_dir)
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag or None, step=args.step)
-    meta = meta if isinstance(meta, dict) else {}
     with autocast_context(device.type, get_compute_dtype(device.type)):
         out = evaluate_core(model, tokenizer, eval_dir, max_per_task=args.max_per_task, device=device)
     if rank == 0:

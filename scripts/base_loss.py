@@ -4,11 +4,9 @@ Train and validation bits per byte of a base checkpoint, plus a few greedy sampl
     python -m scripts.base_loss --data=../shared/data/pretrain --split-tokens=65536
     torchrun --nproc_per_node=8 -m scripts.base_loss
 """
-import sys
-
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import (autocast_context, autodetect_device_type, compute_cleanup, compute_init, get_compute_dtype,
-                             make_parser, positive_int, print0)
+from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, make_parser,
+                             positive_int, print0)
 from nanochat.dataset import DataError
 from nanochat.engine import SAMPLE_PROMPTS, greedy_samples
 
@@ -31,9 +29,8 @@ def main(argv=None):
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes
 
-    device_type = autodetect_device_type(args.device_type or None)
-    is_ddp, rank, local_rank, world_size, device = compute_init(device_type, seed=args.seed)
-    dtype = get_compute_dtype(device_type)
+    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
+    device_type, dtype = device.type, get_compute_dtype(device.type)
     try:
         model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     except CheckpointError as e:
@@ -53,7 +50,6 @@ def main(argv=None):
         with autocast_context(device_type, dtype):
             results[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[split]:.4f}")
-    samples = []
     if rank == 0:
         with autocast_context(device_type, dtype):
             samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
@@ -69,4 +65,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -6,23 +6,16 @@ with rows {"query": "Question: ...", "choices": [...], "gold": int}. The questio
 "Question: " prefix (and without a trailing "Answer:" cue, should a copy have one).
 """
 
-from tasks.common import Task, data_path, mc_conversation, read_jsonl, LETTERS
+from tasks.common import MultipleChoiceTask, data_path, mc_conversation, read_jsonl, LETTERS
 
 SUBSETS = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}
 
 
 def parse_query(query):
-    question = query.strip()
-    if question.startswith("Question:"):
-        question = question[len("Question:"):]
-    if question.endswith("Answer:"):
-        question = question[:-len("Answer:")]
-    return question.strip()
+    return query.strip().removeprefix("Question:").removesuffix("Answer:").strip()
 
 
-class ARC(Task):
-    eval_type = "categorical"
-
+class ARC(MultipleChoiceTask):
     def __init__(self, subset="ARC-Easy", split="test", path=None, **kwargs):
         super().__init__(**kwargs)
         if subset not in SUBSETS:
@@ -32,19 +25,11 @@ class ARC(Task):
         self.subset = subset
         rel = ("eval", "core", "eval_data", "world_knowledge", f"{SUBSETS[subset]}.jsonl")
         self.path = data_path(*rel, path=path, what=f"{subset} data")
-        self.rows = read_jsonl(self.path)
-        for lineno, row in enumerate(self.rows, 1):
-            if not (isinstance(row.get("query"), str) and isinstance(row.get("choices"), list)
-                    and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"]) <= len(LETTERS)):
-                raise ValueError(f"{self.path}:{lineno}: expected {{'query': str, 'choices': [...], 'gold': int}}")
-
-    def num_examples(self):
-        return len(self.rows)
+        self.rows = read_jsonl(self.path, lambda row: (
+            isinstance(row.get("query"), str) and isinstance(row.get("choices"), list)
+            and isinstance(row.get("gold"), int) and 0 <= row["gold"] < len(row["choices"]) <= len(LETTERS)),
+            "{'query': str, 'choices': [...], 'gold': int}")
 
     def get_example(self, index):
         row = self.rows[index]
         return mc_conversation(parse_query(row["query"]), row["choices"], row["gold"], subset=self.subset)
-
-    def evaluate(self, conversation, completion):
-        """`completion` is the predicted letter."""
-        return completion.strip() == conversation["messages"][-1]["content"]

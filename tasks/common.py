@@ -10,6 +10,7 @@ tasks also carry conversation["letters"], and the assistant's reply is the gold 
 
 Training mixes tasks with tasks.mixtures (weights per stage, held-out slices, decontamination).
 """
+import functools
 import gzip
 import json
 import os
@@ -41,24 +42,25 @@ def data_path(*parts, path=None, what="task data"):
     return full
 
 
-def open_text(path):
-    """Open a text file for reading, transparently gunzipping *.gz."""
-    if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def read_jsonl(path):
-    """List of the JSON objects in a .jsonl or .jsonl.gz file; errors name the file and line."""
+def read_jsonl(path, check=None, expected="a valid row"):
+    """List of the JSON objects in a .jsonl or .jsonl.gz file, each passing check(row) when given: a false
+    result means the row is not `expected`, a ValueError says what is wrong. Errors name the file and line."""
     rows = []
-    with open_text(path) as f:
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            try:
+                ok = check is None or check(row)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            if not ok:
+                raise ValueError(f"{path}:{lineno}: expected {expected}")
+            rows.append(row)
     return rows
 
 # -----------------------------------------------------------------------------
@@ -83,20 +85,19 @@ def mc_conversation(question, choices, gold, **extra):
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold index {gold} out of range for {len(choices)} choices")
     letters = list(LETTERS[:len(choices)])
-    conversation = {"messages": [{"role": "user", "content": render_mc(question, choices, letters)},
-                                 {"role": "assistant", "content": letters[gold]}],
-                    "letters": letters}
-    conversation.update(extra)
-    return conversation
+    return {"messages": [{"role": "user", "content": render_mc(question, choices, letters)},
+                         {"role": "assistant", "content": letters[gold]}],
+            "letters": letters, **extra}
 
 # -----------------------------------------------------------------------------
 # Tasks
 
 
 class Task:
-    """A view over a dataset: subclasses implement num_examples() and get_example(i) over the full data,
-    and evaluate(conversation, completion). The view optionally shuffles the rows with `seed` (the same
-    seed gives the same order everywhere) and then keeps rows [start:stop:step] of that order."""
+    """A view over a dataset: subclasses implement get_example(i) over the full data (kept in self.rows, or
+    override num_examples()) and evaluate(conversation, completion). The view optionally shuffles the rows
+    with `seed` (the same seed gives the same order everywhere) and then keeps rows [start:stop:step] of that
+    order. Iterating goes through __getitem__."""
 
     eval_type = "generative"  # or "categorical"
 
@@ -104,19 +105,16 @@ class Task:
         if step <= 0 or start < 0 or (stop is not None and stop < start):
             raise ValueError(f"bad slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step, self.seed = start, stop, step, seed
-        self._indices = None
 
-    @property
-    def indices(self):
-        if self._indices is None:  # computed on first use: subclasses load their data after super().__init__
-            order = list(range(self.num_examples()))
-            if self.seed is not None:
-                random.Random(self.seed).shuffle(order)
-            self._indices = order[self.start:self.stop:self.step]
-        return self._indices
+    @functools.cached_property
+    def indices(self):  # computed on first use: subclasses load their data after super().__init__
+        order = list(range(self.num_examples()))
+        if self.seed is not None:
+            random.Random(self.seed).shuffle(order)
+        return order[self.start:self.stop:self.step]
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
         raise NotImplementedError
@@ -136,6 +134,12 @@ class Task:
             raise IndexError(f"{type(self).__name__} index {i} out of range for {len(self)} examples")
         return self.get_example(self.indices[i])
 
-    def __iter__(self):
-        for i in range(len(self)):
-            yield self[i]
+
+class MultipleChoiceTask(Task):
+    """Conversations built by mc_conversation, scored by the predicted letter."""
+
+    eval_type = "categorical"
+
+    def evaluate(self, conversation, completion):
+        """`completion` is the predicted letter."""
+        return completion.strip() == conversation["messages"][-1]["content"]

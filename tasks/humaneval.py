@@ -20,10 +20,7 @@ def extract_code(reply):
     blocks = _CODE_BLOCK.findall(reply)
     if not blocks:
         return reply
-    for block in blocks:
-        if re.search(r"^\s*def ", block, re.MULTILINE):
-            return block
-    return blocks[0]
+    return next((block for block in blocks if re.search(r"^\s*def ", block, re.MULTILINE)), blocks[0])
 
 
 def build_program(prompt, completion, test, entry_point):
@@ -43,14 +40,9 @@ class HumanEval(Task):
         super().__init__(**kwargs)
         self.timeout = timeout
         self.path = data_path("eval", "humaneval", "HumanEval.jsonl.gz", path=path, what="HumanEval data")
-        self.rows = read_jsonl(self.path)
         keys = ("task_id", "prompt", "entry_point", "canonical_solution", "test")
-        for lineno, row in enumerate(self.rows, 1):
-            if not all(isinstance(row.get(k), str) for k in keys):
-                raise ValueError(f"{self.path}:{lineno}: expected string fields {keys}")
-
-    def num_examples(self):
-        return len(self.rows)
+        self.rows = read_jsonl(self.path, lambda row: all(isinstance(row.get(k), str) for k in keys),
+                               f"string fields {keys}")
 
     def get_example(self, index):
         row = self.rows[index]

@@ -23,6 +23,8 @@ shuffle of the source's rows whose first rows are held out. The slice depends on
 never on the stage, the weights or the run seed, so midtraining and SFT are validated on the same
 conversations and held-out loss compares across stages.
 """
+import functools
+import itertools
 import random
 import re
 from dataclasses import dataclass
@@ -135,34 +137,22 @@ def question_key(text):
 
 
 def first_user_text(conversation):
-    for m in conversation["messages"]:
-        if m["role"] == "user":
-            return content_text(m["content"])
-    return ""
+    return next((content_text(m["content"]) for m in conversation["messages"] if m["role"] == "user"), "")
 
 
-_EVAL_KEYS = None
-
-
+@functools.cache
 def eval_question_keys():
     """question_key of every problem the chat evaluation scores (ARC test, MMLU test, GSM8K test), for the
     sets whose data exists (a missing set cannot leak)."""
-    global _EVAL_KEYS
-    if _EVAL_KEYS is None:
-        from tasks.arc import ARC
-        from tasks.gsm8k import GSM8K
-        from tasks.mmlu import MMLU
-        makers = [lambda: ARC("ARC-Easy"), lambda: ARC("ARC-Challenge"), lambda: MMLU(split="test"),
-                  lambda: GSM8K(split="test")]
-        keys = set()
-        for make in makers:
-            try:
-                task = make()
-            except FileNotFoundError:
-                continue
-            keys.update(question_key(first_user_text(c)) for c in task)
-        _EVAL_KEYS = frozenset(k for k in keys if k)
-    return _EVAL_KEYS
+    from tasks.registry import load_task
+    keys = set()
+    for name in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K"):
+        try:
+            task = load_task(name)
+        except FileNotFoundError:
+            continue
+        keys.update(question_key(first_user_text(c)) for c in task)
+    return frozenset(k for k in keys if k)
 
 
 # A line that only code has: a definition, an import, a C-like block or statement, a shebang.
@@ -174,11 +164,8 @@ _CODE_LINE = re.compile(
 
 def looks_like_code(conversation):
     """True when any message has a code fence or at least two lines that only code has."""
-    for m in conversation["messages"]:
-        text = content_text(m["content"])
-        if "```" in text or len(_CODE_LINE.findall(text)) >= 2:
-            return True
-    return False
+    texts = (content_text(m["content"]) for m in conversation["messages"])
+    return any("```" in text or len(_CODE_LINE.findall(text)) >= 2 for text in texts)
 
 # -----------------------------------------------------------------------------
 
@@ -201,6 +188,8 @@ class Mixture:
                                               or (drop_code and looks_like_code(task[i])))]
             if drop_code:
                 val = [i for i in val if not looks_like_code(task[i])]
+            if not clean:
+                raise ValueError(f"mixture source {name!r} has no training rows")
             self.names.append(name)
             self.tasks.append(task)
             self.weights.append(float(weight))
@@ -209,9 +198,6 @@ class Mixture:
             self.dropped.append(len(train) - len(clean))
         if not self.names:
             raise ValueError("the mixture has no sources")
-        for name, train in zip(self.names, self.train):
-            if not train:
-                raise ValueError(f"mixture source {name!r} has no training rows")
 
     def rows_per_epoch(self, s):
         return round(self.weights[s] * len(self.train[s]))
@@ -235,11 +221,8 @@ class Mixture:
     def val_rows(self, limit=None):
         """Held-out row references of every source, interleaved round-robin so that any prefix covers
         every source; the first `limit` of them."""
-        rows, k = [], 0
-        while any(k < len(v) for v in self.val):
-            rows += [(s, v[k]) for s, v in enumerate(self.val) if k < len(v)]
-            k += 1
-        return rows[:limit] if limit is not None else rows
+        rounds = itertools.zip_longest(*[[(s, i) for i in v] for s, v in enumerate(self.val)])
+        return [ref for refs in rounds for ref in refs if ref is not None][:limit]
 
     def get(self, ref):
         s, i = ref

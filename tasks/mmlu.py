@@ -9,7 +9,7 @@ in either that layout or the original header-less Hendrycks one (question, 4 cho
 import csv
 import os
 
-from tasks.common import Task, data_path, mc_conversation, LETTERS
+from tasks.common import MultipleChoiceTask, data_path, mc_conversation, LETTERS
 
 SUBJECTS = (
     "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
@@ -34,32 +34,22 @@ def read_mmlu_csv(path, subject):
     rows = []
     with open(path, encoding="utf-8", newline="") as f:
         for lineno, rec in enumerate(csv.reader(f), 1):
-            if lineno == 1 and [c.strip() for c in rec] == HEADER:
-                continue
-            if not rec:
+            if not rec or (lineno == 1 and [c.strip() for c in rec] == HEADER):
                 continue
             if len(rec) != 6:
                 raise ValueError(f"{path}:{lineno}: expected 6 columns (question, 4 choices, answer), got {len(rec)}")
             answer = rec[5].strip()
-            if answer in ("0", "1", "2", "3"):
-                gold = int(answer)
-            elif answer in ("A", "B", "C", "D"):
-                gold = LETTERS.index(answer)
-            else:
+            if answer not in ("0", "1", "2", "3", "A", "B", "C", "D"):
                 raise ValueError(f"{path}:{lineno}: answer must be 0-3 or A-D, got {answer!r}")
-            rows.append((rec[0], rec[1:5], gold, subject))
+            rows.append((rec[0], rec[1:5], int(answer) if answer.isdigit() else LETTERS.index(answer), subject))
     return rows
 
 
 def _subject_of(filename, split):
-    name = filename[:-len(".csv")]
-    suffix = f"_{split}"
-    return name[:-len(suffix)] if name.endswith(suffix) else name
+    return filename.removesuffix(".csv").removesuffix(f"_{split}")
 
 
-class MMLU(Task):
-    eval_type = "categorical"
-
+class MMLU(MultipleChoiceTask):
     def __init__(self, split="test", subject=None, path=None, **kwargs):
         """`subject` (one of SUBJECTS) restricts to one subject; `path` overrides the split's folder or file."""
         super().__init__(**kwargs)
@@ -87,17 +77,8 @@ class MMLU(Task):
             paths = [os.path.join(self.path, f) for f in files]
         else:
             paths = [self.path]
-        self.rows = []
-        for p in paths:
-            self.rows += read_mmlu_csv(p, subject or _subject_of(os.path.basename(p), split))
-
-    def num_examples(self):
-        return len(self.rows)
+        self.rows = [row for p in paths for row in read_mmlu_csv(p, subject or _subject_of(os.path.basename(p), split))]
 
     def get_example(self, index):
         question, choices, gold, subject = self.rows[index]
         return mc_conversation(question, choices, gold, subject=subject)
-
-    def evaluate(self, conversation, completion):
-        """`completion` is the predicted letter."""
-        return completion.strip() == conversation["messages"][-1]["content"]

@@ -272,10 +272,8 @@ def test_chat_task_user_files(tmp_path):
 
 
 def test_chat_task_shared_files():
-    from tasks.chat import ChatTask, shared_chat_files
+    from tasks.chat import ChatTask
     require_shared_data("chat")
-    names = shared_chat_files()
-    assert "alpaca_seed_tasks" in names and len(names) == 8
     for name, n in (("alpaca_seed_tasks", 175), ("self_instruct_user_oriented", 252), ("dolly_hhrlhf_small", 900)):
         assert len(ChatTask(name)) == n
     with pytest.raises(FileNotFoundError, match="no_such_file"):
