@@ -77,22 +77,19 @@ def save_checkpoint(ckpt_dir, step, model_state, optimizer_state, meta, rank=0, 
 
 def read_meta(path):
     meta_path = os.path.join(path, "meta.json")
-    if not os.path.exists(meta_path):
-        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
     try:
         with open(meta_path, encoding="utf-8") as f:
             return json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: meta.json is missing")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"checkpoint metadata {meta_path} is corrupt: {e}")
 
 
 def list_complete_steps(ckpt_dir):
-    steps = []
-    for name in os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []:
-        m = STEP_RE.match(name)
-        if m and os.path.exists(os.path.join(ckpt_dir, name, "meta.json")):
-            steps.append(int(m.group(1)))
-    return sorted(steps)
+    metas = glob.glob(os.path.join(glob.escape(ckpt_dir), "step_*", "meta.json"))
+    matches = (STEP_RE.match(os.path.basename(os.path.dirname(p))) for p in metas)
+    return sorted(int(m.group(1)) for m in matches if m)
 
 
 def find_last_step(ckpt_dir):
@@ -104,18 +101,14 @@ def find_last_step(ckpt_dir):
 
 def find_largest_model(root):
     """The model tag with the largest depth (tags look like d12, d20), else the newest directory."""
-    tags = [t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))] if os.path.isdir(root) else []
-    tags = [t for t in tags if list_complete_steps(os.path.join(root, t))]
+    tags = [t for t in (os.listdir(root) if os.path.isdir(root) else []) if list_complete_steps(os.path.join(root, t))]
     if not tags:
         raise CheckpointError(f"no checkpoints found in {root}")
     depth_tags = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
-    if depth_tags:
-        return max(depth_tags)[1]
-    return max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
+    return max(depth_tags)[1] if depth_tags else max(tags, key=lambda t: os.path.getmtime(os.path.join(root, t)))
 
 
 def _load_tensor_file(path, expected, device):
-    name = os.path.basename(path)
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint file {path} is missing")
     if expected is not None and os.path.getsize(path) != expected["bytes"]:
@@ -124,7 +117,7 @@ def _load_tensor_file(path, expected, device):
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"checkpoint file {path} ({name}) cannot be read: {e}")
+        raise CheckpointError(f"checkpoint file {path} cannot be read: {e}")
 
 
 def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, verify_hash=False):
@@ -142,7 +135,7 @@ def load_checkpoint(ckpt_dir, step, device, load_optimizer=False, rank=0, verify
     optim = None
     if load_optimizer:
         name = f"optim_rank{rank}.pt"
-        if meta.get("world_size", 1) and name not in files:
+        if name not in files:
             raise CheckpointError(f"checkpoint {path} has no optimizer state for rank {rank} "
                                   f"(it was saved by {meta.get('world_size')} rank(s))")
         optim = _load_tensor_file(os.path.join(path, name), files.get(name), device)
@@ -154,23 +147,20 @@ def build_model(ckpt_dir, step, device, phase="eval"):
     Returns (model, meta)."""
     from nanochat.gpt import GPT, GPTConfig
     model_state, _, meta = load_checkpoint(ckpt_dir, step, device)
+    path = step_dir(ckpt_dir, step)
     try:
         config = GPTConfig(**meta["model_config"])
     except (KeyError, TypeError) as e:
-        raise CheckpointError(f"checkpoint {step_dir(ckpt_dir, step)} has an unusable model_config: {e}")
+        raise CheckpointError(f"checkpoint {path} has an unusable model_config: {e}")
     model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()  # buffers such as rotary tables are not in the state dict
     try:
-        result = model.load_state_dict(model_state, strict=False, assign=True)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"checkpoint {step_dir(ckpt_dir, step)} does not match its model config: {e}")
-    missing, unexpected = result.missing_keys, result.unexpected_keys
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {step_dir(ckpt_dir, step)} does not match its model config: "
-                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.load_state_dict(model_state, assign=True)
+    except RuntimeError as e:  # missing or unexpected keys, shape mismatches
+        raise CheckpointError(f"checkpoint {path} does not match its model config: {e}")
     model.train(phase == "train")
     return model, meta
 
@@ -181,11 +171,8 @@ def resolve_checkpoint(source, model_tag=None, step=None):
     if not os.path.isdir(root) or not glob.glob(os.path.join(root, "*", "step_*", "meta.json")):
         hint = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}[source]
         raise CheckpointError(f"no {source} checkpoint in {root}: train one first with `python -m {hint}`")
-    model_tag = model_tag or find_largest_model(root)
-    ckpt_dir = os.path.join(root, model_tag)
-    if step is None:
-        step = find_last_step(ckpt_dir)
-    return ckpt_dir, step
+    ckpt_dir = os.path.join(root, model_tag or find_largest_model(root))
+    return ckpt_dir, find_last_step(ckpt_dir) if step is None else step
 
 
 def load_model(source, device, phase="eval", model_tag=None, step=None):

@@ -4,7 +4,9 @@ seeding, atomic file writes and small helpers used by every script.
 """
 import argparse
 import functools
+import gzip
 import hashlib
+import json
 import logging
 import os
 import random
@@ -244,6 +246,27 @@ def sha256_file(path, chunk=1 << 24):
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+def read_jsonl(path, check=None, expected="a valid row"):
+    """List of the JSON objects in a .jsonl or .jsonl.gz file, each passing check(row) when given: a false
+    result means the row is not `expected`, a ValueError says what is wrong. Errors name the file and line."""
+    rows = []
+    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            try:
+                ok = check is None or check(row)
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            if not ok:
+                raise ValueError(f"{path}:{lineno}: expected {expected}")
+            rows.append(row)
+    return rows
 
 def format_duration(seconds):
     """'1h02m03s', or '2m03s' under an hour."""

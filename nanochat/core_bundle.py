@@ -9,7 +9,6 @@ It is read from --eval-dir, or from $NANOCHAT_BASE_DIR/eval_bundle, downloaded o
 that folder) from $NANOCHAT_EVAL_BUNDLE_URL. Scoring the tasks is nanochat/core_eval.py's job.
 """
 import csv
-import json
 import os
 import re
 import tarfile
@@ -20,7 +19,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from nanochat.common import get_base_dir, print0
+from nanochat.common import get_base_dir, print0, read_jsonl
 from nanochat.download import DownloadError, download_file
 
 TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -151,37 +150,29 @@ def load_bundle(eval_dir):
     return present, missing
 
 
-def _validate_item(item, task_type, where):
+def _validate_item(item, task_type):
+    """True for a usable item of `task_type`; ValueError saying what is wrong otherwise."""
     if not isinstance(item, dict):
-        raise ValueError(f"{where}: expected a JSON object")
+        raise ValueError("expected a JSON object")
     for key in REQUIRED_FIELDS[task_type]:
         if key not in item:
-            raise ValueError(f"{where}: a {task_type} item needs {REQUIRED_FIELDS[task_type]}, {key!r} is missing")
+            raise ValueError(f"a {task_type} item needs {REQUIRED_FIELDS[task_type]}, {key!r} is missing")
     options = item.get("choices", item.get("context_options"))
     if options is not None:
         if not isinstance(options, list) or len(options) < 2 or not all(isinstance(o, str) for o in options):
-            raise ValueError(f"{where}: expected a list of at least two strings, got {options!r}")
+            raise ValueError(f"expected a list of at least two strings, got {options!r}")
         gold = item["gold"]
         if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(options):
-            raise ValueError(f"{where}: gold {gold!r} is not an index into its {len(options)} options")
+            raise ValueError(f"gold {gold!r} is not an index into its {len(options)} options")
     if "continuation" in item and not isinstance(item["continuation"], str):
-        raise ValueError(f"{where}: continuation must be a string")
+        raise ValueError("continuation must be a string")
+    return True
 
 
 def load_task_items(eval_dir, task):
     """The validated rows of one task's JSONL file."""
     path = os.path.join(eval_dir, "eval_data", task.dataset_uri)
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON: {e.msg}") from None
-            _validate_item(item, task.task_type, f"{path}:{lineno}")
-            items.append(item)
+    items = read_jsonl(path, lambda item: _validate_item(item, task.task_type))
     if not items:
         raise ValueError(f"{path}: no items")
     return items

@@ -14,9 +14,8 @@ Build on the meta device, then materialize on the target device and initialize:
     model.to_empty(device=device)
     model.init_weights()          # also (re)computes the rotary tables; load a state_dict after this
 
-The architecture flags every script takes (add_model_flags, config_from_flags) and the first user's
-planned changes (PLANNED_CHANGES) are declared here, beside GPTConfig. The hand-written autograd
-functions of the hot paths (attention backward, softcapped and chunked losses) are in nanochat/kernels.py.
+The architecture flags and the first user's planned changes are declared here, beside GPTConfig; the
+hand-written autograd functions of the hot paths are in nanochat/kernels.py.
 """
 import math
 from dataclasses import dataclass, fields
@@ -25,7 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import make_parser, non_negative_float, non_negative_int, positive_float, positive_int, str2bool
+from nanochat.common import (dist_rank_world, make_parser, non_negative_float, non_negative_int, positive_float,
+                             positive_int, str2bool)
 from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attention
 
 ACTIVATIONS = ("relu2", "gelu", "silu")
@@ -66,17 +66,22 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig.n_head: head_dim = n_embd / n_head = {self.head_dim} must be even for rotary embeddings")
-        if not isinstance(self.mlp_ratio, (int, float)) or isinstance(self.mlp_ratio, bool) or not self.mlp_ratio > 0:
-            raise ValueError(f"GPTConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        for name in ("mlp_ratio", "rope_base"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"GPTConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
         if self.softcap is not None and (not isinstance(self.softcap, (int, float)) or self.softcap < 0):
             raise ValueError(f"GPTConfig.softcap must be >= 0 or None (0/None = off), got {self.softcap!r}")
-        if not isinstance(self.rope_base, (int, float)) or not self.rope_base > 0:
-            raise ValueError(f"GPTConfig.rope_base must be a positive number, got {self.rope_base!r}")
         return self
+
+
+def largest_divisor(n, at_most):
+    """The largest divisor of n that is at most `at_most` (1 when that is below 1)."""
+    return max(d for d in range(1, max(1, at_most) + 1) if n % d == 0)
 
 
 def config_for_depth(depth, vocab_size, sequence_len=2048, head_dim=128, **knobs):
@@ -92,9 +97,7 @@ def config_for_depth(depth, vocab_size, sequence_len=2048, head_dim=128, **knobs
     if unknown:
         raise ValueError(f"config_for_depth: unknown config field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     n_embd = 64 * depth
-    n_head = max(1, n_embd // head_dim)
-    while n_embd % n_head:
-        n_head -= 1
+    n_head = largest_divisor(n_embd, n_embd // head_dim)
     knobs.setdefault("n_kv_head", n_head)
     return GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
                      n_embd=n_embd, **knobs).validate()
@@ -143,13 +146,8 @@ def model_flags(**values):
     callers that name a shape their own way (bench/train_step.py's --seq_len) and still build the
     config through config_from_flags, like the scripts."""
     parser = make_parser(None)
-    add_model_flags(parser)
-    args = parser.parse_args([])
-    unknown = set(values) - set(vars(args))
-    if unknown:
-        raise ValueError(f"model_flags: no architecture flag(s) {sorted(unknown)}; known: {sorted(vars(args))}")
-    vars(args).update(values)
-    return args
+    add_model_flags(parser, **values)
+    return parser.parse_args([])
 
 
 MODEL_FLAGS = tuple(vars(model_flags()))  # every architecture flag's dest, in declaration order
@@ -165,11 +163,7 @@ def config_from_flags(args, vocab_size):
     knobs = {name: getattr(args, name) for name in MODEL_FLAGS if name not in SIZING_FLAGS}
     knobs["softcap"] = knobs["softcap"] or None
     n_head = config_for_depth(args.depth, vocab_size, head_dim=args.head_dim).n_head
-    n_kv_head = args.n_kv_head
-    if not n_kv_head:
-        n_kv_head = max(1, n_head // args.kv_head_ratio)
-        while n_head % n_kv_head:
-            n_kv_head -= 1
+    n_kv_head = args.n_kv_head or largest_divisor(n_head, n_head // args.kv_head_ratio)
     return config_for_depth(args.depth, vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
                             n_kv_head=n_kv_head, **knobs)
 
@@ -246,8 +240,7 @@ class CausalSelfAttention(nn.Module):
         v = v.transpose(1, 2)
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            if k.dtype != q.dtype:
-                k, v = k.to(q.dtype), v.to(q.dtype)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype
         Tk = k.size(2)
         gqa = self.n_kv_head != self.n_head
         if Tk == T:  # training, or a prefill into an empty cache: plain causal
@@ -255,8 +248,7 @@ class CausalSelfAttention(nn.Module):
         elif T == 1:  # decode: the one new query sees every cached position
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:  # chunk after cached tokens: sees the whole prefix, causal inside the chunk
-            prefix = Tk - T
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=prefix)
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
@@ -305,8 +297,7 @@ class GPT(nn.Module):
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Rotary tables are derived state (not saved); 10x the training length leaves room for long
         # generations, and forward() extends them if a KV cache ever goes further.
-        self.rotary_len = config.sequence_len * 10
-        cos, sin = self._rotary_tables(self.rotary_len)
+        cos, sin = self._rotary_tables(config.sequence_len * 10)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
 
@@ -342,7 +333,7 @@ class GPT(nn.Module):
                 nn.init.normal_(lin.weight, mean=0.0, std=d ** -0.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        self.cos, self.sin = self._rotary_tables(self.rotary_len, device=wte.device)
+        self.cos, self.sin = self._rotary_tables(self.cos.size(1), device=wte.device)
 
     def get_device(self):
         return self.transformer.wte.weight.device
@@ -383,10 +374,8 @@ class GPT(nn.Module):
         with world_size > 1 the sharded versions are returned; they average gradients themselves, so
         do not wrap the model in DDP. Every param group carries "initial_lr" for LR schedules."""
         from nanochat.optim import AdamW, DistAdamW, DistMuon, Muon
-        import torch.distributed as dist
-        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         scale = (self.config.n_embd / 768) ** -0.5
-        matrix_params = [p for p in self.transformer.h.parameters()]
+        matrix_params = list(self.transformer.h.parameters())
         wte = self.transformer.wte.weight
         if self.config.tie_embeddings:
             adam_groups = [dict(params=[wte], lr=unembedding_lr * scale)]
@@ -394,14 +383,12 @@ class GPT(nn.Module):
             adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
                            dict(params=[wte], lr=embedding_lr * scale)]
         assert len(matrix_params) + sum(len(g["params"]) for g in adam_groups) == len(list(self.parameters()))
-        adam_cls, muon_cls = (DistAdamW, DistMuon) if distributed else (AdamW, Muon)
+        adam_cls, muon_cls = (DistAdamW, DistMuon) if dist_rank_world()[1] > 1 else (AdamW, Muon)
         adamw = adam_cls(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
         muon = muon_cls(matrix_params, lr=matrix_lr, momentum=0.95)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["initial_lr"] = group["lr"]
-        return optimizers
+        for group in adamw.param_groups + muon.param_groups:
+            group["initial_lr"] = group["lr"]
+        return [adamw, muon]
 
     # -------------------------------------------------------------------------
 
@@ -419,11 +406,9 @@ class GPT(nn.Module):
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()
         if T0 + T > self.cos.size(1):  # only reachable in long generations, never in training
-            self.rotary_len = 2 * (T0 + T)
-            self.cos, self.sin = self._rotary_tables(self.rotary_len, device=idx.device)
+            self.cos, self.sin = self._rotary_tables(2 * (T0 + T), device=idx.device)
         cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
-        wte = self.transformer.wte
-        x = norm(wte(idx))
+        x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         if last_only:
@@ -438,28 +423,15 @@ class GPT(nn.Module):
         targets = targets.reshape(-1)
         if loss_reduction == "none":  # per-token losses (evaluation, RL): whole logits, per-token gradients
             logits = self._head(x)
-            loss = SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, cap)
-        else:  # training: the head's matmul happens inside, by chunks (lm_head's forward hooks do not run)
-            head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
-            loss = ChunkedHeadLoss.apply(x.reshape(-1, x.size(-1)), head, targets, cap, torch.is_grad_enabled())
-            if loss_reduction == "mean":
-                loss = loss / (targets != -1).sum()
-        return loss.view(B, T) if loss_reduction == "none" else loss
+            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, cap).view(B, T)
+        # training: the head's matmul happens inside, by chunks (lm_head's forward hooks do not run)
+        head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
+        loss = ChunkedHeadLoss.apply(x.reshape(-1, x.size(-1)), head, targets, cap, torch.is_grad_enabled())
+        return loss / (targets != -1).sum() if loss_reduction == "mean" else loss
 
 
 # -----------------------------------------------------------------------------
 # python -m nanochat.gpt --depth=20 --tie-embeddings ...: print the parameter breakdown (meta device)
-
-def format_param_table(config):
-    with torch.device("meta"):
-        model = GPT(config)
-    g = model.num_params_by_group()
-    lines = [f"| group | parameters | share |", "| --- | ---: | ---: |"]
-    for name in ("embedding", "head", "attention", "mlp", "total"):
-        lines.append(f"| {name} | {g[name]:,} | {100 * g[name] / g['total']:.1f}% |")
-    lines.append(f"\ntraining FLOPs per token: {model.estimate_flops():.4g}")
-    return "\n".join(lines)
-
 
 if __name__ == "__main__":
     parser = make_parser("Print the GPT parameter breakdown for the architecture flags (built on the meta device).")
@@ -471,4 +443,10 @@ if __name__ == "__main__":
     except ValueError as e:
         parser.error(str(e))
     print(cfg)
-    print(format_param_table(cfg))
+    with torch.device("meta"):
+        model = GPT(cfg)
+    g = model.num_params_by_group()
+    print("| group | parameters | share |\n| --- | ---: | ---: |")
+    for name in g:
+        print(f"| {name} | {g[name]:,} | {100 * g[name] / g['total']:.1f}% |")
+    print(f"\ntraining FLOPs per token: {model.estimate_flops():.4g}")

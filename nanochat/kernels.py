@@ -4,21 +4,11 @@ model file reads as the model. Each exists because the composed PyTorch version 
 or held more memory (figures in docs/benchmarks.md and docs/model.md); each is tested against the
 composed reference in tests/test_gpt.py.
 
-- causal_attention: the dispatcher the model's attention calls for plain causal attention (training, a
-  prefill into an empty cache). Compiled CPU training with gradients takes CausalAttentionRecompute
-  (below RECOMPUTE_ATTENTION_MAX_SCORES scores); everything else is F.scaled_dot_product_attention.
-- CausalAttentionRecompute: the CPU flash kernel's forward, and a backward that recomputes the
-  probabilities from the saved logsumexp with batched matmuls that inductor fuses: ~2x faster than the
-  flash kernel's own CPU backward, ~10% of a d6 fwd+bwd.
-- SoftcapCrossEntropy: per-token cross-entropy of softcap * tanh(logits / softcap) (loss_reduction
-  "none": evaluation, RL) without keeping an fp32 (tokens, vocab) tensor for the backward; tanh goes
-  through exp under torch.compile (inductor's CPU exp is ~2x faster than its tanh).
-- ChunkedHeadLoss: the training loss; the head matmul and the softcapped cross-entropy a chunk of token
-  rows at a time (head_chunk_rows), gradients computed in the forward, so the (tokens, vocab) logits
-  never exist whole (8.6 GB of bf16 logits at depth 20, batch 32 x 2048, vocab 65,536) and oneDNN runs
-  the head's matmuls ~2x faster on CPU.
-- _capped, _token_losses, _logit_grads: the softcap, the per-token losses and the logits' gradient
-  shared by the two loss functions.
+- causal_attention: plain causal attention (training, a prefill into an empty cache); compiled CPU
+  training with gradients takes CausalAttentionRecompute (~10% of a d6 fwd+bwd), everything else SDPA.
+- SoftcapCrossEntropy: the per-token losses (loss_reduction "none": evaluation, RL).
+- ChunkedHeadLoss: the training loss, the head matmul included, a chunk of token rows at a time.
+_capped, _token_losses and _logit_grads are the softcap, losses and logits' gradient both losses share.
 """
 import torch
 import torch.nn.functional as F
@@ -77,11 +67,10 @@ def _capped(logits, cap):
     """fp32 cap * tanh(logits / cap) (cap 0: the logits in fp32). Under torch.compile tanh is written as
     1 - 2 / (exp(2x) + 1): inductor's vectorized exp is ~2x faster than its tanh on CPU. In eager mode a
     fresh fp32 copy is made, so callers may modify the result in place."""
-    if not cap:
-        return logits.float() if torch.compiler.is_compiling() else logits.to(torch.float32, copy=True)
     if torch.compiler.is_compiling():
-        return cap - 2 * cap / (torch.exp(logits.float() * (2 / cap)) + 1)
-    return logits.to(torch.float32, copy=True).div_(cap).tanh_().mul_(cap)
+        return cap - 2 * cap / (torch.exp(logits.float() * (2 / cap)) + 1) if cap else logits.float()
+    z = logits.to(torch.float32, copy=True)
+    return z.div_(cap).tanh_().mul_(cap) if cap else z
 
 
 def _token_losses(logits, safe, valid, cap):
@@ -143,21 +132,16 @@ class SoftcapCrossEntropy(torch.autograd.Function):
         return _logit_grads(logits, safe, lse, scale, ctx.cap), None, None
 
 
-HEAD_CHUNK_ROWS = None  # token rows of (tokens, vocab) logits ChunkedHeadLoss holds at a time; None: by device
-
-
-def head_chunk_rows(device_type, vocab_size):
-    """CPU: 1,024 rows (oneDNN's fastest head matmuls, measured). Accelerators: ~2^29 logits a chunk (1 GiB
-    in bf16; 8,192 rows at vocab 65,536), so the head gradient's fp32 accumulation runs a few times a step."""
-    if HEAD_CHUNK_ROWS is not None:
-        return HEAD_CHUNK_ROWS
-    return 1024 if device_type == "cpu" else max(1024, 2 ** 29 // vocab_size)
+# Token rows of the (tokens, vocab) logits ChunkedHeadLoss holds at a time; None: by device. CPU: 1,024 rows
+# (oneDNN's fastest head matmuls, measured). Accelerators: ~2^29 logits a chunk (1 GiB in bf16; 8,192 rows at
+# vocab 65,536), so the head gradient's fp32 accumulation runs a few times a step.
+HEAD_CHUNK_ROWS = None
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """The head matmul and the (softcapped) cross-entropy, summed over the valid tokens, computed
-    head_chunk_rows() tokens at a time, with the gradients computed during the forward while each chunk's
-    logits are at hand (the backward only scales them by the upstream gradient). Why:
+    """The head matmul and the (softcapped) cross-entropy, summed over the valid tokens, computed a chunk
+    of tokens (HEAD_CHUNK_ROWS) at a time, with the gradients computed during the forward while each
+    chunk's logits are at hand (the backward only scales them by the upstream gradient). Why:
     - memory: the (tokens, vocab) logits never exist whole (depth 20 at batch 32 x 2048 tokens and vocab
       65536: 8.6 GB of bf16 logits plus their gradient, versus 1 GB a chunk);
     - speed on CPU: oneDNN runs the head's matmuls much faster on chunks of rows (measured 24 ms vs 54 ms
@@ -179,7 +163,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
             total = torch.zeros((), dtype=torch.float32, device=x.device)
             grad_x = torch.empty_like(x) if needs_grad else None
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
-            chunk = head_chunk_rows(device_type, weight.size(0))
+            chunk = HEAD_CHUNK_ROWS or (1024 if device_type == "cpu" else max(1024, 2 ** 29 // weight.size(0)))
             for start in range(0, x.size(0), chunk):
                 rows = slice(start, start + chunk)
                 xc = x[rows].to(dtype)

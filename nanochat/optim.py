@@ -14,10 +14,8 @@ across ranks as part of its own communication:
   Newton-Schulz orthogonalization (batched over its same-shape matrices), then broadcasts the values.
 So optimizer state differs per rank: checkpoint it per rank.
 Both use only reduce_scatter / all_gather (in place) / reduce / broadcast with SUM, which NCCL and gloo
-both support (gloo's reduce_scatter and in-place all_gather checked on torch 2.13, so no all_reduce
-fallback is needed). Gradients are summed and divided
-by world_size (ReduceOp.AVG is NCCL-only for some collectives). After step() the local .grad tensors
-hold partial sums and must not be reused: zero them as usual.
+both support (checked on torch 2.13), and divide by world_size (ReduceOp.AVG is NCCL-only for some
+collectives). After step() the local .grad tensors hold partial sums: zero them as usual.
 """
 import torch
 import torch.distributed as dist
@@ -31,15 +29,13 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 # AdamW
 
 @torch.no_grad()
-def adamw_update(p, grad, state, lr, beta1, beta2, eps, weight_decay):
-    """One AdamW step on p (a parameter or a shard of one) with decoupled weight decay."""
+def adamw_update(p, grad, state, group):
+    """One AdamW step on p (a parameter or a shard of one), decoupled weight decay, at its group's settings."""
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
+        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
     state["step"] += 1
-    t = state["step"]
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
     if weight_decay:
         p.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
@@ -55,10 +51,9 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is not None:
-                    adamw_update(p, p.grad, self.state[p], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                    adamw_update(p, p.grad, self.state[p], group)
 
 
 class DistAdamW(AdamW):
@@ -68,30 +63,26 @@ class DistAdamW(AdamW):
     def step(self):
         rank, world = dist.get_rank(), dist.get_world_size()
         jobs = []  # (group, p, grad_or_shard, work, owner): owner None means row-sharded
-        index = 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                grad = p.grad if p.grad is not None else torch.zeros_like(p)
-                if p.size(0) % world == 0:
-                    shard = torch.empty_like(grad[: p.size(0) // world])
-                    jobs.append((group, p, shard, _reduce_scatter(shard, grad, async_op=True), None))
-                else:
-                    owner = index % world
-                    jobs.append((group, p, grad, dist.reduce(grad, dst=owner, async_op=True), owner))
-                index += 1
+        params = [(group, p) for group in self.param_groups for p in group["params"]]
+        for index, (group, p) in enumerate(params):
+            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            if p.size(0) % world == 0:
+                shard = torch.empty_like(grad[: p.size(0) // world])
+                jobs.append((group, p, shard, _reduce_scatter(shard, grad, async_op=True), None))
+            else:
+                owner = index % world
+                jobs.append((group, p, grad, dist.reduce(grad, dst=owner, async_op=True), owner))
         gathers = []
         for group, p, grad, work, owner in jobs:
             work.wait()
-            beta1, beta2 = group["betas"]
-            hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
             if owner is None:
                 rows = p.size(0) // world
                 p_shard = p.data[rank * rows:(rank + 1) * rows]
-                adamw_update(p_shard, grad.div_(world), self.state[p], *hyper)
+                adamw_update(p_shard, grad.div_(world), self.state[p], group)
                 gathers.append(_all_gather(p.data, p_shard, async_op=True))  # in place: p_shard is a view of p
             else:
                 if owner == rank:
-                    adamw_update(p.data, grad.div_(world), self.state[p], *hyper)
+                    adamw_update(p.data, grad.div_(world), self.state[p], group)
                 gathers.append(dist.broadcast(p.data, src=owner, async_op=True))
         for work in gathers:
             work.wait()
@@ -126,21 +117,17 @@ def orthogonalize(G, steps=5):
     return X.mT if tall else X
 
 
-def momentum_update(grad, state, momentum, nesterov):
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grad)
-    buf = state["momentum_buffer"]
-    buf.lerp_(grad, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
-    return grad.lerp(buf, momentum) if nesterov else buf
-
-
 @torch.no_grad()
 def muon_apply(params, grads, states, group):
     """Momentum, orthogonalization (batched over same-shape matrices: the blocks' q/k/v/proj and MLP
     matrices come in a few shapes) and the scaled step for these parameters."""
-    by_shape = {}
+    by_shape, momentum = {}, group["momentum"]
     for p, g, st in zip(params, grads, states):
-        by_shape.setdefault(tuple(p.shape), []).append((p, momentum_update(g, st, group["momentum"], group["nesterov"])))
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(g)
+        buf = st["momentum_buffer"]
+        buf.lerp_(g, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
+        by_shape.setdefault(tuple(p.shape), []).append((p, g.lerp(buf, momentum) if group["nesterov"] else buf))
     for (rows, cols), items in by_shape.items():
         ortho = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"])
         # an orthogonal update has RMS ~1/sqrt(max dim); tall matrices get sqrt(rows/cols) more

@@ -16,6 +16,7 @@ Assembling never fails on missing, partial or unreadable sections: what is absen
 """
 import glob
 import importlib.metadata
+import itertools
 import json
 import math
 import os
@@ -23,11 +24,12 @@ import platform
 import re
 import shutil
 import subprocess
-import sys
 import time
 from datetime import datetime
 
-from nanochat.common import atomic_write_text, format_duration, get_base_dir, make_parser
+import torch
+
+from nanochat.common import atomic_write_text, format_duration, get_base_dir, make_parser, non_negative_float, str2bool
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_FILE = "_start.json"  # the reset stamp; a leading underscore can never be a section slug
@@ -87,9 +89,8 @@ def write_section(title, body, metrics=None):
     slug = slugify(title)
     if not slug or slug == "report":
         raise ValueError(f"section title {title!r} is not usable (its file name would be {slug or 'empty'!r})")
-    report_dir = get_report_dir()
-    path = os.path.join(report_dir, slug + ".md")
-    json_path = os.path.join(report_dir, slug + ".json")
+    path = os.path.join(get_report_dir(), slug + ".md")
+    json_path = path[:-3] + ".json"
     stamp = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     if metrics is not None:
         record = {"title": title, "timestamp": stamp, "metrics": _check_metrics(metrics)}
@@ -113,18 +114,13 @@ def read_section_metrics(title, report_dir=None):
 
 def find_metric(metrics, name):
     """metrics[name] matching names without case or punctuation; None when absent."""
-    wanted = _norm(name)
-    for k, v in metrics.items():
-        if _norm(k) == wanted:
-            return v
-    return None
+    return next((v for k, v in metrics.items() if _norm(k) == _norm(name)), None)
 
 # -----------------------------------------------------------------------------
 # Reset: a fresh report dir with the start time, so generate can tell the total wall time.
 
 def reset():
-    report_dir = get_report_dir()
-    shutil.rmtree(report_dir)
+    shutil.rmtree(get_report_dir())
     report_dir = get_report_dir()
     now = time.time()
     stamp = {"start_unix": now, "start_time": datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")}
@@ -143,8 +139,6 @@ def read_start(report_dir):
 # Environment: git, hardware, software, code size. Each part answers "unknown" rather than failing.
 
 def _run(cmd, cwd=REPO_ROOT):
-    if shutil.which(cmd[0]) is None:
-        return None
     try:
         r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
@@ -181,24 +175,10 @@ def hardware_info():
         info["memory_gib"] = psutil.virtual_memory().total / 2**30
     except Exception:
         pass
-    try:
-        import torch
-        if torch.cuda.is_available():
-            for i in range(torch.cuda.device_count()):
-                p = torch.cuda.get_device_properties(i)
-                info["gpus"].append((p.name, p.total_memory / 2**30))
-    except Exception:
-        pass
+    if torch.cuda.is_available():
+        props = map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))
+        info["gpus"] = [(p.name, p.total_memory / 2**30) for p in props]
     return info
-
-
-def software_info():
-    try:
-        import torch
-        torch_version = torch.__version__
-    except Exception:
-        torch_version = "unknown"
-    return {"python": platform.python_version(), "torch": torch_version, "platform": platform.platform()}
 
 
 def project_dependencies(pyproject_path):
@@ -268,36 +248,25 @@ def list_sections(report_dir):
 
 def load_all_metrics(report_dir):
     """{slug: metrics} of every readable <slug>.json."""
-    out = {}
-    for path in glob.glob(os.path.join(report_dir, "*.json")):
-        name = os.path.basename(path)
-        if name.startswith("_"):
-            continue
-        metrics = read_section_metrics(name[:-5], report_dir)  # slugify(slug) == slug
-        if metrics:
-            out[name[:-5]] = metrics
-    return out
+    slugs = [os.path.basename(p)[:-5] for p in glob.glob(os.path.join(report_dir, "*.json"))]
+    metrics = {s: read_section_metrics(s, report_dir) for s in slugs if not s.startswith("_")}  # slugify(slug) == slug
+    return {s: m for s, m in metrics.items() if m}
 
 
 def summary_values(all_metrics):
     """{metric: {stage: value}} for SUMMARY_METRICS; later sections of a stage override earlier ones."""
     table = {m: {} for m in SUMMARY_METRICS}
     for stage, titles in STAGE_SECTIONS.items():
-        for title in titles:
-            metrics = all_metrics.get(slugify(title), {})
-            for m in SUMMARY_METRICS:
-                v = find_metric(metrics, m)
-                if v is not None:
-                    table[m][stage] = v
+        for title, m in itertools.product(titles, SUMMARY_METRICS):
+            if (v := find_metric(all_metrics.get(slugify(title), {}), m)) is not None:
+                table[m][stage] = v
     return table
 
 
 def _fmt(v):
-    if v is None:
-        return "-"
     if isinstance(v, float):
         return "-" if math.isnan(v) else f"{v:.4f}"
-    return str(v)
+    return "-" if v is None else str(v)
 
 
 def summary_markdown(all_metrics, wall_seconds):
@@ -319,18 +288,18 @@ def cost_markdown(all_metrics, gpu_hour_cost, wall_seconds, num_gpus):
     if recorded:
         hours = sum(recorded.values())
         parts = ", ".join(f"{k} {v:.2f}" for k, v in sorted(recorded.items()))
-        return (f"- GPU-hours recorded by the stages: {hours:.2f} ({parts})\n"
-                f"- Estimated cost at {rate}: ${hours * gpu_hour_cost:,.2f}")
-    if num_gpus and wall_seconds is not None:
+        source = f"- GPU-hours recorded by the stages: {hours:.2f} ({parts})"
+    elif num_gpus and wall_seconds is not None:
         hours = num_gpus * wall_seconds / 3600
-        return (f"- No stage recorded GPU-hours; wall time x {num_gpus} GPU(s) = {hours:.2f} GPU-hours\n"
-                f"- Estimated cost at {rate}: ${hours * gpu_hour_cost:,.2f}")
-    return "- unknown: no stage recorded GPU-hours (metric `gpu_hours`) and no GPU run was timed"
+        source = f"- No stage recorded GPU-hours; wall time x {num_gpus} GPU(s) = {hours:.2f} GPU-hours"
+    else:
+        return "- unknown: no stage recorded GPU-hours (metric `gpu_hours`) and no GPU run was timed"
+    return f"{source}\n- Estimated cost at {rate}: ${hours * gpu_hour_cost:,.2f}"
 
 # -----------------------------------------------------------------------------
 # Assembling report.md
 
-def header_markdown(start, now, hw, sw, git, code):
+def header_markdown(start, now, hw, git, code):
     cores = f"{hw['logical_cores']} logical"
     if hw["physical_cores"]:
         cores = f"{hw['physical_cores']} physical / {cores}"
@@ -348,7 +317,7 @@ def header_markdown(start, now, hw, sw, git, code):
         f"- CPU: {hw['cpu']} ({cores} cores)",
         f"- GPUs: {len(hw['gpus'])} x {gpus}" if hw["gpus"] else "- GPUs: none",
         f"- Memory: {memory}",
-        f"- Software: Python {sw['python']}, PyTorch {sw['torch']}, {sw['platform']}",
+        f"- Software: Python {platform.python_version()}, PyTorch {torch.__version__}, {platform.platform()}",
         f"- Code: {code['lines']:,} lines in {code['files']:,} files, {code['chars']:,} characters"
         + (f" (lines by type: {exts})" if exts else ""),
         f"- Dependencies: {deps} (pyproject.toml [project].dependencies)",
@@ -364,7 +333,7 @@ def generate(gpu_hour_cost=DEFAULT_GPU_HOUR_COST, all_logs=False, plots=True):
     wall = None if start is None else now - start
     hw = hardware_info()
     all_metrics = load_all_metrics(report_dir)
-    parts = [header_markdown(start, now, hw, software_info(), git_info(), code_size()), "",
+    parts = [header_markdown(start, now, hw, git_info(), code_size()), "",
              "## Cost", "", cost_markdown(all_metrics, gpu_hour_cost, wall, len(hw["gpus"])), ""]
     for slug in list_sections(report_dir):
         try:
@@ -396,21 +365,19 @@ def main(argv=None):
     sub = p.add_subparsers(dest="command", required=True, metavar="{generate,reset}")
     g = sub.add_parser("generate", help="assemble report.md and plots from the sections written so far",
                        formatter_class=p.formatter_class, allow_abbrev=False)
-    g.add_argument("--gpu-hour-cost", type=float, default=DEFAULT_GPU_HOUR_COST,
+    g.add_argument("--gpu-hour-cost", type=non_negative_float, default=DEFAULT_GPU_HOUR_COST,
                    help="$ per GPU-hour for the cost estimate (the default is an H100 assumption)")
-    g.add_argument("--all-logs", action="store_true",
+    g.add_argument("--all-logs", type=str2bool, default=False,
                    help="plot every training log found, not only those written since the last reset")
-    g.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    g.add_argument("--plots", type=str2bool, default=True, help="draw the PNG plots (--no-plots skips them)")
     sub.add_parser("reset", help="clear the report dir and stamp the start time", formatter_class=p.formatter_class,
                    allow_abbrev=False)
     args = p.parse_args(argv)
     if args.command == "reset":
         print(f"report reset: {reset()}")
     else:
-        if not (args.gpu_hour_cost >= 0 and math.isfinite(args.gpu_hour_cost)):
-            g.error(f"argument --gpu-hour-cost: must be a non-negative number, got {args.gpu_hour_cost}")
-        print(f"report written: {generate(args.gpu_hour_cost, args.all_logs, plots=not args.no_plots)}")
+        print(f"report written: {generate(args.gpu_hour_cost, args.all_logs, args.plots)}")
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

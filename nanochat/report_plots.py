@@ -9,9 +9,8 @@ import glob
 import json
 import os
 
+from nanochat.checkpoint import SOURCES
 from nanochat.report import slugify
-
-LOG_STAGES = ("base", "mid", "sft", "rl")  # the <stage>_checkpoints folders searched for logs
 
 
 def read_log(path):
@@ -33,12 +32,9 @@ def read_log(path):
 
 def find_logs(base_dir, since=None):
     """[(stage, model_tag, path)] of training logs, modified at or after `since` when given."""
-    out = []
-    for stage in LOG_STAGES:
-        for path in sorted(glob.glob(os.path.join(base_dir, f"{stage}_checkpoints", "*", "log.jsonl"))):
-            if since is None or os.path.getmtime(path) >= since:
-                out.append((stage, os.path.basename(os.path.dirname(path)), path))
-    return out
+    return [(stage, os.path.basename(os.path.dirname(path)), path) for stage in SOURCES
+            for path in sorted(glob.glob(os.path.join(base_dir, f"{stage}_checkpoints", "*", "log.jsonl")))
+            if since is None or os.path.getmtime(path) >= since]
 
 
 def _series(records, x, y):
@@ -65,8 +61,7 @@ def plot_run(records, title, out_path):
         if xs:
             label = "train loss (smoothed)" if train_key == "smooth_loss" else "train loss"
             handles += ax.plot(xs, ys, color="tab:blue", lw=1.5, label=label)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("train loss (nats/token)")
+        ax.set(xlabel=xlabel, ylabel="train loss (nats/token)", title=f"loss vs {xlabel}")
         ax.grid(alpha=0.3)
         xs, ys = _series(records, x, val_key)
         if xs:
@@ -76,12 +71,9 @@ def plot_run(records, title, out_path):
             ax2.set_ylabel(f"validation {'bits/byte' if val_key == 'val_bpb' else 'loss'}")
         if handles:
             ax.legend(handles=handles, loc="upper right", fontsize=8)
-        ax.set_title(f"loss vs {xlabel}")
     xs, ys = _series(records, "step", "lrm")
     axes[2].plot(xs, ys, color="tab:green")
-    axes[2].set_xlabel("step")
-    axes[2].set_ylabel("LR multiplier")
-    axes[2].set_title("learning-rate schedule")
+    axes[2].set(xlabel="step", ylabel="LR multiplier", title="learning-rate schedule")
     axes[2].grid(alpha=0.3)
     fig.suptitle(title)
     fig.savefig(out_path)

@@ -10,7 +10,6 @@ scripts.plan prices; the reference takes base_train's architecture flags, at tin
     python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=2e13
 """
 import os
-import sys
 
 from nanochat.common import make_parser, positive_int, print0
 from nanochat.gpt import MODEL_FLAGS, add_model_flags, model_flags, planned_changes
@@ -18,11 +17,11 @@ from nanochat.gpt import MODEL_FLAGS, add_model_flags, model_flags, planned_chan
 TINY_SCALE = dict(depth=4, head_dim=64, max_seq_len=256)  # the ablation's reference architecture flags
 
 
-def flag_value(v):
-    """A flag value as base_train's parser reads it, as people write it: true/false, 3 for 3.0, 2.5."""
-    if isinstance(v, bool):
-        return str(v).lower()
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+def flag(dest, v):
+    """One flag as base_train's parser reads it, as people write it: --tie-embeddings=true, --mlp-ratio=3, 2.5."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return f"--{dest.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
 
 
 def variants(seq_len, reference=None):
@@ -32,11 +31,11 @@ def variants(seq_len, reference=None):
     default: their tiny-scale defaults at --max-seq-len=seq_len)."""
     reference = reference or {**vars(model_flags(**TINY_SCALE)), "max_seq_len": seq_len}
     return [("reference", [])] + [
-        (label, [f"--{k.replace('_', '-')}={flag_value(v)}" for k, v in change.items() if v != reference[k]])
+        (label, [flag(k, v) for k, v in change.items() if v != reference[k]])
         for label, change in planned_changes(seq_len)]
 
 
-def build_parser():
+def get_args(argv=None):
     p = make_parser(__doc__)
     p.add_argument("--data", default=None, help="data spec PATH[:WEIGHT],... (default: the reference shards)")
     add_model_flags(p.add_argument_group("reference architecture (the flags of scripts.base_train, at tiny scale)"),
@@ -46,18 +45,13 @@ def build_parser():
     p.add_argument("--device-batch-size", type=positive_int, default=8)
     p.add_argument("--eval-tokens", type=positive_int, default=65536)
     p.add_argument("--only", default="", help="'|'-separated labels to run (default: all)")
-    return p
+    return p.parse_args(argv)
 
 
-def get_args(argv=None):
-    return build_parser().parse_args(argv)
-
-
-def plot(rows, path):
+def plot(rows, ref, path):
+    """A bar per variant, the reference's value as a dashed line; None without matplotlib."""
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        from matplotlib.figure import Figure
+        from matplotlib.figure import Figure  # the object API draws with Agg and touches no global state
     except ImportError:
         return None
     fig = Figure(figsize=(8, 0.45 * len(rows) + 1.2))
@@ -65,7 +59,6 @@ def plot(rows, path):
     labels = [r["label"] for r in rows][::-1]
     values = [r["val_bpb"] for r in rows][::-1]
     ax.barh(labels, values, color=["#4a7" if l != "reference" else "#888" for l in labels])
-    ref = next(r["val_bpb"] for r in rows if r["label"] == "reference") if any(r["label"] == "reference" for r in rows) else None
     if ref is not None:
         ax.axvline(ref, color="k", lw=0.8, ls="--")
     lo = min(values)
@@ -83,21 +76,20 @@ def main(argv=None):
     only = set(args.only.split("|")) if args.only else None
     rows = []
     reference = {k: getattr(args, k) for k in MODEL_FLAGS}
+    common = [flag(k, v) for k, v in reference.items()]
+    common += [f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
+               f"--eval-tokens={args.eval_tokens}", "--eval-every=-1", "--sample-every=-1", "--core-metric-every=-1"]
+    if args.data:
+        common.append(f"--data={args.data}")
     for label, flags in variants(args.max_seq_len, reference):
         if only and label not in only:
             continue
         print0(f"=== {label}: {' '.join(flags) or '(reference)'}")
         tag = "ablate-" + "".join(c if c.isalnum() else "-" for c in label.lower())
-        common = [f"--{k.replace('_', '-')}={flag_value(v)}" for k, v in reference.items()]
-        common += [f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
-                   f"--device-batch-size={args.device_batch_size}", f"--eval-tokens={args.eval_tokens}",
-                   "--eval-every=-1", "--sample-every=-1", "--core-metric-every=-1", f"--model-tag={tag}"]
-        if args.data:
-            common.append(f"--data={args.data}")
         # a shorter context keeps the tokens per step: more rows per batch
         seq = next((int(f.split("=")[1]) for f in flags if f.startswith("--max-seq-len=")), args.max_seq_len)
-        extra = [f"--device-batch-size={args.device_batch_size * args.max_seq_len // seq}"]
-        out = base_train.main(common + flags + extra)
+        rows_per_batch = args.device_batch_size * args.max_seq_len // seq
+        out = base_train.main(common + [f"--model-tag={tag}"] + flags + [f"--device-batch-size={rows_per_batch}"])
         rows.append({"label": label, "flags": " ".join(flags), "val_bpb": out["val_bpb"], "steps": out["steps"]})
     if not rows:
         raise SystemExit(f"--only={args.only!r} matches no variant")
@@ -108,7 +100,7 @@ def main(argv=None):
         lines.append(f"| {r['label']} | `{r['flags'] or '-'}` | {r['steps']} | {r['val_bpb']:.4f} | {delta} |")
     table = "\n".join(lines)
     print0(table)
-    png = plot(rows, os.path.join(get_report_dir(), "ablation.png"))
+    png = plot(rows, ref, os.path.join(get_report_dir(), "ablation.png"))
     body = (f"Equal training FLOPs ({args.target_flops:.2e}) per run, depth {args.depth}, reference context "
             f"{args.max_seq_len}, data `{args.data or 'reference shards'}`. Validation bpb on held-out text.\n\n{table}")
     if png:
@@ -118,4 +110,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

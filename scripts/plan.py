@@ -21,18 +21,14 @@ import sys
 
 import torch
 
-from nanochat.common import gpu_peak_flops, make_parser, positive_float, positive_int, str2bool
-from nanochat.gpt import MODEL_FLAGS as ALL_MODEL_FLAGS, add_model_flags, config_from_flags, planned_changes
+from nanochat.common import (GPU_PEAK_BF16_FLOPS, gpu_peak_flops, make_parser, non_negative_float, positive_float,
+                             positive_int, str2bool)
+from nanochat.gpt import GPT, MODEL_FLAGS as ALL_MODEL_FLAGS, add_model_flags, config_from_flags, planned_changes
 
-# --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak)
-GPU_NAMES = {
-    "h100": "H100", "h100-pcie": "H100 PCIe", "h200": "H200", "h800": "H800", "a100": "A100", "a800": "A800",
-    "b200": "B200", "gb200": "GB200", "l40s": "L40S", "l40": "L40", "l4": "L4", "a10g": "A10G", "a10": "A10",
-    "rtx4090": "RTX 4090", "rtx3090": "RTX 3090", "v100": "V100", "t4": "T4",
-}
+# --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak): h100-pcie, rtx4090
+GPU_NAMES = {name.lower().replace(" pcie", "-pcie").replace(" ", ""): name for name, _ in GPU_PEAK_BF16_FLOPS}
 DEFAULT_CHARS_PER_TOKEN = 4.8  # the reference 65,536-token tokenizer on FineWeb-EDU text
 DEFAULT_CHARS_PER_SHARD = 250e6  # one reference FineWeb-EDU parquet shard holds about 250M characters
-KV_BYTES_PER_ELEMENT = 2  # bf16 cache
 MODEL_FLAGS = tuple(f for f in ALL_MODEL_FLAGS if f != "depth")  # the depth is swept (--depths)
 
 
@@ -64,7 +60,8 @@ def build_parser():
     g.add_argument("--reserve", type=float, default=0.15,
                    help="fraction of --hours kept for tokenizer, evals, midtraining and SFT; base training gets the rest")
     g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (a measured one when you have it)")
-    g.add_argument("--gpu-hour-cost", type=float, default=3.0, help="$ per GPU-hour (the default is an H100 assumption)")
+    g.add_argument("--gpu-hour-cost", type=non_negative_float, default=3.0,
+                   help="$ per GPU-hour (the default is an H100 assumption)")
     g.add_argument("--depths", type=parse_depths, default="8:40:2", help="START:STOP[:STEP] or a list")
     g = p.add_argument_group("model (the flags of scripts.base_train)")
     g.add_argument("--vocab-size", type=positive_int, default=65536, help="tokenizer vocabulary")
@@ -87,8 +84,6 @@ def get_args(argv=None):
         p.error(f"argument --mfu: must be in (0, 1], got {args.mfu}")
     if not 0 <= args.reserve < 1:
         p.error(f"argument --reserve: must be in [0, 1), got {args.reserve}")
-    if not (args.gpu_hour_cost >= 0 and math.isfinite(args.gpu_hour_cost)):
-        p.error(f"argument --gpu-hour-cost: must be a non-negative number, got {args.gpu_hour_cost}")
     return args
 
 # -----------------------------------------------------------------------------
@@ -100,22 +95,8 @@ def make_config(args, depth, **overrides):
     return config_from_flags(ns, args.vocab_size)
 
 
-def measure_model(config):
-    """(parameters by group, training FLOPs per token), from the model itself on the meta device."""
-    from nanochat.gpt import GPT
-    with torch.device("meta"):
-        model = GPT(config)
-    return model.num_params_by_group(), model.estimate_flops()
-
-
-def kv_cache_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_element=KV_BYTES_PER_ELEMENT):
+def kv_cache_bytes_per_token(n_layer, n_kv_head, head_dim, bytes_per_element=2):  # a bf16 cache
     return 2 * n_layer * n_kv_head * head_dim * bytes_per_element  # K and V, every layer
-
-
-def training_horizon(total_params, ratio, total_batch_size):
-    """(steps, tokens) exactly as base_train sets them from --target-param-data-ratio."""
-    steps = max(1, round(ratio * total_params / total_batch_size))
-    return steps, steps * total_batch_size
 
 
 def training_hours(total_flops, gpus, peak_flops, mfu):
@@ -129,11 +110,7 @@ def data_needed(tokens, chars_per_token, chars_per_shard):
 
 
 def peak_flops_for(args):
-    if args.peak_tflops:
-        return args.peak_tflops * 1e12
-    peak = gpu_peak_flops(GPU_NAMES[args.gpu])
-    assert peak is not None, f"nanochat.common.GPU_PEAK_BF16_FLOPS lacks {GPU_NAMES[args.gpu]}"
-    return peak
+    return args.peak_tflops * 1e12 if args.peak_tflops else gpu_peak_flops(GPU_NAMES[args.gpu])
 
 
 def resolve_chars_per_token(flag):
@@ -166,8 +143,12 @@ class Plan:
 
 
 def plan_config(args, config, peak_flops, chars_per_token):
-    params, flops_per_token = measure_model(config)
-    steps, tokens = training_horizon(params["total"], args.target_param_data_ratio, args.total_batch_size)
+    with torch.device("meta"):  # the model itself, without memory or weights
+        model = GPT(config)
+    params, flops_per_token = model.num_params_by_group(), model.estimate_flops()
+    # the horizon exactly as base_train sets it from --target-param-data-ratio
+    steps = max(1, round(args.target_param_data_ratio * params["total"] / args.total_batch_size))
+    tokens = steps * args.total_batch_size
     total_flops = flops_per_token * tokens
     hours = training_hours(total_flops, args.gpus, peak_flops, args.mfu)
     chars, shards = data_needed(tokens, chars_per_token, args.chars_per_shard)
@@ -176,17 +157,20 @@ def plan_config(args, config, peak_flops, chars_per_token):
                 hours * args.gpus * args.gpu_hour_cost, chars, shards)
 
 
+def plan_or_error(args, depth, peak_flops, chars_per_token, **overrides):
+    """The Plan of these flags (with `overrides`) at `depth`, or why they give no valid model (a string)."""
+    try:
+        config = make_config(args, depth, **overrides)
+    except ValueError as e:
+        return str(e)
+    return plan_config(args, config, peak_flops, chars_per_token)
+
+
 def plan_depths(args, depths, peak_flops, chars_per_token):
     """([Plan] for the depths the flags allow, {depth: why not} for the others)."""
-    plans, invalid = [], {}
-    for depth in depths:
-        try:
-            config = make_config(args, depth)
-        except ValueError as e:
-            invalid[depth] = str(e)
-            continue
-        plans.append(plan_config(args, config, peak_flops, chars_per_token))
-    return plans, invalid
+    results = {depth: plan_or_error(args, depth, peak_flops, chars_per_token) for depth in depths}
+    return ([p for p in results.values() if not isinstance(p, str)],
+            {depth: p for depth, p in results.items() if isinstance(p, str)})
 
 
 def base_hours_budget(args):
@@ -195,8 +179,7 @@ def base_hours_budget(args):
 
 def choose_depth(plans, budget_hours):
     """The largest planned depth whose base training fits in `budget_hours`, or None."""
-    fitting = [p for p in plans if p.hours <= budget_hours]
-    return max(fitting, key=lambda p: p.depth) if fitting else None
+    return max((p for p in plans if p.hours <= budget_hours), key=lambda p: p.depth, default=None)
 
 
 def compare_changes(args, depth, peak_flops, chars_per_token):
@@ -208,24 +191,14 @@ def compare_changes(args, depth, peak_flops, chars_per_token):
     variants = [("reference", {})] + planned_changes(reference["max_seq_len"], context_label="seq")
     if yours != reference and yours != {**reference, **variants[-1][1]}:
         variants.append(("your flags", yours))
-    rows = []
-    for label, change in variants:
-        try:
-            config = make_config(args, depth, **{**reference, **change})
-        except ValueError as e:
-            rows.append((label, str(e)))
-            continue
-        rows.append((label, plan_config(args, config, peak_flops, chars_per_token)))
-    return rows
+    return [(label, plan_or_error(args, depth, peak_flops, chars_per_token, **{**reference, **change}))
+            for label, change in variants]
 
 
 def base_train_command(args, depth):
     defaults = build_parser().parse_args([])
-    flags = [f"--depth={depth}"]
-    for k in MODEL_FLAGS:
-        v = getattr(args, k)
-        if v != getattr(defaults, k):
-            flags.append(f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}")
+    flags = [f"--depth={depth}"] + [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
+                                    for k in MODEL_FLAGS if (v := getattr(args, k)) != getattr(defaults, k)]
     flags += [f"--target-param-data-ratio={args.target_param_data_ratio:g}", f"--total-batch-size={args.total_batch_size}",
               "--device-batch-size=auto"]
     launcher = f"torchrun --standalone --nproc_per_node={args.gpus} -m scripts.base_train --" if args.gpus > 1 \
@@ -235,11 +208,11 @@ def base_train_command(args, depth):
 # -----------------------------------------------------------------------------
 # Printing
 
-def human(n, unit=""):
+def human(n):
     for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if abs(n) >= div:
-            return f"{n / div:.2f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
+            return f"{n / div:.2f}{suffix}"
+    return f"{n:.0f}"
 
 
 def human_bytes(n):

@@ -11,13 +11,12 @@ tasks also carry conversation["letters"], and the assistant's reply is the gold 
 Training mixes tasks with tasks.mixtures (weights per stage, held-out slices, decontamination).
 """
 import functools
-import gzip
-import json
 import os
 import random
 
 # the conversation format and its one validator (shared with the tokenizer and the web server), re-exported:
 # the tasks check their data files with it (strict, the default)
+from nanochat.common import read_jsonl  # noqa: F401  (the tasks read their rows with it)
 from nanochat.conversation import content_text, validate_conversation  # noqa: F401
 
 # -----------------------------------------------------------------------------
@@ -41,27 +40,6 @@ def data_path(*parts, path=None, what="task data"):
             f"folder holding {'/'.join(parts) or 'it'}, or fetch it with `python -m tasks.download`.")
     return full
 
-
-def read_jsonl(path, check=None, expected="a valid row"):
-    """List of the JSON objects in a .jsonl or .jsonl.gz file, each passing check(row) when given: a false
-    result means the row is not `expected`, a ValueError says what is wrong. Errors name the file and line."""
-    rows = []
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            try:
-                ok = check is None or check(row)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            if not ok:
-                raise ValueError(f"{path}:{lineno}: expected {expected}")
-            rows.append(row)
-    return rows
 
 # -----------------------------------------------------------------------------
 # Multiple choice
