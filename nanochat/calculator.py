@@ -26,6 +26,7 @@ arithmetic step is cheap; and each string method is linear in strings no longer 
 """
 import ast
 import math
+import operator
 import re
 
 MAX_INPUT_CHARS = 300
@@ -33,9 +34,10 @@ MAX_INT_BITS = 512           # about 154 decimal digits
 MAX_POW_EXPONENT = 1024      # for floats; ints are bounded by MAX_INT_BITS instead
 FLOAT_SIG_DIGITS = 12        # results are rounded to this many significant digits
 
-_STR_METHODS = {"count", "find", "startswith", "endswith", "upper", "lower", "strip"}
+_STR_METHODS = {"count": 1, "find": 1, "startswith": 1, "endswith": 1, "upper": 0, "lower": 0, "strip": 0}  # -> arguments
 _FUNCTIONS = {"len", "abs", "round"}
-_BINOPS = (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv, ast.Mod, ast.Pow)
+_BINOPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
 _STRING_LITERAL = re.compile(r"""("[^"\\]*(?:\\.[^"\\]*)*"|'[^'\\]*(?:\\.[^'\\]*)*')""")
 _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 
@@ -65,16 +67,13 @@ def _binop(op, a, b):
                 raise Refused("power too large")
         elif abs(b) > MAX_POW_EXPONENT:
             raise Refused("exponent too large")
-        result = a ** b
-        if isinstance(result, complex):  # e.g. (-8) ** (1/3)
-            raise Refused("complex result")
-        return _check_number(result)
-    if isinstance(op, ast.Mult) and isinstance(a, int) and isinstance(b, int):
+    elif isinstance(op, ast.Mult) and isinstance(a, int) and isinstance(b, int):
         if a.bit_length() + b.bit_length() > MAX_INT_BITS + 1:
             raise Refused("product too large")
-    ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b, ast.Div: lambda: a / b,
-           ast.FloorDiv: lambda: a // b, ast.Mod: lambda: a % b}
-    return _check_number(ops[type(op)]())
+    result = _BINOPS[type(op)](a, b)
+    if isinstance(result, complex):  # e.g. (-8) ** (1/3)
+        raise Refused("complex result")
+    return _check_number(result)
 
 
 def _call(node):
@@ -88,7 +87,7 @@ def _call(node):
         if func.id == "abs" and len(args) == 1 and _is_number(args[0]):
             return abs(args[0])
         if func.id == "round" and len(args) in (1, 2) and _is_number(args[0]):
-            if len(args) == 2 and not (isinstance(args[1], int) and not isinstance(args[1], bool) and abs(args[1]) <= 20):
+            if len(args) == 2 and not (isinstance(args[1], int) and abs(args[1]) <= 20):  # _eval gives no bools
                 raise Refused("round() digits must be a small int")
             return _check_number(round(*args))
         raise Refused(f"bad arguments to {func.id}()")
@@ -96,22 +95,18 @@ def _call(node):
             and isinstance(func.value, ast.Constant) and isinstance(func.value.value, str)):
         if not all(isinstance(a, str) for a in args):
             raise Refused("string methods take string arguments")
-        if func.attr in ("count", "find", "startswith", "endswith") and len(args) != 1:
-            raise Refused(f"{func.attr}() takes one argument")
-        if func.attr in ("upper", "lower", "strip") and args:
-            raise Refused(f"{func.attr}() takes no arguments")
+        if len(args) != _STR_METHODS[func.attr]:
+            raise Refused(f"{func.attr}() takes {_STR_METHODS[func.attr]} argument(s)")
         return getattr(func.value.value, func.attr)(*args)
     raise Refused("call not allowed")
 
 
 def _eval(node):
-    if isinstance(node, ast.Expression):
-        return _eval(node.body)
-    if isinstance(node, ast.Constant):
-        if _is_number(node.value) or isinstance(node.value, str):
-            return _check_number(node.value) if _is_number(node.value) else node.value
-        raise Refused(f"constant {node.value!r} not allowed")
-    if isinstance(node, ast.BinOp) and isinstance(node.op, _BINOPS):
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.Constant) and _is_number(node.value):
+        return _check_number(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
         return _binop(node.op, _eval(node.left), _eval(node.right))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
         x = _eval(node.operand)
@@ -131,27 +126,17 @@ def _drop_thousands_commas(expr):
 
 def format_result(x):
     """Integers without '.0', floats to FLOAT_SIG_DIGITS significant digits, strings as they are."""
-    if isinstance(x, bool):
+    if not isinstance(x, float):
         return str(x)
-    if isinstance(x, int):
-        return str(x)
-    if isinstance(x, float):
-        x = float(f"{x:.{FLOAT_SIG_DIGITS}g}")
-        if x.is_integer() and abs(x) < 1e15:
-            return str(int(x))
-        return repr(x)
-    return str(x)
+    x = float(f"{x:.{FLOAT_SIG_DIGITS}g}")
+    return str(int(x)) if x.is_integer() and abs(x) < 1e15 else repr(x)
 
 
 def evaluate(expr):
-    """The value of `expr`, or raise Refused / ArithmeticError / SyntaxError."""
-    if not isinstance(expr, str):
-        raise Refused("expression must be a string")
+    """The value of the string `expr`, or raise Refused / ArithmeticError / SyntaxError."""
     if len(expr) > MAX_INPUT_CHARS:
         raise Refused(f"expression longer than {MAX_INPUT_CHARS} characters")
-    expr = _drop_thousands_commas(expr.strip())
-    tree = ast.parse(expr, mode="eval")
-    return _eval(tree)
+    return _eval(ast.parse(_drop_thousands_commas(expr.strip()), mode="eval").body)
 
 
 def use_calculator(expr):

@@ -15,6 +15,8 @@ through the model like any token so the cache stays consistent).
 """
 import threading
 from collections import deque
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -79,10 +81,8 @@ class KVCache:
         if B != self.batch_size or H != self.num_kv_heads or D != self.head_dim:
             raise ValueError(f"KVCache: got keys of shape {tuple(k.shape)}, cache holds batch {self.batch_size}, "
                              f"{self.num_kv_heads} kv heads, head_dim {self.head_dim}")
-        pos = self.pos
-        end = pos + t
-        if end > self.kv.size(4):
-            self._ensure_capacity(end)
+        pos, end = self.pos, self.pos + t
+        self._ensure_capacity(end)
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         keys.narrow(2, pos, t).copy_(k)
         values.narrow(2, pos, t).copy_(v)
@@ -92,8 +92,6 @@ class KVCache:
 
     def prefill(self, other):
         """Copy a batch-1 cache (e.g. a prompt prefilled once) into every row of this cache."""
-        if not isinstance(other, KVCache):
-            raise TypeError(f"KVCache.prefill expects a KVCache, got {type(other).__name__}")
         if (other.num_layers, other.num_kv_heads, other.head_dim) != (self.num_layers, self.num_kv_heads, self.head_dim):
             raise ValueError("KVCache.prefill: caches differ in layers, kv heads or head_dim")
         if other.batch_size != 1 and other.batch_size != self.batch_size:
@@ -152,24 +150,14 @@ def greedy_samples(model, tokenizer, prompts, max_tokens=16):
 # Per-row state: stopping and the calculator
 
 
+@dataclass(slots=True)
 class RowState:
     """One sample's progress: done, the python expression being collected, tokens waiting to be forced."""
-    __slots__ = ("done", "last", "in_python", "expr", "forced")
-
-    def __init__(self):
-        self.done = False
-        self.last = None
-        self.in_python = False
-        self.expr = []
-        self.forced = deque()
-
-
-def _optional_special(tokenizer, name):
-    """A special token's id, or None when this tokenizer does not have it (then that feature is off)."""
-    try:
-        return tokenizer.encode_special(name)
-    except (ValueError, KeyError):
-        return None
+    done: bool = False
+    last: int | None = None
+    in_python: bool = False
+    expr: list = field(default_factory=list)
+    forced: deque = field(default_factory=deque)
 
 
 class _InductorSettings:
@@ -220,7 +208,12 @@ class Engine:
         self.compile = bool(compile)
         self._decode_model = None  # the compiled model, made on first use (compile=True)
         self._frozen_versions = None
-        special = lambda name: _optional_special(tokenizer, name)
+
+        def special(name):  # None when the tokenizer lacks the token: then its feature is off
+            try:
+                return tokenizer.encode_special(name)
+            except (ValueError, KeyError):
+                return None
         self.stop_tokens = frozenset(t for t in (special("<|assistant_end|>"), special("<|bos|>")) if t is not None)
         self.python_start, self.python_end = special("<|python_start|>"), special("<|python_end|>")
         self.output_start, self.output_end = special("<|output_start|>"), special("<|output_end|>")
@@ -238,9 +231,9 @@ class Engine:
         vocab = self.model.config.vocab_size
         if not tokens:
             raise ValueError("generate: the prompt is empty (give at least one token, e.g. <|bos|>)")
-        if not all(is_int(t) and 0 <= t < vocab for t in tokens):
-            bad = next(t for t in tokens if not (is_int(t) and 0 <= t < vocab))
-            raise ValueError(f"generate: prompt token {bad!r} is not an id in [0, {vocab})")
+        for t in tokens:
+            if not (is_int(t) and 0 <= t < vocab):
+                raise ValueError(f"generate: prompt token {t!r} is not an id in [0, {vocab})")
         if not is_int(num_samples) or num_samples <= 0:
             raise ValueError(f"generate: num_samples must be a positive int, got {num_samples!r}")
         if max_tokens is None:  # until every row is done, at most up to the model's context length
@@ -304,14 +297,13 @@ class Engine:
 
         # prefill the prompt once at batch 1, then replicate it into num_samples rows. Room for a reply of
         # up to the context length is preallocated; a longer one grows the cache (doubling) as it goes.
+        new_cache = partial(KVCache, num_kv_heads=config.n_kv_head, head_dim=config.head_dim, num_layers=config.n_layer,
+                            dtype=cache_dtype, device=device)
         capacity = len(tokens) + min(max_tokens, config.sequence_len)
-        cache_args = (config.n_kv_head, capacity if num_samples == 1 else len(tokens), config.head_dim, config.n_layer)
-        cache = KVCache(1, *cache_args, dtype=cache_dtype, device=device)
+        cache = new_cache(1, seq_len=capacity if num_samples == 1 else len(tokens))
         logits = forward(model, torch.tensor([tokens], dtype=torch.long, device=device), cache, last_only=True)
         if num_samples > 1:
-            prompt_cache = cache
-            cache = KVCache(num_samples, config.n_kv_head, capacity, config.head_dim, config.n_layer,
-                            dtype=cache_dtype, device=device)
+            prompt_cache, cache = cache, new_cache(num_samples, seq_len=capacity)
             cache.prefill(prompt_cache)
             del prompt_cache
             logits = logits.expand(num_samples, -1)
@@ -391,17 +383,12 @@ class Engine:
         gen = self.generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)
         results = [list(tokens) for _ in range(num_samples)]
         masks = [[0] * len(tokens) for _ in range(num_samples)]
-        done = [False] * num_samples
         device_type = next(self.model.parameters()).device.type
         # one autocast around the whole loop: the weight casts are cached across steps
         with autocast_context(device_type, get_compute_dtype(device_type)):
             for column, column_masks in gen:
                 for i, (token, mask) in enumerate(zip(column, column_masks)):
-                    if done[i]:
-                        continue
-                    if token in self.stop_tokens:
-                        done[i] = True
-                        continue
-                    results[i].append(token)
-                    masks[i].append(mask)
+                    if token not in self.stop_tokens:  # a row's terminal token, repeated once it is done
+                        results[i].append(token)
+                        masks[i].append(mask)
         return results, masks

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -53,20 +53,21 @@ def error_body(message, code, kind="invalid_request_error", param=None):
 
 
 class RequestError(Exception):
-    """A refused request; error_response(err) is its JSON response."""
+    """A refused request (or, status 500, a failed one); .response() is its JSON response, with Retry-After
+    when the server is busy (429, 503)."""
+    KINDS = {429: "rate_limit_error", 500: "server_error", 503: "server_overloaded"}
 
-    def __init__(self, status, message, code, param=None, headers=None):
+    def __init__(self, status, message, code, param=None):
         super().__init__(message)
-        self.status, self.message, self.code, self.param, self.headers = status, message, code, param, headers
+        self.status, self.message, self.code, self.param = status, message, code, param
 
     def response_body(self):
-        kind = {429: "rate_limit_error", 503: "server_overloaded"}.get(self.status, "invalid_request_error")
-        return error_body(self.message, self.code, kind, self.param)
+        return error_body(self.message, self.code, self.KINDS.get(self.status, "invalid_request_error"), self.param)
 
-
-def error_response(err):
-    from fastapi.responses import JSONResponse
-    return JSONResponse(err.response_body(), status_code=err.status, headers=err.headers)
+    def response(self):
+        from fastapi.responses import JSONResponse
+        return JSONResponse(self.response_body(), status_code=self.status,
+                            headers={"Retry-After": "5"} if self.status in (429, 503) else None)
 
 
 def _bad(message, param, code="invalid_value"):
@@ -86,7 +87,6 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     seed: int
-    model: str
 
 
 def _number(body, name, default, lo, hi, flag=None, integer=False, low_open=False):
@@ -185,8 +185,7 @@ def parse_request(raw, config, default_stream=False):
     include_usage = (options or {}).get("include_usage", False)
     if not isinstance(include_usage, bool):
         raise _bad("'stream_options.include_usage' must be true or false", "stream_options", "invalid_type")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
+    if body.get("model") is not None and not isinstance(body["model"], str):  # checked, not used: one model per server
         raise _bad("'model' must be a string", "model", "invalid_type")
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise _bad("give 'max_tokens' or 'max_completion_tokens', not both", "max_tokens")
@@ -200,7 +199,6 @@ def parse_request(raw, config, default_stream=False):
         max_tokens=_number(body, tokens_field, config.max_tokens, 1, config.max_tokens_limit, "--max-tokens-limit", integer=True),
         stream=stream, include_usage=include_usage,
         seed=secrets.randbits(31) if seed is None else seed % 2**31,  # fresh per request: regenerate gives a new reply
-        model=model or "",
     )
 
 
@@ -233,22 +231,14 @@ class Worker:
     """An engine (with .generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)), its
     tokenizer and device. context_len (the model's sequence length) bounds prompt + reply."""
 
-    def __init__(self, engine, tokenizer, device="cpu", name=None, context_len=None):
+    def __init__(self, engine, tokenizer, device="cpu", context_len=None):
         self.engine, self.tokenizer = engine, tokenizer
         self.device = torch.device(device)
-        self.name = name or str(self.device)
+        self.name = str(self.device)
         self.context_len = context_len
         self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-worker-{self.name}")
         self.served = 0
-
-    @contextmanager
-    def context(self):
-        """Device, mixed precision and no-grad for a generation; entered in the worker's thread."""
-        device_type = self.device.type
-        on_device = torch.cuda.device(self.device) if device_type == "cuda" else nullcontext()
-        with on_device, torch.no_grad(), autocast_context(device_type, get_compute_dtype(device_type)):
-            yield
 
 
 class Job:
@@ -266,34 +256,38 @@ class Job:
     def cancel(self):
         self.cancelled.set()
 
-    def _put(self, kind, value=None):
+    def _on_loop(self, callback, *args):
         try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(callback, *args)
         except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
             self.cancelled.set()
 
+    def _put(self, kind, value=None):
+        self._on_loop(self.events.put_nowait, (kind, value))
+
     def run(self):
         """In the worker's thread. Stops between tokens once cancelled; always gives the worker back."""
-        r, worker = self.request, self.worker
+        r, worker, device = self.request, self.worker, self.worker.device
         t0, generated, gen = time.perf_counter(), 0, None
+        on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
         try:
-            with worker.context():
+            # the worker's device, mixed precision (the weights' casts cached across tokens), no grad
+            with on_device, torch.no_grad(), autocast_context(device.type, get_compute_dtype(device.type)):
                 gen = worker.engine.generate(self.prompt, num_samples=1, max_tokens=r.max_tokens, temperature=r.temperature,
                                              top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1.0 else None, seed=r.seed)
-                finish = "length"
+                self.outcome = "length"
                 for column, _masks in gen:
                     if self.cancelled.is_set():
-                        finish = None
+                        self.outcome = "cancelled"
                         break
                     token = int(column[0])
                     generated += 1
                     if token in worker.stop_tokens:
-                        finish = "stop"
+                        self.outcome = "stop"
                         break
                     self._put("token", token)
-                if finish:
-                    self._put("end", finish)
-                self.outcome = finish or "cancelled"
+            if self.outcome != "cancelled":
+                self._put("end", self.outcome)
         except Exception as e:
             self.outcome = "error"
             self._put("error", e)
@@ -304,40 +298,27 @@ class Job:
             except Exception:
                 pass  # nothing to report to: the request already has its end or error
             self._put("closed")
-            try:
-                self.loop.call_soon_threadsafe(self.pool.release, self, generated, time.perf_counter() - t0)
-            except RuntimeError:
-                pass
-
-    async def tokens(self):
-        """Token ids as they come; sets finish_reason; raises RuntimeError if generation failed."""
-        while True:
-            kind, value = await self.events.get()
-            if kind == "token":
-                self.completion_tokens += 1
-                yield value
-            elif kind == "end":
-                self.finish_reason = value
-            elif kind == "error":
-                self.finish_reason = "error"
-                raise RuntimeError(f"generation failed: {type(value).__name__}: {value}")
-            else:  # closed
-                return
+            self._on_loop(self.pool.release, self, generated, time.perf_counter() - t0)
 
     async def pieces(self):
-        """The reply's text as it is generated, in non-empty pieces that never split a character."""
+        """The reply's text as it is generated, in non-empty pieces that never split a character; sets
+        finish_reason; raises RuntimeError if generation failed."""
         decoder = StreamDecoder(self.pool.tokenizer)
-        async for token in self.tokens():
-            piece = decoder.push(token)
-            if piece:
-                yield piece
-        piece = decoder.flush()
-        if piece:
+        while True:
+            kind, value = await self.events.get()
+            if kind == "closed":
+                break
+            if kind == "error":
+                self.finish_reason = "error"
+                raise RuntimeError(f"generation failed: {type(value).__name__}: {value}")
+            if kind == "end":
+                self.finish_reason = value
+            else:  # a token
+                self.completion_tokens += 1
+                if piece := decoder.push(value):
+                    yield piece
+        if piece := decoder.flush():
             yield piece
-
-
-class PoolFull(Exception):
-    """max_queue requests are already waiting for a worker."""
 
 
 class WorkerPool:
@@ -371,9 +352,10 @@ class WorkerPool:
         return len(self.workers) - self.free.qsize()
 
     def acquire(self):
-        """A task that resolves to a free worker (FIFO); raises PoolFull at once when the queue is full."""
+        """A task that resolves to a free worker (FIFO); a RequestError 429 at once when the queue is full."""
         if self.free.empty() and self.waiting >= self.max_queue:
-            raise PoolFull()
+            raise RequestError(429, f"the server is busy: {self.waiting} requests are already waiting for a worker "
+                                    f"(server limit --max-queue={self.max_queue}); retry later", "queue_full")
         self.waiting += 1
         task = asyncio.ensure_future(self.free.get())
         task.add_done_callback(self._done_waiting)
@@ -429,9 +411,9 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def usage(prompt, job):
-    return {"prompt_tokens": len(prompt), "completion_tokens": job.completion_tokens,
-            "total_tokens": len(prompt) + job.completion_tokens}
+def usage(job):
+    return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
+            "total_tokens": len(job.prompt) + job.completion_tokens}
 
 
 def _head(model_id, kind):
@@ -439,16 +421,16 @@ def _head(model_id, kind):
             "system_fingerprint": None}
 
 
-async def page_events(prompt, job):
+async def page_events(job):
     try:
         async for piece in job.pieces():
             yield sse({"token": piece})
-        yield sse({"done": True, "finish_reason": job.finish_reason, **usage(prompt, job)})
+        yield sse({"done": True, "finish_reason": job.finish_reason, **usage(job)})
     except RuntimeError as e:
         yield sse({"error": str(e)})
 
 
-async def openai_events(req, prompt, job, model_id):
+async def openai_events(job, model_id):
     head = _head(model_id, "chat.completion.chunk")
 
     def chunk(delta, finish=None):
@@ -459,20 +441,20 @@ async def openai_events(req, prompt, job, model_id):
         async for piece in job.pieces():
             yield chunk({"content": piece})
         yield chunk({}, job.finish_reason)
-        if req.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(prompt, job)})
+        if job.request.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(job)})
     except RuntimeError as e:
         yield sse(error_body(str(e), "generation_failed", "server_error"))
     yield "data: [DONE]\n\n"
 
 
-async def openai_reply(prompt, job, model_id):
+async def openai_reply(job, model_id):
     """The whole reply as one chat.completion (RuntimeError if generation failed)."""
     text = "".join([piece async for piece in job.pieces()])
     return {**_head(model_id, "chat.completion"),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
                          "finish_reason": job.finish_reason}],
-            "usage": usage(prompt, job)}
+            "usage": usage(job)}
 
 # -----------------------------------------------------------------------------
 

@@ -138,3 +138,50 @@ def resume_or_exit(script, logger, ckpt_dir, step, optimizers, loaders, device, 
         stage_error(f"{script}: cannot resume: {e}")
     logger.truncate_after(step)
     print0(f"resumed from {ckpt_dir} step {step}")
+
+# -----------------------------------------------------------------------------
+# The trained model a chat script (chat_cli, chat_web, chat_eval) loads
+
+
+def add_model_source_flags(parser, source="sft", short=True):
+    """-i/--source (source=None: required), -g/--model-tag, -s/--step, --device-type, --compile. short=False is
+    chat_eval's variant, as its command lines have always been written: no -g / -s, and '' (not None) is the
+    default tag and device type."""
+    from nanochat.common import non_negative_int
+    unset = None if short else ""
+    parser.add_argument("-i", "--source", default=source, required=source is None, choices=["base", "mid", "sft", "rl"],
+                        help="checkpoint family")
+    parser.add_argument(*(["-g"] if short else []), "--model-tag", default=unset,
+                        help="model tag (e.g. d20); default the largest")
+    parser.add_argument(*(["-s"] if short else []), "--step", type=non_negative_int, default=None,
+                        help="checkpoint step; default the last")
+    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"] if short else ["", "cuda", "mps", "cpu"],
+                        default=unset, help="default: autodetect")
+    parser.add_argument("--compile", type=str2bool, default=False,
+                        help="compile the decode step (Engine(compile=True): faster tokens after a one-off "
+                             "compilation per batch shape; weights frozen)")
+
+
+def device_type_or_exit(parser, args):
+    """--device-type, or the best one here when unset; parser.error (exit 2) when it is not available."""
+    from nanochat.common import autodetect_device_type
+    try:
+        return autodetect_device_type(args.device_type)
+    except (ValueError, RuntimeError) as e:
+        parser.error(f"--device-type: {e}")
+
+
+def load_model_or_exit(script, args, device):
+    """The add_model_source_flags checkpoint (the largest tag, the last step unless given) loaded on `device` for
+    inference: (model, tokenizer, checkpoint dir, step). Exits (status 1) with '<script>: <why>' on stderr when
+    there is no checkpoint or tokenizer yet, or they do not fit."""
+    import os
+    import sys
+    from nanochat.checkpoint import load_model, resolve_checkpoint
+    try:
+        ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag or None, args.step)
+        model, tokenizer, _ = load_model(args.source, device, model_tag=os.path.basename(ckpt_dir), step=step)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"{script}: {e}", file=sys.stderr, flush=True)
+        stage_error(1)
+    return model, tokenizer, ckpt_dir, step

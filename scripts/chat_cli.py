@@ -9,12 +9,12 @@ In the interactive chat: `clear` (or /clear) starts a new conversation, `quit` /
 leaves; Ctrl-C during a reply stops the reply and keeps the session, Ctrl-C or Ctrl-D at the prompt leaves.
 The conversation is kept as tokens, so calculator calls and their outputs stay in it exactly as generated.
 """
-import sys
-
 import torch
 
-from nanochat.common import autocast_context, autodetect_device_type, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int, str2bool
+from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int
 from nanochat.tokenizer import StreamDecoder
+
+from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
 CLEAR_COMMANDS = {"clear", "/clear"}
 QUIT_COMMANDS = {"quit", "exit", "/quit", "/exit"}
@@ -22,17 +22,12 @@ QUIT_COMMANDS = {"quit", "exit", "/quit", "/exit"}
 
 def get_parser():
     p = make_parser(__doc__)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint family")
-    p.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
-    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; default the last")
+    add_model_source_flags(p)
     p.add_argument("-p", "--prompt", default=None, help="answer this one message and exit")
     p.add_argument("-t", "--temperature", type=non_negative_float, default=0.6, help="sampling temperature; 0 = greedy")
     p.add_argument("-k", "--top-k", type=non_negative_int, default=50, help="sample among the k likeliest tokens; 0 = off")
     p.add_argument("-m", "--max-tokens", type=positive_int, default=512, help="reply length limit in tokens")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (reply n uses seed + n)")
-    p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
-    p.add_argument("--compile", type=str2bool, default=False,
-                   help="compile the decode step (Engine(compile=True): faster tokens after a one-off compilation per batch shape; weights frozen)")
     return p
 
 
@@ -40,9 +35,8 @@ class Chat:
     """A conversation as token ids: <|bos|> then user / assistant turns, rendered like
     Tokenizer.render_conversation renders them."""
 
-    def __init__(self, engine, tokenizer, device_type, args, out=None):
-        self.engine, self.tokenizer, self.args, self.out = engine, tokenizer, args, out
-        self.device_type = device_type
+    def __init__(self, engine, tokenizer, device_type, args):
+        self.engine, self.tokenizer, self.device_type, self.args = engine, tokenizer, device_type, args
         s = tokenizer.encode_special
         self.user_start, self.user_end = s("<|user_start|>"), s("<|user_end|>")
         self.assistant_start, self.assistant_end = s("<|assistant_start|>"), s("<|assistant_end|>")
@@ -58,10 +52,10 @@ class Chat:
         self.tokens += [self.user_start, *self.tokenizer.encode(text), self.user_end, self.assistant_start]
         context = self.engine.model.config.sequence_len
         if len(self.tokens) >= context:
-            self._say(f"[note: the conversation is {len(self.tokens)} tokens, beyond the model's {context}-token "
-                      "context; replies degrade; `clear` starts over]\n")
+            print(f"[note: the conversation is {len(self.tokens)} tokens, beyond the model's {context}-token "
+                  "context; replies degrade; `clear` starts over]", flush=True)
         a = self.args
-        decoder, generated, pieces = StreamDecoder(self.tokenizer), [], []
+        decoder, generated, stopped = StreamDecoder(self.tokenizer), [], ""
         gen = self.engine.generate(self.tokens, num_samples=1, max_tokens=a.max_tokens, temperature=a.temperature,
                                    top_k=a.top_k or None, seed=a.seed + self.replies)
         self.replies += 1
@@ -69,29 +63,17 @@ class Chat:
             # one autocast around the whole reply: the weights' casts are cached across tokens
             with autocast_context(self.device_type, get_compute_dtype(self.device_type)):
                 for column, _ in gen:
-                    token = column[0]
-                    if token in self.engine.stop_tokens:
+                    if column[0] in self.engine.stop_tokens:
                         break
-                    generated.append(token)
-                    piece = decoder.push(token)
-                    pieces.append(piece)
-                    self._say(piece)
+                    generated.append(column[0])
+                    print(decoder.push(column[0]), end="", flush=True)
         except KeyboardInterrupt:
-            pieces.append(decoder.flush())
-            self._say(pieces[-1] + " [stopped]")
-        else:
-            pieces.append(decoder.flush())
-            self._say(pieces[-1])
+            stopped = " [stopped]"
         finally:
             gen.close()  # frees the KV cache now
-            self._say("\n")
+        print(decoder.flush() + stopped, flush=True)
         self.tokens += generated + [self.assistant_end]
-        return "".join(pieces)
-
-    def _say(self, text):
-        out = self.out or sys.stdout  # looked up per call: sys.stdout may be replaced (tests, redirection)
-        out.write(text)
-        out.flush()
+        return self.tokenizer.decode(generated)
 
 
 def interactive(chat):
@@ -119,25 +101,15 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.prompt is not None and not args.prompt.strip():
         parser.error("-p/--prompt is empty")
-    try:
-        device_type = autodetect_device_type(args.device_type)
-    except (ValueError, RuntimeError) as e:
-        parser.error(f"--device-type: {e}")
-    from nanochat.checkpoint import CheckpointError, load_model
+    device_type = device_type_or_exit(parser, args)
     from nanochat.engine import Engine
-    try:
-        model, tokenizer, _ = load_model(args.source, torch.device(device_type), phase="eval", model_tag=args.model_tag,
-                                         step=args.step)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer yet, or they do not fit
-        print(f"error: cannot load the {args.source} model: {e}", file=sys.stderr)
-        return 1
+    model, tokenizer, _, _ = load_model_or_exit("chat_cli", args, torch.device(device_type))
     chat = Chat(Engine(model, tokenizer, compile=args.compile), tokenizer, device_type, args)
     if args.prompt is not None:
         chat.reply(args.prompt)
     else:
         interactive(chat)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -11,12 +11,12 @@ Prints a results table and writes the report section "Chat evaluation <source>".
 """
 import argparse
 
-import torch.distributed as dist
-
 from nanochat.chat_eval import format_results_table, run_chat_eval, write_report
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, is_ddp_initialized,
-                             make_parser, positive_int, non_negative_float, non_negative_int, str2bool)
+from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, make_parser, positive_int,
+                             non_negative_float, non_negative_int)
 from tasks.registry import TASK_NAMES, load_tasks, parse_task_names
+
+from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit, stage_error
 
 
 def task_list(value):
@@ -28,7 +28,7 @@ def task_list(value):
 
 def get_parser():
     p = make_parser(__doc__)
-    p.add_argument("-i", "--source", required=True, choices=["base", "mid", "sft", "rl"], help="checkpoint family")
+    add_model_source_flags(p, source=None, short=False)
     p.add_argument("-a", "--task-name", type=task_list, default="|".join(TASK_NAMES),
                    help="tasks to evaluate, separated by '|'")
     p.add_argument("--max-problems", type=positive_int, default=None,
@@ -39,27 +39,19 @@ def get_parser():
     p.add_argument("--top-k", type=non_negative_int, default=50, help="sample among the k likeliest tokens; 0 = off")
     p.add_argument("--max-new-tokens", type=positive_int, default=512, help="reply length limit (generative tasks)")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (problem i uses seed + i)")
-    p.add_argument("--model-tag", default="", help="checkpoint to load; empty = the largest model")
-    p.add_argument("--step", type=non_negative_int, default=None, help="checkpoint step; default = the last one")
-    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="empty = autodetect")
-    p.add_argument("--compile", type=str2bool, default=False,
-                   help="compile the decode step (Engine(compile=True): faster tokens after a one-off compilation per batch shape; weights frozen)")
     return p
 
 
 def main(argv=None):
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
     names = args.task_name  # argparse ran task_list on the default too
-    from nanochat.checkpoint import CheckpointError, load_model  # imported here so --help stays fast
-    is_ddp, rank, _, _, device = compute_init(args.device_type or None)
+    _, rank, _, _, device = compute_init(device_type_or_exit(parser, args))
+    model, tokenizer, _, step = load_model_or_exit("chat_eval", args, device)
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag or None,
-                                            step=args.step)
         tasks = load_tasks(names)
-    except (CheckpointError, FileNotFoundError) as e:
-        if is_ddp_initialized():
-            dist.destroy_process_group()  # no barrier: other ranks may not get this far
-        raise SystemExit(f"chat_eval: {e}")
+    except FileNotFoundError as e:
+        stage_error(f"chat_eval: {e}")
     engine = None
     if any(tasks[n].eval_type == "generative" for n in names):
         from nanochat.engine import Engine
@@ -70,9 +62,7 @@ def main(argv=None):
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             seed=args.seed, device=device, tasks=tasks)
     if rank == 0:
-        meta = meta if isinstance(meta, dict) else {}
-        info = {"source": args.source, "model tag": args.model_tag or meta.get("model_tag") or "(largest)",
-                "step": args.step if args.step is not None else meta.get("step")}
+        info = {"source": args.source, "model tag": args.model_tag or "(largest)", "step": step}
         print(format_results_table(out))
         print(f"wrote {write_report(out, args.source, info)}")
     compute_cleanup()

@@ -18,16 +18,17 @@ and limits (4xx errors naming the flag), the worker pool and cancellation, the r
 import argparse
 import asyncio
 import os
-import sys
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 
 import torch
 
-from nanochat.common import make_parser, non_negative_float, non_negative_int, positive_float, positive_int, str2bool
-from nanochat.serve import (PoolFull, RequestError, RequestLog, ServeConfig, Worker, WorkerPool, error_body, error_response,
-                            openai_events, openai_reply, page_events, parse_request, read_body, wait_for_disconnect)
+from nanochat.common import make_parser, non_negative_float, non_negative_int, positive_float, positive_int
+from nanochat.serve import (RequestError, RequestLog, ServeConfig, Worker, WorkerPool, openai_events, openai_reply,
+                            page_events, parse_request, read_body, wait_for_disconnect)
+
+from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
@@ -38,7 +39,7 @@ def create_app(pool, config=None, model_id="nanochat"):
     """The FastAPI app over a WorkerPool. config: ServeConfig (defaults and limits)."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+    from fastapi.responses import HTMLResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
@@ -58,11 +59,11 @@ def create_app(pool, config=None, model_id="nanochat"):
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404, 405 in the same JSON shape as ours
-        return JSONResponse(error_body(str(exc.detail), str(exc.status_code)), status_code=exc.status_code)
+        return RequestError(exc.status_code, str(exc.detail), str(exc.status_code)).response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc):
-        return JSONResponse(error_body(str(exc), "invalid_request"), status_code=400)
+        return RequestError(400, str(exc), "invalid_request").response()
 
     class EventStream(StreamingResponse):
         """Server-sent events; however the response ends (done, client gone, error), the generation
@@ -109,12 +110,12 @@ def create_app(pool, config=None, model_id="nanochat"):
     @app.get("/v1/models/{name:path}")
     async def model(name: str):
         if name != model_id:
-            return error_response(RequestError(404, f"model '{name}' does not exist; this server has '{model_id}'",
-                                               "model_not_found", "model"))
+            return RequestError(404, f"model '{name}' does not exist; this server has '{model_id}'", "model_not_found",
+                                "model").response()
         return model_card()
 
     async def start_job(request, log, default_stream):
-        """Read, validate, encode, queue: (ChatRequest, prompt ids, Job); a RequestError, or None if the client left."""
+        """Read, validate, encode, queue: the Job; a RequestError, or None if the client left."""
         try:
             raw = await read_body(request, config.max_body_bytes)
         except ClientDisconnect:
@@ -130,12 +131,7 @@ def create_app(pool, config=None, model_id="nanochat"):
                                         "tokens: start a new conversation or shorten it", "context_length_exceeded", "messages")
             req.max_tokens = min(req.max_tokens, room)
         # wait for a worker, unless the queue is full, the wait is too long, or the client leaves meanwhile
-        try:
-            acquiring = pool.acquire()
-        except PoolFull:
-            raise RequestError(429, f"the server is busy: {pool.waiting} requests are already waiting for a worker "
-                                    f"(server limit --max-queue={pool.max_queue}); retry later", "queue_full",
-                               headers={"Retry-After": "5"}) from None
+        acquiring = pool.acquire()
         gone = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait({acquiring, gone}, timeout=config.queue_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -146,39 +142,38 @@ def create_app(pool, config=None, model_id="nanochat"):
             if gone in done:
                 return None
             raise RequestError(503, f"no worker became free within {config.queue_timeout:g}s (server limit --queue-timeout); "
-                                    "the server is busy, retry later", "queue_timeout", headers={"Retry-After": "5"})
+                                    "the server is busy, retry later", "queue_timeout")
         worker = acquiring.result()
         if gone in done:
             pool.free.put_nowait(worker)
             return None
-        return req, prompt, pool.submit(worker, prompt, req)
+        return pool.submit(worker, prompt, req)
 
     async def chat(request, openai_format):
         log = RequestLog(request)
         pool.counts["requests"] += 1
         try:
-            started = await start_job(request, log, default_stream=not openai_format)
+            job = await start_job(request, log, default_stream=not openai_format)
         except RequestError as e:
             pool.counts["refused" if e.status in (429, 503) else "rejected"] += 1
             log.emit(e.status, error=e.code)
-            return error_response(e)
-        if started is None:
+            return e.response()
+        if job is None:
             pool.counts["cancelled"] += 1
             log.emit(499, error="client_gone")
             return Response(status_code=499)
-        req, prompt, job = started
-        log.fields["seed"] = req.seed
-        if req.stream:
-            body = openai_events(req, prompt, job, model_id) if openai_format else page_events(prompt, job)
+        log.fields["seed"] = job.request.seed
+        if job.request.stream:
+            body = openai_events(job, model_id) if openai_format else page_events(job)
             return EventStream(body, job, log)
         # not streaming: collect the reply, cancelling if the client leaves meanwhile
         watcher = asyncio.ensure_future(wait_for_disconnect(request))
         watcher.add_done_callback(lambda t: t.cancelled() or job.cancel())
         try:
-            reply = await openai_reply(prompt, job, model_id)
+            reply = await openai_reply(job, model_id)
         except RuntimeError as e:
             log.emit(500, error="generation_failed", worker=job.worker.name)
-            return JSONResponse(error_body(str(e), "generation_failed", "server_error"), status_code=500)
+            return RequestError(500, str(e), "generation_failed").response()
         finally:
             watcher.cancel()
         if job.finish_reason is None:  # cancelled: the client is gone
@@ -211,12 +206,7 @@ def port_number(value):
 def get_parser():
     d = ServeConfig()
     p = make_parser(__doc__)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint family")
-    p.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
-    p.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; default the last")
-    p.add_argument("--device-type", choices=["cuda", "mps", "cpu"], default=None, help="default: autodetect")
-    p.add_argument("--compile", type=str2bool, default=False,
-                   help="compile the decode step (Engine(compile=True): faster tokens after a one-off compilation per batch shape; weights frozen)")
+    add_model_source_flags(p)
     p.add_argument("--num-gpus", type=positive_int, default=1, help="model replicas, one per GPU (CUDA only)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on")
@@ -240,40 +230,29 @@ def get_parser():
 
 def config_from_args(args, parser):
     config = ServeConfig(**{f: getattr(args, f) for f in ServeConfig.__dataclass_fields__})
-    if config.temperature > config.max_temperature:
-        parser.error(f"--temperature {config.temperature} is above --max-temperature {config.max_temperature}")
-    if config.top_k > config.max_top_k:
-        parser.error(f"--top-k {config.top_k} is above --max-top-k {config.max_top_k}")
-    if config.max_tokens > config.max_tokens_limit:
-        parser.error(f"--max-tokens {config.max_tokens} is above --max-tokens-limit {config.max_tokens_limit}")
+    for name, limit in (("temperature", "max_temperature"), ("top_k", "max_top_k"), ("max_tokens", "max_tokens_limit")):
+        value, most = getattr(config, name), getattr(config, limit)
+        if value > most:
+            parser.error(f"--{name.replace('_', '-')} {value} is above --{limit.replace('_', '-')} {most}")
     return config
 
 
 def load_workers(args, parser):
     """One (model, tokenizer, engine) replica per GPU, or one on CPU / MPS."""
-    from nanochat.checkpoint import CheckpointError, load_model, resolve_checkpoint
-    from nanochat.common import autodetect_device_type
-    try:
-        device_type = autodetect_device_type(args.device_type)
-    except (ValueError, RuntimeError) as e:
-        parser.error(f"--device-type: {e}")
+    from nanochat.engine import Engine
+    device_type = device_type_or_exit(parser, args)
     if device_type != "cuda" and args.num_gpus != 1:
         parser.error(f"--num-gpus {args.num_gpus} needs CUDA; on {device_type} there is one worker")
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         parser.error(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} GPU(s) are visible")
     devices = [torch.device("cuda", i) for i in range(args.num_gpus)] if device_type == "cuda" else [torch.device(device_type)]
     workers = []
-    try:
-        ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-        from nanochat.engine import Engine
-        for device in devices:
-            model, tokenizer, _ = load_model(args.source, device, phase="eval", model_tag=os.path.basename(ckpt_dir), step=step)
-            workers.append(Worker(Engine(model, tokenizer, compile=args.compile), tokenizer, device, context_len=model.config.sequence_len))
-            print(f"loaded {ckpt_dir} step {step} on {device}", flush=True)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:  # no checkpoint / tokenizer, or they do not fit
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    return workers, f"nanochat-{args.source}-{os.path.basename(ckpt_dir)}-step{step}"
+    for device in devices:
+        model, tokenizer, ckpt_dir, step = load_model_or_exit("chat_web", args, device)
+        args.model_tag, args.step = os.path.basename(ckpt_dir), step  # every replica loads the first one's checkpoint
+        workers.append(Worker(Engine(model, tokenizer, compile=args.compile), tokenizer, device, context_len=model.config.sequence_len))
+        print(f"loaded {ckpt_dir} step {step} on {device}", flush=True)
+    return workers, f"nanochat-{args.source}-{args.model_tag}-step{args.step}"
 
 
 def main(argv=None):
