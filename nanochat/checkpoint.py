@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from nanochat.common import atomic_write_text, get_base_dir, is_ddp_initialized, logger, sha256_file
 
-SOURCES = ("base", "mid", "sft", "rl")
+SOURCES = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}
 STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -34,7 +34,7 @@ class CheckpointError(RuntimeError):
 
 def checkpoints_root(source):
     if source not in SOURCES:
-        raise ValueError(f"checkpoint source must be one of {SOURCES}, got {source!r}")
+        raise ValueError(f"checkpoint source must be one of {tuple(SOURCES)}, got {source!r}")
     return os.path.join(get_base_dir(), f"{source}_checkpoints")
 
 
@@ -168,9 +168,8 @@ def build_model(ckpt_dir, step, device, phase="eval"):
 def resolve_checkpoint(source, model_tag=None, step=None):
     """(checkpoint dir, step) for a source, picking the largest model and the last step by default."""
     root = checkpoints_root(source)
-    if not os.path.isdir(root) or not glob.glob(os.path.join(root, "*", "step_*", "meta.json")):
-        hint = {"base": "scripts.base_train", "mid": "scripts.mid_train", "sft": "scripts.chat_sft", "rl": "scripts.chat_rl"}[source]
-        raise CheckpointError(f"no {source} checkpoint in {root}: train one first with `python -m {hint}`")
+    if not glob.glob(os.path.join(glob.escape(root), "*", "step_*", "meta.json")):
+        raise CheckpointError(f"no {source} checkpoint in {root}: train one first with `python -m {SOURCES[source]}`")
     ckpt_dir = os.path.join(root, model_tag or find_largest_model(root))
     return ckpt_dir, find_last_step(ckpt_dir) if step is None else step
 

@@ -14,6 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -31,15 +32,12 @@ def get_base_dir():
 # -----------------------------------------------------------------------------
 # Distributed info (torchrun sets RANK, LOCAL_RANK, WORLD_SIZE)
 
-def is_ddp_requested():
-    return all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
-
 def is_ddp_initialized():
     return dist.is_available() and dist.is_initialized()
 
 def get_dist_info():
     """(is_ddp, rank, local_rank, world_size) from the torchrun environment."""
-    if is_ddp_requested():
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
         return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     return False, 0, 0, 1
 
@@ -67,45 +65,28 @@ def print0(*args, **kwargs):
 # -----------------------------------------------------------------------------
 # Device and dtype policy
 
-DEVICE_TYPES = ("cuda", "mps", "cpu")
-
 def autodetect_device_type(override=None):
     """cuda, then mps, then cpu; `override` (a flag) or NANOCHAT_DEVICE wins when set."""
-    choice = override or os.environ.get("NANOCHAT_DEVICE") or ""
-    if choice:
-        if choice not in DEVICE_TYPES:
-            raise ValueError(f"device type must be one of {DEVICE_TYPES}, got {choice!r}")
-        if choice == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("device type 'cuda' was requested but torch.cuda.is_available() is False")
-        if choice == "mps" and not torch.backends.mps.is_available():
-            raise RuntimeError("device type 'mps' was requested but MPS is not available")
-        return choice
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    choice = override or os.environ.get("NANOCHAT_DEVICE")
+    if not choice:
+        return next(device for device, ok in available.items() if ok)
+    if choice not in available:
+        raise ValueError(f"device type must be one of {tuple(available)}, got {choice!r}")
+    if not available[choice]:
+        raise RuntimeError(f"device type {choice!r} was requested but it is not available on this machine")
+    return choice
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32,
           "fp16": torch.float16, "float16": torch.float16}
-
-def _time_matmul(dtype, n=512, reps=8):
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b  # warm up the kernel selection
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 @functools.lru_cache(maxsize=None)
 def cpu_bf16_is_faster():
     """Measured, not assumed: CPUs with AMX/AVX512-BF16 run bf16 matmuls several times faster than
     fp32, older ones emulate bf16 and run it slower. Takes a few tens of milliseconds, once per process."""
     try:
-        return _time_matmul(torch.bfloat16) < 0.8 * _time_matmul(torch.float32)
+        bf16, fp32 = (measure_matmul_flops("cpu", dtype, n=512, reps=8) for dtype in (torch.bfloat16, torch.float32))
+        return 0.8 * bf16 > fp32
     except RuntimeError:
         return False
 
@@ -124,9 +105,7 @@ def get_compute_dtype(device_type):
 
 def autocast_context(device_type, dtype):
     """Mixed precision for forward passes; a no-op context in fp32."""
-    if dtype == torch.float32:
-        return torch.autocast(device_type=device_type, enabled=False)
-    return torch.autocast(device_type=device_type, dtype=dtype)
+    return torch.autocast(device_type=device_type, dtype=dtype, enabled=dtype != torch.float32)
 
 def synchronize(device_type):
     if device_type == "cuda":
@@ -143,15 +122,6 @@ def get_peak_memory(device_type):
 
 # -----------------------------------------------------------------------------
 # Seeding and process setup
-
-def seed_everything(seed):
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-        np.random.seed(seed % (2**32))
-    except ImportError:
-        pass
 
 # glibc mmaps every buffer above a (dynamic) threshold and unmaps it when freed, so on CPU each
 # training step faults its big activation buffers in again, zeroed by the kernel: 5-10% of a step
@@ -176,23 +146,19 @@ def compute_init(device_type=None, seed=42):
     """Pick the device, join the torchrun process group if there is one, seed, and set precision.
     Returns (is_ddp, rank, local_rank, world_size, device)."""
     device_type = autodetect_device_type(device_type)
-    seed_everything(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    np.random.seed(seed % (2**32))
     if device_type == "cpu":
         keep_freed_memory()
-    if device_type == "cuda":
-        torch.set_float32_matmul_precision("high")  # tf32 for any fp32 matmul left
     is_ddp, rank, local_rank, world_size = get_dist_info()
-    if device_type == "cuda":
-        device = torch.device("cuda", local_rank)
+    cuda = device_type == "cuda"
+    device = torch.device("cuda", local_rank) if cuda else torch.device(device_type)
+    if cuda:
+        torch.set_float32_matmul_precision("high")  # tf32 for any fp32 matmul left
         torch.cuda.set_device(device)
-    else:
-        device = torch.device(device_type)
     if is_ddp and not is_ddp_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            dist.init_process_group(backend=backend, device_id=device)
-        else:
-            dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
         dist.barrier()
     return is_ddp, rank, local_rank, world_size, device
 
@@ -248,10 +214,13 @@ def sha256_file(path, chunk=1 << 24):
     return h.hexdigest()
 
 def read_jsonl(path, check=None, expected="a valid row"):
-    """List of the JSON objects in a .jsonl or .jsonl.gz file, each passing check(row) when given: a false
-    result means the row is not `expected`, a ValueError says what is wrong. Errors name the file and line."""
+    """List of the JSON objects in a .jsonl or gzipped (by name or content) .jsonl.gz file, each passing
+    check(row) when given: a false result means the row is not `expected`, a ValueError says what is wrong.
+    Errors name the file and line."""
     rows = []
-    with (gzip.open if path.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+    with open(path, "rb") as f:
+        gz = path.endswith(".gz") or f.read(2) == b"\x1f\x8b"
+    with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -321,25 +290,20 @@ class BoolFlag(argparse.Action):
             value = self.type("true")
         setattr(namespace, self.dest, value)
 
-class _BoolFlagsMixin:
-    """add_argument(..., type=str2bool or auto_bool) declares a BoolFlag, in the parser and in its groups."""
+def _store_or_bool_flag(type=None, **kwargs):
+    """The parser's default action: argparse's own, but a BoolFlag for type=str2bool or auto_bool."""
+    return (BoolFlag if type in (str2bool, auto_bool) else argparse._StoreAction)(type=type, **kwargs)
 
-    def add_argument(self, *args, **kwargs):
-        if kwargs.get("type") in (str2bool, auto_bool) and "action" not in kwargs:
-            kwargs["action"] = BoolFlag
-        return super().add_argument(*args, **kwargs)
+class ArgumentParser(argparse.ArgumentParser):
+    """Every default shown in --help, no abbreviated flags, boolean flags as BoolFlag; its argument groups
+    share its action registry, and its subparsers are of this class too."""
 
-class _ArgumentGroup(_BoolFlagsMixin, argparse._ArgumentGroup):
-    pass
-
-class ArgumentParser(_BoolFlagsMixin, argparse.ArgumentParser):
-    def add_argument_group(self, *args, **kwargs):
-        group = _ArgumentGroup(self, *args, **kwargs)
-        self._action_groups.append(group)
-        return group
+    def __init__(self, *args, formatter_class=HelpFormatter, allow_abbrev=False, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, allow_abbrev=allow_abbrev, **kwargs)
+        self.register("action", None, _store_or_bool_flag)
 
 def make_parser(description):
-    return ArgumentParser(description=description, formatter_class=HelpFormatter, allow_abbrev=False)
+    return ArgumentParser(description=description)
 
 def number_type(cast, ok, expected, name):
     """An argparse type: `cast` the text, and accept it when ok(x); otherwise 'expected <expected>, got ...'."""
@@ -379,18 +343,14 @@ GPU_PEAK_BF16_FLOPS = (  # (substring of torch.cuda.get_device_name(), FLOP/s); 
 
 def gpu_peak_flops(device_name):
     """Datasheet dense bf16 FLOP/s for a GPU name, or None when unknown."""
-    for key, flops in GPU_PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
+    return next((flops for key, flops in GPU_PEAK_BF16_FLOPS if key.lower() in device_name.lower()), None)
 
 @functools.lru_cache(maxsize=None)
 def measure_matmul_flops(device_type="cpu", dtype=torch.bfloat16, n=1024, reps=5):
     """Best-of-reps dense matmul FLOP/s on this device: the practical ceiling to quote MFU against."""
-    device = "cuda" if device_type == "cuda" else device_type
-    a = torch.randn(n, n, dtype=dtype, device=device)
-    b = torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
+    a = torch.randn(n, n, dtype=dtype, device=device_type)
+    b = torch.randn(n, n, dtype=dtype, device=device_type)
+    a @ b  # warm up the kernel selection
     synchronize(device_type)
     best = float("inf")
     for _ in range(reps):
@@ -403,8 +363,5 @@ def measure_matmul_flops(device_type="cpu", dtype=torch.bfloat16, n=1024, reps=5
 def get_peak_flops(device_type, dtype):
     """The denominator of MFU: datasheet bf16 peak for known GPUs, a measured matmul rate otherwise."""
     if device_type == "cuda":
-        peak = gpu_peak_flops(torch.cuda.get_device_name())
-        if peak is not None:
-            return peak
-        return measure_matmul_flops("cuda", dtype, n=8192)
+        return gpu_peak_flops(torch.cuda.get_device_name()) or measure_matmul_flops("cuda", dtype, n=8192)
     return measure_matmul_flops(device_type, dtype)

@@ -22,12 +22,12 @@ import yaml
 from nanochat.common import get_base_dir, print0, read_jsonl
 from nanochat.download import DownloadError, download_file
 
-TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
-REQUIRED_FIELDS = {
+REQUIRED_FIELDS = {  # the fields an item of each task type needs
     "multiple_choice": ("query", "choices", "gold"),
     "schema": ("context_options", "continuation", "gold"),
     "language_modeling": ("context", "continuation"),
 }
+TASK_TYPES = tuple(REQUIRED_FIELDS)
 EVAL_BUNDLE_URL_ENV = "NANOCHAT_EVAL_BUNDLE_URL"
 BUNDLE_FILES = ("core.yaml", "eval_meta_data.csv")
 
@@ -118,9 +118,7 @@ def _task_from_entry(entry, baselines, where):
     if task_type not in TASK_TYPES:
         raise ValueError(f"{where}: task {label!r} has icl_task_type {task_type!r}, expected one of {TASK_TYPES}")
     shots = entry["num_fewshot"]
-    if isinstance(shots, list):
-        if not shots:
-            raise ValueError(f"{where}: task {label!r} has an empty num_fewshot list")
+    if isinstance(shots, list) and shots:
         shots = shots[0]  # the bundle allows a sweep; CORE uses one setting, the first
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
         raise ValueError(f"{where}: task {label!r} has num_fewshot {entry['num_fewshot']!r}, expected an integer >= 0")
@@ -242,11 +240,10 @@ def download_eval_bundle(url=None, dest=None, timeout=60):
         print0(f"downloading the CORE eval bundle from {url}")
         try:
             download_file(url, archive, retries=2, backoff=0.5, timeout=timeout)
+            root = _unpack_bundle(archive, os.path.join(tmp, "unpacked"))
         except DownloadError as e:
             raise RuntimeError(f"download of the CORE eval bundle from {url} failed: {e}") from None
-        try:
-            root = _unpack_bundle(archive, os.path.join(tmp, "unpacked"))
-        except ValueError as e:
+        except ValueError as e:  # from unpacking
             raise RuntimeError(f"the file downloaded from {url} is not a usable CORE eval bundle: {e}") from None
         try:
             os.replace(root, dest)

@@ -87,17 +87,6 @@ def get_shard_dir():
     return os.path.join(get_base_dir(), "base_data")
 
 
-def resolve_sources(spec):
-    """The sources of a spec; None means the downloaded reference shards."""
-    if spec is not None:
-        return parse_data_spec(spec)
-    data_dir = get_shard_dir()
-    if not list_reference_shards(data_dir):
-        raise DataError(f"no pretraining data: {data_dir} holds no shards. Download the reference shards with "
-                        "`python -m nanochat.dataset -n 8` (more for longer runs), or pass your own with --data=PATH")
-    return [DataSource(data_dir, 1.0, reference=True)]
-
-
 def is_validation_file(path):
     return os.path.basename(path).startswith("val")
 
@@ -130,7 +119,7 @@ def source_files(source, split):
         files = list_reference_shards(source.path)
         if len(files) >= 2:
             return (files[:-1] if split == "train" else files[-1:]), False
-        return files, True  # a single shard (resolve_sources checked there is one): split it by hash
+        return files, True  # a single shard (DocumentMixture checked there is one): split it by hash
     files = list_text_files(source.path)
     val = [f for f in files if is_validation_file(f)] if os.path.isdir(source.path) else []
     if not val:
@@ -204,15 +193,14 @@ def _iter_txt(path):
 
 
 def iter_file_documents(path, on_bad_line="skip"):
-    """Documents (non-empty strings) of one file, in file order. on_bad_line: "skip" or "fail" (jsonl)."""
+    """Documents (non-empty strings) of one file of list_text_files (which checked its suffix), in file order.
+    on_bad_line: "skip" or "fail" (jsonl)."""
     if path.endswith(".parquet"):
         yield from _iter_parquet(path)
     elif path.endswith((".jsonl", ".jsonl.gz")):
         yield from _iter_jsonl(path, on_bad_line)
-    elif path.endswith(".txt"):
-        yield from _iter_txt(path)
     else:
-        raise DataError(f"unsupported data file {path}")
+        yield from _iter_txt(path)
 
 # -----------------------------------------------------------------------------
 # One source, epoch after epoch, with a position that can be saved and restored
@@ -283,7 +271,11 @@ class DocumentMixture:
             raise DataError(f"split must be one of {SPLITS}, got {split!r}")
         if on_bad_line not in BAD_LINE_POLICIES:
             raise DataError(f"on_bad_line must be one of {BAD_LINE_POLICIES}, got {on_bad_line!r}")
-        self.sources = resolve_sources(spec)
+        if spec is None and not list_reference_shards(get_shard_dir()):
+            raise DataError(f"no pretraining data: {get_shard_dir()} holds no shards. Download the reference shards "
+                            "with `python -m nanochat.dataset -n 8` (more for longer runs), or pass your own with "
+                            "--data=PATH")
+        self.sources = parse_data_spec(spec) if spec is not None else [DataSource(get_shard_dir(), reference=True)]
         self.readers = [SourceReader(s, split, on_bad_line) for s in self.sources]
         self.split = split
         self.infinite = infinite
@@ -356,7 +348,7 @@ def check_parquet(path, full=False):
     collections.deque(_iter_parquet(path, row_groups=None if full else 0), maxlen=0)
 
 
-def download_shard(index, base_url, data_dir, retries=5, backoff=2.0, timeout=60):
+def download_shard(index, base_url, data_dir, retries, backoff, timeout):
     """Fetch one shard unless a valid copy is there. Returns 'skipped' or 'downloaded'; raises DataError.
     `retries` counts attempts, the first included. The transfer is download.download_file's: atomic, and
     a truncated or corrupt file (every row group is decoded before the rename) is fetched again."""

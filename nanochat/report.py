@@ -35,19 +35,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START_FILE = "_start.json"  # the reset stamp; a leading underscore can never be a section slug
 REPORT_FILE = "report.md"
 
-# Pipeline order of the known sections; any other section follows, sorted by file name.
-SECTION_ORDER = [
-    "Budget plan", "Tokenizer training", "Tokenizer evaluation", "Base model training", "Base model loss",
-    "Base model evaluation", "Midtraining", "Chat evaluation mid", "Chat SFT", "Chat evaluation sft",
-    "Chat RL", "Chat evaluation rl",
-]
-# Which sections feed each column of the summary table; a later section overrides an earlier one.
+# Which sections feed each column of the summary table (pipeline order); a later section overrides an earlier one.
 STAGE_SECTIONS = {
     "BASE": ["Base model training", "Base model loss", "Base model evaluation"],
     "MID": ["Midtraining", "Chat evaluation mid"],
     "SFT": ["Chat SFT", "Chat evaluation sft"],
     "RL": ["Chat RL", "Chat evaluation rl"],
 }
+# Pipeline order of the known sections; any other section follows, sorted by file name.
+SECTION_ORDER = (["Budget plan", "Tokenizer training", "Tokenizer evaluation"]
+                 + [title for titles in STAGE_SECTIONS.values() for title in titles])
 SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "train_bpb", "val_bpb"]
 SOURCE_EXTS = (".py", ".sh", ".rs", ".html", ".js", ".css", ".toml", ".md")
 BUILD_DIRS = ("__pycache__", "build", "dist")  # git-ignored output, left out of the code size without git
@@ -168,17 +165,11 @@ def cpu_model():
 
 
 def hardware_info():
-    info = {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": None, "memory_gib": None, "gpus": []}
-    try:
-        import psutil
-        info["physical_cores"] = psutil.cpu_count(logical=False)
-        info["memory_gib"] = psutil.virtual_memory().total / 2**30
-    except Exception:
-        pass
-    if torch.cuda.is_available():
-        props = map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))
-        info["gpus"] = [(p.name, p.total_memory / 2**30) for p in props]
-    return info
+    import psutil  # a dependency, needed only here
+    props = map(torch.cuda.get_device_properties, range(torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    return {"cpu": cpu_model(), "logical_cores": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "memory_gib": psutil.virtual_memory().total / 2**30,
+            "gpus": [(p.name, p.total_memory / 2**30) for p in props]}
 
 
 def project_dependencies(pyproject_path):
@@ -253,16 +244,6 @@ def load_all_metrics(report_dir):
     return {s: m for s, m in metrics.items() if m}
 
 
-def summary_values(all_metrics):
-    """{metric: {stage: value}} for SUMMARY_METRICS; later sections of a stage override earlier ones."""
-    table = {m: {} for m in SUMMARY_METRICS}
-    for stage, titles in STAGE_SECTIONS.items():
-        for title, m in itertools.product(titles, SUMMARY_METRICS):
-            if (v := find_metric(all_metrics.get(slugify(title), {}), m)) is not None:
-                table[m][stage] = v
-    return table
-
-
 def _fmt(v):
     if isinstance(v, float):
         return "-" if math.isnan(v) else f"{v:.4f}"
@@ -270,7 +251,12 @@ def _fmt(v):
 
 
 def summary_markdown(all_metrics, wall_seconds):
-    table = summary_values(all_metrics)
+    """The summary table: each of SUMMARY_METRICS by stage, a later section of a stage overriding an earlier one."""
+    table = {m: {} for m in SUMMARY_METRICS}
+    for stage, titles in STAGE_SECTIONS.items():
+        for title, m in itertools.product(titles, SUMMARY_METRICS):
+            if (v := find_metric(all_metrics.get(slugify(title), {}), m)) is not None:
+                table[m][stage] = v
     stages = list(STAGE_SECTIONS)
     lines = ["## Summary", "", "| Metric | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
     for m in SUMMARY_METRICS:
@@ -304,7 +290,6 @@ def header_markdown(start, now, hw, git, code):
     if hw["physical_cores"]:
         cores = f"{hw['physical_cores']} physical / {cores}"
     gpus = ", ".join(f"{name} ({mem:.0f} GiB)" for name, mem in hw["gpus"]) if hw["gpus"] else "none"
-    memory = "unknown" if hw["memory_gib"] is None else f"{hw['memory_gib']:.1f} GiB"
     exts = ", ".join(f"{e} {n:,}" for e, n in sorted(code["lines_by_ext"].items(), key=lambda kv: -kv[1]))
     deps = "unknown" if code["dependencies"] is None else len(code["dependencies"])
     started = "unknown" if start is None else datetime.fromtimestamp(start).astimezone().isoformat(timespec="seconds")
@@ -316,7 +301,7 @@ def header_markdown(start, now, hw, git, code):
         f"- Git: branch {git['branch']}, commit {git['commit']} ({git['dirty']})",
         f"- CPU: {hw['cpu']} ({cores} cores)",
         f"- GPUs: {len(hw['gpus'])} x {gpus}" if hw["gpus"] else "- GPUs: none",
-        f"- Memory: {memory}",
+        f"- Memory: {hw['memory_gib']:.1f} GiB",
         f"- Software: Python {platform.python_version()}, PyTorch {torch.__version__}, {platform.platform()}",
         f"- Code: {code['lines']:,} lines in {code['files']:,} files, {code['chars']:,} characters"
         + (f" (lines by type: {exts})" if exts else ""),
@@ -363,15 +348,13 @@ def main(argv=None):
     p = make_parser("Assemble the report card ($NANOCHAT_BASE_DIR/report/report.md) or reset it at the start of a run.")
     p.prog = "python -m nanochat.report"
     sub = p.add_subparsers(dest="command", required=True, metavar="{generate,reset}")
-    g = sub.add_parser("generate", help="assemble report.md and plots from the sections written so far",
-                       formatter_class=p.formatter_class, allow_abbrev=False)
+    g = sub.add_parser("generate", help="assemble report.md and plots from the sections written so far")
     g.add_argument("--gpu-hour-cost", type=non_negative_float, default=DEFAULT_GPU_HOUR_COST,
                    help="$ per GPU-hour for the cost estimate (the default is an H100 assumption)")
     g.add_argument("--all-logs", type=str2bool, default=False,
                    help="plot every training log found, not only those written since the last reset")
     g.add_argument("--plots", type=str2bool, default=True, help="draw the PNG plots (--no-plots skips them)")
-    sub.add_parser("reset", help="clear the report dir and stamp the start time", formatter_class=p.formatter_class,
-                   allow_abbrev=False)
+    sub.add_parser("reset", help="clear the report dir and stamp the start time")
     args = p.parse_args(argv)
     if args.command == "reset":
         print(f"report reset: {reset()}")

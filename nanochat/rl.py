@@ -38,11 +38,11 @@ def group_advantages(rewards, normalize=False, eps=1e-6):
     return a
 
 
-def rollout_batch(prompt, completions, sampled, pad_id, max_len=None):
+def rollout_batch(prompt, completions, sampled, pad_id):
     """(inputs, targets) (N, L) int64 for N completions of one prompt: the sequence is prompt + completion,
     targets are the next tokens where that token was sampled, -1 elsewhere (prompt, forced, padding)."""
     rendered = [(list(prompt) + list(c), [0] * len(prompt) + list(m)) for c, m in zip(completions, sampled)]
-    return pad_conversations(rendered, pad_id, max_len)
+    return pad_conversations(rendered, pad_id)
 
 
 def policy_gradient_loss(model, inputs, targets, advantages, normalizer):

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
 import torch
@@ -48,10 +48,6 @@ class ServeConfig:
 # -----------------------------------------------------------------------------
 # Errors, in OpenAI's shape
 
-def error_body(message, code, kind="invalid_request_error", param=None):
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 class RequestError(Exception):
     """A refused request (or, status 500, a failed one); .response() is its JSON response, with Retry-After
     when the server is busy (429, 503)."""
@@ -62,7 +58,8 @@ class RequestError(Exception):
         self.status, self.message, self.code, self.param = status, message, code, param
 
     def response_body(self):
-        return error_body(self.message, self.code, self.KINDS.get(self.status, "invalid_request_error"), self.param)
+        kind = self.KINDS.get(self.status, "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
     def response(self):
         from fastapi.responses import JSONResponse
@@ -253,9 +250,6 @@ class Job:
         self.finish_reason = None  # "stop" / "length" once the consumer saw the end, "error" if it failed
         self.outcome = None  # the thread's view: "stop", "length", "cancelled" or "error"
 
-    def cancel(self):
-        self.cancelled.set()
-
     def _on_loop(self, callback, *args):
         try:
             self.loop.call_soon_threadsafe(callback, *args)
@@ -292,11 +286,9 @@ class Job:
             self.outcome = "error"
             self._put("error", e)
         finally:
-            try:
-                if gen is not None:
+            if gen is not None:
+                with suppress(Exception):  # nothing to report to: the request already has its end or error
                     gen.close()  # the engine's cleanup (KV cache) runs now, not at garbage collection
-            except Exception:
-                pass  # nothing to report to: the request already has its end or error
             self._put("closed")
             self._on_loop(self.pool.release, self, generated, time.perf_counter() - t0)
 
@@ -325,8 +317,6 @@ class WorkerPool:
     """Free workers in an asyncio queue: requests wait (FIFO, at most max_queue of them) for one."""
 
     def __init__(self, workers, max_queue=32, window=60.0):
-        if not workers:
-            raise ValueError("a worker pool needs at least one worker")
         self.workers, self.max_queue, self.window = list(workers), max_queue, window
         self.tokenizer = self.workers[0].tokenizer
         self.context_len = min((w.context_len for w in self.workers if w.context_len), default=None)
@@ -345,7 +335,7 @@ class WorkerPool:
 
     def stop(self):
         for job in list(self.jobs):
-            job.cancel()
+            job.cancelled.set()
 
     @property
     def busy(self):
@@ -444,7 +434,7 @@ async def openai_events(job, model_id):
         if job.request.include_usage:
             yield sse({**head, "choices": [], "usage": usage(job)})
     except RuntimeError as e:
-        yield sse(error_body(str(e), "generation_failed", "server_error"))
+        yield sse(RequestError(500, str(e), "generation_failed").response_body())
     yield "data: [DONE]\n\n"
 
 
@@ -459,18 +449,14 @@ async def openai_reply(job, model_id):
 # -----------------------------------------------------------------------------
 
 class RequestLog:
-    """Collects one request's facts and prints them as one line, once."""
+    """Collects one request's facts; emit() prints them as one line (each path of a request calls it once)."""
 
     def __init__(self, request):
         self.t0 = time.perf_counter()
         self.fields = dict(method=request.method, path=request.url.path,
                            client=request.client.host if request.client else "-")
-        self.done = False
 
     def emit(self, status, **fields):
-        if self.done:
-            return
-        self.done = True
         f = dict(self.fields, **fields)
         secs = time.perf_counter() - self.t0
         parts = [time.strftime("%Y-%m-%dT%H:%M:%S"), f.pop("method"), f.pop("path"), str(status), f"{secs:.3f}s"]

@@ -58,11 +58,6 @@ class TokenizerError(ValueError):
 # -----------------------------------------------------------------------------
 # tiktoken's ranks text format
 
-def dump_ranks(mergeable_ranks):
-    lines = [base64.b64encode(tok) + b" " + str(rank).encode() for tok, rank in sorted(mergeable_ranks.items(), key=lambda kv: kv[1])]
-    return b"\n".join(lines) + b"\n"
-
-
 def parse_ranks(data, source="ranks file"):
     ranks = {}
     for lineno, line in enumerate(data.splitlines(), 1):
@@ -112,24 +107,24 @@ def _thread_pool(pid, num_threads):
 class Tokenizer:
     """Encodes with tiktoken; trains with rustbpe; renders chat conversations into (ids, mask)."""
 
-    def __init__(self, mergeable_ranks, special_tokens, pattern=SPLIT_PATTERN, name="nanochat"):
+    def __init__(self, mergeable_ranks, special_tokens, pattern=SPLIT_PATTERN):
         if not isinstance(pattern, str) or not pattern:
             raise TokenizerError("split pattern must be a non-empty regex string")
         missing = [b for b in range(256) if bytes([b]) not in mergeable_ranks]
         if missing:
-            raise TokenizerError(f"the vocabulary lacks {len(missing)} of the 256 single-byte tokens (first: {missing[0]}), "
-                                 "so some text could not be encoded")
+            raise TokenizerError(f"the vocabulary lacks {len(missing)} of the 256 single bytes (first: {missing[0]}) "
+                                 "as tokens, so some text could not be encoded")
         ids = set(mergeable_ranks.values())
         if len(ids) != len(mergeable_ranks):
             raise TokenizerError("two mergeable tokens share a rank")
-        clash = [name_ for name_, i in special_tokens.items() if i in ids]
+        clash = [name for name, i in special_tokens.items() if i in ids]
         if clash or len(set(special_tokens.values())) != len(special_tokens):
             raise TokenizerError(f"special token ids collide with other tokens: {clash or sorted(special_tokens)}")
         self.mergeable_ranks = mergeable_ranks
         self.special_tokens = dict(special_tokens)
         self.pattern = pattern
         try:
-            self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
+            self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
         except ValueError as e:  # tiktoken rejects a bad regex
             raise TokenizerError(f"tiktoken rejected the tokenizer: {e}") from None
         self._id_to_special = {i: s for s, i in self.special_tokens.items()}
@@ -198,7 +193,9 @@ class Tokenizer:
         reader never accepts a mix of old and new files."""
         buf = io.BytesIO()
         torch.save(self.token_bytes(), buf)
-        files = {RANKS_FILE: dump_ranks(self.mergeable_ranks), TOKEN_BYTES_FILE: buf.getvalue()}
+        ranks = sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
+        files = {RANKS_FILE: b"".join(b"%s %d\n" % (base64.b64encode(tok), rank) for tok, rank in ranks),
+                 TOKEN_BYTES_FILE: buf.getvalue()}
         for name, data in files.items():
             atomic_write_bytes(os.path.join(directory, name), data)
         meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "vocab_size": self.get_vocab_size(),
@@ -366,9 +363,10 @@ class StreamDecoder:
     decoded together and a trailing U+FFFD (an incomplete sequence, or an invalid one only the next bytes
     can tell apart) is not emitted yet. Uses only decode(ids)."""
 
-    def __init__(self, tokenizer, max_window=64):
+    MAX_WINDOW = 64  # give up waiting (invalid bytes) after this many tokens
+
+    def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.max_window = max_window  # give up waiting (invalid bytes) after this many tokens
         self.window = []  # ids since the last clean cut
         self.emitted = 0  # characters of decode(window) already returned
 
@@ -376,7 +374,7 @@ class StreamDecoder:
         self.window.append(token_id)
         text = self.tokenizer.decode(self.window)
         complete = len(text.rstrip("\ufffd"))
-        if complete == len(text) or len(self.window) >= self.max_window:
+        if complete == len(text) or len(self.window) >= self.MAX_WINDOW:
             piece = text[self.emitted:]
             self.window, self.emitted = [], 0
             return piece
@@ -396,22 +394,14 @@ def get_tokenizer_dir():
     return os.path.join(get_base_dir(), "tokenizer")
 
 
-def _require_tokenizer_dir():
-    path = get_tokenizer_dir()
-    if not os.path.exists(os.path.join(path, META_FILE)):
-        raise FileNotFoundError(f"no tokenizer in {path}: train one with `python -m scripts.tok_train` or import one "
-                                "with `python -m scripts.tok_import --tiktoken=PATH` (or --hf-json=PATH)")
-    return path
-
-
 def get_tokenizer():
     """The tokenizer stored in $NANOCHAT_BASE_DIR/tokenizer."""
-    return Tokenizer.from_directory(_require_tokenizer_dir())
+    return Tokenizer.from_directory(get_tokenizer_dir())
 
 
 def get_token_bytes(device="cpu"):
     """int32 tensor [vocab_size] on `device`: UTF-8 bytes per token id, 0 for special tokens (for bits per byte)."""
-    path = _require_tokenizer_dir()
+    path = get_tokenizer_dir()
     data = _read_checked(path, TOKEN_BYTES_FILE, _read_meta(path))
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).to(device)
 
@@ -419,23 +409,23 @@ def get_token_bytes(device="cpu"):
 def _read_meta(path):
     """meta.json of the tokenizer directory `path`, checked for the format, version and the fields loading needs."""
     meta_path = os.path.join(path, META_FILE)
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no tokenizer directory at {path}")
     if not os.path.exists(meta_path):
-        raise FileNotFoundError(f"no tokenizer at {path}: {META_FILE} is missing")
+        where = (f"no tokenizer at {path}: {META_FILE} is missing" if os.path.isdir(path)
+                 else f"no tokenizer directory at {path}")
+        raise FileNotFoundError(f"{where}. Train one with `python -m scripts.tok_train` or import one with "
+                                "`python -m scripts.tok_import --tiktoken=PATH` (or --hf-json=PATH)")
     meta = read_json(meta_path, "corrupt tokenizer file ")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise TokenizerError(f"corrupt tokenizer file {meta_path}: not a {FORMAT_NAME} metadata file")
     if meta.get("version") != FORMAT_VERSION:
         raise TokenizerError(f"{meta_path}: format version {meta.get('version')!r}, this code reads version {FORMAT_VERSION}")
-    missing = [k for k in ("pattern", "special_tokens", "vocab_size", "sha256") if k not in meta]
+    fields = {"pattern": str, "special_tokens": dict, "vocab_size": int, "sha256": dict}
+    missing = [k for k in fields if k not in meta]
     if missing:
         raise TokenizerError(f"corrupt tokenizer file {meta_path}: missing field {missing[0]!r}")
-    specials = meta["special_tokens"]
-    if not (isinstance(meta["pattern"], str) and isinstance(meta["vocab_size"], int)
-            and isinstance(meta["sha256"], dict) and isinstance(specials, dict)
-            and all(isinstance(k, str) and isinstance(v, int) for k, v in specials.items())):
-        raise TokenizerError(f"corrupt tokenizer file {meta_path}: pattern, special_tokens, vocab_size or sha256 "
+    wrong = [k for k, kind in fields.items() if not isinstance(meta[k], kind)]
+    if wrong or not all(isinstance(k, str) and isinstance(v, int) for k, v in meta["special_tokens"].items()):
+        raise TokenizerError(f"corrupt tokenizer file {meta_path}: {(wrong or ['special_tokens'])[0]} "
                              "has the wrong type")
     return meta
 

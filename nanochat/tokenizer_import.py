@@ -25,30 +25,31 @@ def byte_level_chars():
 
 def ranks_from_byte_level(vocab, merges, specials, source):
     """Byte-level BPE (vocab: token string -> id, merges in priority order) -> (tiktoken ranks, {special: id}).
-    TokenizerError naming `source` when it is not a byte-level BPE or its ids do not follow merge order."""
+    TokenizerError naming `source` when it is not a byte-level BPE or its ids do not follow merge order.
+    (A vocabulary without all 256 single bytes is rejected by the Tokenizer built from the ranks.)"""
     char_to_byte = {c: b for b, c in byte_level_chars().items()}
+
+    def to_bytes(token, what):
+        try:
+            return bytes(char_to_byte[c] for c in token)
+        except KeyError as e:
+            raise TokenizerError(f"{source}: {what} has character {e.args[0]!r} outside the "
+                                 "byte-level alphabet") from None
+
     ranks, special_tokens = {}, {}
     for token, idx in vocab.items():
         if not isinstance(idx, int) or idx < 0:
             raise TokenizerError(f"{source}: token {token!r} has id {idx!r}, expected a non-negative integer")
         if token in specials:
             special_tokens[token] = idx
-            continue
-        try:
-            ranks[bytes(char_to_byte[c] for c in token)] = idx
-        except KeyError as e:
-            raise TokenizerError(f"{source}: not a byte-level BPE vocabulary: token {token!r} has character "
-                                 f"{e.args[0]!r} outside the byte-level alphabet") from None
-    missing = [b for b in range(256) if bytes([b]) not in ranks]
-    if missing:
-        raise TokenizerError(f"{source}: not a byte-level BPE vocabulary: {len(missing)} of the 256 single bytes "
-                             f"have no token (first: {missing[0]})")
+        else:
+            ranks[to_bytes(token, f"not a byte-level BPE vocabulary: token {token!r}")] = idx
     last, produced = -1, set()
-    for i, (a, b) in enumerate(merges):
-        try:
-            merged = bytes(char_to_byte[c] for c in a + b)
-        except KeyError as e:
-            raise TokenizerError(f"{source}: merge {i} ({a!r}, {b!r}) has character {e.args[0]!r} outside the byte-level alphabet") from None
+    for i, pair in enumerate(merges):
+        if len(pair) != 2:
+            raise TokenizerError(f"{source}: merge {i} {pair!r} is not a pair of tokens")
+        a, b = pair
+        merged = to_bytes(a + b, f"merge {i} ({a!r}, {b!r})")
         if merged not in ranks:
             raise TokenizerError(f"{source}: merge {i} ({a!r}, {b!r}) produces a token that is not in the vocabulary")
         if merged in produced:
@@ -108,11 +109,7 @@ def from_hf_json(path, pattern=None):
         added = {t["content"]: t["id"] for t in cfg.get("added_tokens") or []}
     except (AttributeError, KeyError, TypeError) as e:
         raise TokenizerError(f"{path}: malformed merges or added_tokens ({e!r})") from None
-    if any(len(m) != 2 for m in merges):
-        raise TokenizerError(f"{path}: every merge must be a pair of tokens")
-    vocab = dict(model["vocab"])
-    vocab.update(added)
-    ranks, specials = ranks_from_byte_level(vocab, merges, set(added), path)
+    ranks, specials = ranks_from_byte_level({**model["vocab"], **added}, merges, set(added), path)
     return Tokenizer(ranks, add_our_special_tokens(ranks, specials), pattern)
 
 # -----------------------------------------------------------------------------
@@ -125,9 +122,6 @@ def from_gpt2_files(encoder_json, vocab_bpe):
     if not isinstance(vocab, dict):
         raise TokenizerError(f"{encoder_json}: expected a JSON object of token -> id")
     with open(vocab_bpe, encoding="utf-8") as f:
-        lines = [line for line in f.read().split("\n") if line and not line.startswith("#version")]
-    merges = [tuple(line.split(" ")) for line in lines]
-    if any(len(m) != 2 for m in merges):
-        raise TokenizerError(f"{vocab_bpe}: every merge line must be two tokens separated by a space")
+        merges = [tuple(line.split(" ")) for line in f.read().split("\n") if line and not line.startswith("#version")]
     ranks, specials = ranks_from_byte_level(vocab, merges, {"<|endoftext|>"}, encoder_json)
     return Tokenizer(ranks, add_our_special_tokens(ranks, specials), GPT2_PATTERN)

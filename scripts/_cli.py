@@ -143,20 +143,14 @@ def resume_or_exit(script, logger, ckpt_dir, step, optimizers, loaders, device, 
 # The trained model a chat script (chat_cli, chat_web, chat_eval) loads
 
 
-def add_model_source_flags(parser, source="sft", short=True):
-    """-i/--source (source=None: required), -g/--model-tag, -s/--step, --device-type, --compile. short=False is
-    chat_eval's variant, as its command lines have always been written: no -g / -s, and '' (not None) is the
-    default tag and device type."""
+def add_model_source_flags(parser, source="sft"):
+    """-i/--source (source=None: required), -g/--model-tag, -s/--step, --device-type, --compile."""
     from nanochat.common import non_negative_int
-    unset = None if short else ""
     parser.add_argument("-i", "--source", default=source, required=source is None, choices=["base", "mid", "sft", "rl"],
                         help="checkpoint family")
-    parser.add_argument(*(["-g"] if short else []), "--model-tag", default=unset,
-                        help="model tag (e.g. d20); default the largest")
-    parser.add_argument(*(["-s"] if short else []), "--step", type=non_negative_int, default=None,
-                        help="checkpoint step; default the last")
-    parser.add_argument("--device-type", choices=["cuda", "mps", "cpu"] if short else ["", "cuda", "mps", "cpu"],
-                        default=unset, help="default: autodetect")
+    parser.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
+    parser.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; default the last")
+    parser.add_argument("--device-type", choices=["", "cuda", "mps", "cpu"], default="", help="'' = autodetect")
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="compile the decode step (Engine(compile=True): faster tokens after a one-off "
                              "compilation per batch shape; weights frozen)")
@@ -179,7 +173,7 @@ def load_model_or_exit(script, args, device):
     import sys
     from nanochat.checkpoint import load_model, resolve_checkpoint
     try:
-        ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag or None, args.step)
+        ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, _ = load_model(args.source, device, model_tag=os.path.basename(ckpt_dir), step=step)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"{script}: {e}", file=sys.stderr, flush=True)

@@ -25,9 +25,8 @@ def flag(dest, v):
 
 
 def variants(seq_len, reference=None):
-    """[(label, base_train flags)]: the reference, then each of nanochat.gpt's planned changes alone and
-    all together at a reference context of `seq_len` (halved and quartered as the plan's 2048 -> 1024,
-    512), each as the flags whose value differs from `reference` (the ablation's architecture flags;
+    """[(label, base_train flags)]: the reference, then nanochat.gpt's planned changes at a reference context
+    of `seq_len`, each as the flags whose value differs from `reference` (the ablation's architecture flags;
     default: their tiny-scale defaults at --max-seq-len=seq_len)."""
     reference = reference or {**vars(model_flags(**TINY_SCALE)), "max_seq_len": seq_len}
     return [("reference", [])] + [

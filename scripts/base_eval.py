@@ -54,9 +54,11 @@ def write_results_csv(out, tag):
     return path
 
 
-def report_markdown(out, info=None):
-    """The report-card body: run info, CORE, the per-task table and the missing tasks."""
-    lines = [f"- {k}: {v}" for k, v in (info or {}).items()]
+def write_report(out, info):
+    """The report section "Base model evaluation": run info, CORE, the per-task table and the missing tasks,
+    with the metric CORE for the summary table; returns its path."""
+    from nanochat.report import write_section
+    lines = [f"- {k}: {v}" for k, v in info.items()]
     lines.append(f"- max per task: {out['max_per_task'] if out['max_per_task'] > 0 else 'all'}")
     lines.append(f"- CORE: {out['core']:.4f} (mean centered accuracy over {len(out['results'])} tasks)")
     lines.append(f"- missing tasks: {', '.join(out['missing']) if out['missing'] else 'none'}")
@@ -64,13 +66,7 @@ def report_markdown(out, info=None):
     for label, r in out["results"].items():
         lines.append(f"| {label} | {r['task_type']} | {r['num_fewshot']} | {r['num_items']} | "
                      f"{r['accuracy']:.4f} | {r['centered']:.4f} |")
-    return "\n".join(lines)
-
-
-def write_report(out, info=None):
-    """The report section "Base model evaluation" with the metric CORE for the summary table; returns its path."""
-    from nanochat.report import write_section
-    return write_section("Base model evaluation", report_markdown(out, info), metrics={"CORE": out["core"]})
+    return write_section("Base model evaluation", "\n".join(lines), metrics={"CORE": out["core"]})
 
 # -----------------------------------------------------------------------------
 

@@ -5,10 +5,10 @@ Train and validation bits per byte of a base checkpoint, plus a few greedy sampl
     torchrun --nproc_per_node=8 -m scripts.base_loss
 """
 from nanochat.checkpoint import CheckpointError, load_model
-from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, make_parser,
-                             positive_int, print0)
+from nanochat.common import compute_cleanup, make_parser, positive_int, print0
 from nanochat.dataset import DataError
 from nanochat.engine import SAMPLE_PROMPTS, greedy_samples
+from nanochat.training import init_device
 
 
 def get_args(argv=None):
@@ -29,8 +29,7 @@ def main(argv=None):
     from nanochat.loss_eval import evaluate_bpb
     from nanochat.tokenizer import get_token_bytes
 
-    _, rank, _, world_size, device = compute_init(args.device_type or None, seed=args.seed)
-    device_type, dtype = device.type, get_compute_dtype(device.type)
+    _, rank, world_size, device, _, autocast = init_device(args.device_type, args.seed)
     try:
         model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     except CheckpointError as e:
@@ -47,11 +46,11 @@ def main(argv=None):
                                      rank=rank, world_size=world_size))
         except DataError as e:
             raise SystemExit(f"data error: {e}")
-        with autocast_context(device_type, dtype):
+        with autocast():
             results[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {results[split]:.4f}")
     if rank == 0:
-        with autocast_context(device_type, dtype):
+        with autocast():
             samples = greedy_samples(model, tokenizer, SAMPLE_PROMPTS)
         for text in samples:
             print0(f"sample: {text!r}")

@@ -16,9 +16,6 @@ from nanochat.tokenizer import StreamDecoder
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
-CLEAR_COMMANDS = {"clear", "/clear"}
-QUIT_COMMANDS = {"quit", "exit", "/quit", "/exit"}
-
 
 def get_parser():
     p = make_parser(__doc__)
@@ -86,9 +83,9 @@ def interactive(chat):
             return
         if not text:
             continue
-        if text.lower() in QUIT_COMMANDS:
+        if text.lower() in ("quit", "exit", "/quit", "/exit"):
             return
-        if text.lower() in CLEAR_COMMANDS:
+        if text.lower() in ("clear", "/clear"):
             chat.clear()
             print("(conversation cleared)", flush=True)
             continue

@@ -14,6 +14,7 @@ import argparse
 from nanochat.chat_eval import format_results_table, run_chat_eval, write_report
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, make_parser, positive_int,
                              non_negative_float, non_negative_int)
+from nanochat.engine import Engine
 from tasks.registry import TASK_NAMES, load_tasks, parse_task_names
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit, stage_error
@@ -28,7 +29,7 @@ def task_list(value):
 
 def get_parser():
     p = make_parser(__doc__)
-    add_model_source_flags(p, source=None, short=False)
+    add_model_source_flags(p, source=None)
     p.add_argument("-a", "--task-name", type=task_list, default="|".join(TASK_NAMES),
                    help="tasks to evaluate, separated by '|'")
     p.add_argument("--max-problems", type=positive_int, default=None,
@@ -52,10 +53,7 @@ def main(argv=None):
         tasks = load_tasks(names)
     except FileNotFoundError as e:
         stage_error(f"chat_eval: {e}")
-    engine = None
-    if any(tasks[n].eval_type == "generative" for n in names):
-        from nanochat.engine import Engine
-        engine = Engine(model, tokenizer, compile=args.compile)
+    engine = Engine(model, tokenizer, compile=args.compile)  # cheap: compiles on first use, if ever
     with autocast_context(device.type, get_compute_dtype(device.type)):
         out = run_chat_eval(model, tokenizer, engine, names, max_problems=args.max_problems,
                             batch_size=args.batch_size, num_samples=args.num_samples,

@@ -12,10 +12,8 @@ Endpoints
     GET  /v1/models             OpenAI model list (one model)
     GET  /health, GET /stats    liveness, defaults and limits; worker, queue and throughput counters
 
-This script is the command line and the HTTP routes; nanochat/serve.py is the machinery: request parsing
-and limits (4xx errors naming the flag), the worker pool and cancellation, the replies, the log line.
+This script is the command line and the HTTP routes; the machinery is nanochat/serve.py.
 """
-import argparse
 import asyncio
 import os
 import time
@@ -24,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from nanochat.common import make_parser, non_negative_float, non_negative_int, positive_float, positive_int
+from nanochat.common import make_parser, non_negative_float, non_negative_int, number_type, positive_float, positive_int
 from nanochat.serve import (RequestError, RequestLog, ServeConfig, Worker, WorkerPool, openai_events, openai_reply,
                             page_events, parse_request, read_body, wait_for_disconnect)
 
@@ -35,15 +33,13 @@ UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # -----------------------------------------------------------------------------
 # The app: routes over nanochat.serve's pool, parsing and replies
 
-def create_app(pool, config=None, model_id="nanochat"):
+def create_app(pool, config, model_id):
     """The FastAPI app over a WorkerPool. config: ServeConfig (defaults and limits)."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import HTMLResponse, Response, StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
     from starlette.requests import ClientDisconnect
 
-    config = config or ServeConfig()
     with open(UI_PATH, encoding="utf-8") as f:
         page = f.read()
     created = int(time.time())
@@ -61,10 +57,6 @@ def create_app(pool, config=None, model_id="nanochat"):
     async def http_error(request, exc):  # 404, 405 in the same JSON shape as ours
         return RequestError(exc.status_code, str(exc.detail), str(exc.status_code)).response()
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request, exc):
-        return RequestError(400, str(exc), "invalid_request").response()
-
     class EventStream(StreamingResponse):
         """Server-sent events; however the response ends (done, client gone, error), the generation
         is cancelled and the request logged."""
@@ -79,7 +71,7 @@ def create_app(pool, config=None, model_id="nanochat"):
                 await super().__call__(scope, receive, send)
             finally:
                 if self.job.finish_reason is None:
-                    self.job.cancel()
+                    self.job.cancelled.set()
                 self.log.emit(200, completion_tokens=self.job.completion_tokens,
                               finish=self.job.finish_reason or "cancelled", worker=self.job.worker.name)
 
@@ -121,9 +113,8 @@ def create_app(pool, config=None, model_id="nanochat"):
         except ClientDisconnect:
             return None
         req = parse_request(raw, config, default_stream)
-        log.fields.update(stream=int(req.stream), messages=len(req.messages), chars=req.chars)
         prompt = pool.tokenizer.render_for_completion({"messages": req.messages})  # valid: parse_request checked it
-        log.fields["prompt_tokens"] = len(prompt)
+        log.fields.update(stream=int(req.stream), messages=len(req.messages), chars=req.chars, prompt_tokens=len(prompt))
         if pool.context_len:
             room = pool.context_len - len(prompt)
             if room < 1:
@@ -149,7 +140,10 @@ def create_app(pool, config=None, model_id="nanochat"):
             return None
         return pool.submit(worker, prompt, req)
 
-    async def chat(request, openai_format):
+    @app.post("/chat/completions")  # the page's endpoint
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        openai_format = request.url.path.endswith("/v1/chat/completions")
         log = RequestLog(request)
         pool.counts["requests"] += 1
         try:
@@ -168,7 +162,7 @@ def create_app(pool, config=None, model_id="nanochat"):
             return EventStream(body, job, log)
         # not streaming: collect the reply, cancelling if the client leaves meanwhile
         watcher = asyncio.ensure_future(wait_for_disconnect(request))
-        watcher.add_done_callback(lambda t: t.cancelled() or job.cancel())
+        watcher.add_done_callback(lambda t: t.cancelled() or job.cancelled.set())
         try:
             reply = await openai_reply(job, model_id)
         except RuntimeError as e:
@@ -182,25 +176,13 @@ def create_app(pool, config=None, model_id="nanochat"):
         log.emit(200, completion_tokens=job.completion_tokens, finish=job.finish_reason, worker=job.worker.name)
         return reply
 
-    @app.post("/chat/completions")
-    async def page_chat(request: Request):
-        return await chat(request, openai_format=False)
-
-    @app.post("/v1/chat/completions")
-    async def openai_chat(request: Request):
-        return await chat(request, openai_format=True)
-
     return app
 
 
 # -----------------------------------------------------------------------------
 # Command line
 
-def port_number(value):
-    n = non_negative_int(value)
-    if n > 65535:
-        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535], got {value!r}")
-    return n
+port_number = number_type(int, lambda n: 0 <= n <= 65535, "a port in [0, 65535]", "port_number")
 
 
 def get_parser():

@@ -21,25 +21,30 @@ import sys
 
 import torch
 
-from nanochat.common import (GPU_PEAK_BF16_FLOPS, gpu_peak_flops, make_parser, non_negative_float, positive_float,
-                             positive_int, str2bool)
-from nanochat.gpt import GPT, MODEL_FLAGS as ALL_MODEL_FLAGS, add_model_flags, config_from_flags, planned_changes
+from nanochat.common import (GPU_PEAK_BF16_FLOPS, gpu_peak_flops, make_parser, non_negative_float, number_type,
+                             positive_float, positive_int, str2bool)
+from nanochat.gpt import GPT, add_model_flags, config_from_flags, model_flags, planned_changes
+from nanochat.report import DEFAULT_GPU_HOUR_COST, find_metric, read_section_metrics, write_section
 
 # --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak): h100-pcie, rtx4090
 GPU_NAMES = {name.lower().replace(" pcie", "-pcie").replace(" ", ""): name for name, _ in GPU_PEAK_BF16_FLOPS}
 DEFAULT_CHARS_PER_TOKEN = 4.8  # the reference 65,536-token tokenizer on FineWeb-EDU text
 DEFAULT_CHARS_PER_SHARD = 250e6  # one reference FineWeb-EDU parquet shard holds about 250M characters
-MODEL_FLAGS = tuple(f for f in ALL_MODEL_FLAGS if f != "depth")  # the depth is swept (--depths)
+# the reference architecture: every architecture flag at its default, but the depth, which is swept (--depths)
+REFERENCE = {k: v for k, v in vars(model_flags()).items() if k != "depth"}
+MODEL_FLAGS = tuple(REFERENCE)
+mfu_fraction = number_type(float, lambda x: 0 < x <= 1, "a number in (0, 1]", "mfu_fraction")
+reserve_fraction = number_type(float, lambda x: 0 <= x < 1, "a number in [0, 1)", "reserve_fraction")
 
 
 def parse_depths(spec):
     """'8:40:2' (start:stop[:step], inclusive) or '12,16,20'."""
     try:
         if ":" in spec:
-            parts = [int(x) for x in spec.split(":")]
-            if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] <= 0):
+            start, stop, *step = map(int, spec.split(":"))  # fewer than two parts: a ValueError too
+            if len(step) > 1 or step and step[0] <= 0:
                 raise ValueError
-            depths = list(range(parts[0], parts[1] + 1, parts[2] if len(parts) == 3 else 1))
+            depths = list(range(start, stop + 1, *step))
         else:
             depths = [int(x) for x in spec.split(",")]
     except ValueError:
@@ -57,10 +62,11 @@ def build_parser():
     g.add_argument("--gpu", default="h100", choices=sorted(GPU_NAMES), help="GPU kind (sets the peak bf16 FLOP/s)")
     g.add_argument("--peak-tflops", type=positive_float, default=None, help="override the GPU's peak bf16 TFLOP/s")
     g.add_argument("--hours", type=positive_float, default=11.0, help="wall-clock budget for the whole pipeline")
-    g.add_argument("--reserve", type=float, default=0.15,
+    g.add_argument("--reserve", type=reserve_fraction, default=0.15,
                    help="fraction of --hours kept for tokenizer, evals, midtraining and SFT; base training gets the rest")
-    g.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilization to assume (a measured one when you have it)")
-    g.add_argument("--gpu-hour-cost", type=non_negative_float, default=3.0,
+    g.add_argument("--mfu", type=mfu_fraction, default=0.4,
+                   help="model FLOPs utilization to assume (a measured one when you have it)")
+    g.add_argument("--gpu-hour-cost", type=non_negative_float, default=DEFAULT_GPU_HOUR_COST,
                    help="$ per GPU-hour (the default is an H100 assumption)")
     g.add_argument("--depths", type=parse_depths, default="8:40:2", help="START:STOP[:STEP] or a list")
     g = p.add_argument_group("model (the flags of scripts.base_train)")
@@ -78,13 +84,7 @@ def build_parser():
 
 
 def get_args(argv=None):
-    p = build_parser()
-    args = p.parse_args(argv)
-    if not 0 < args.mfu <= 1:
-        p.error(f"argument --mfu: must be in (0, 1], got {args.mfu}")
-    if not 0 <= args.reserve < 1:
-        p.error(f"argument --reserve: must be in [0, 1), got {args.reserve}")
-    return args
+    return build_parser().parse_args(argv)
 
 # -----------------------------------------------------------------------------
 # The arithmetic (importable; main() only prints)
@@ -117,7 +117,6 @@ def resolve_chars_per_token(flag):
     """(chars per token, where it came from): the flag, the report's tokenizer evaluation, or the default."""
     if flag:
         return flag, "--chars-per-token"
-    from nanochat.report import find_metric, read_section_metrics
     metrics = read_section_metrics("Tokenizer evaluation")
     for key in ("chars_per_token", "bytes_per_token"):
         v = find_metric(metrics, key)
@@ -166,17 +165,6 @@ def plan_or_error(args, depth, peak_flops, chars_per_token, **overrides):
     return plan_config(args, config, peak_flops, chars_per_token)
 
 
-def plan_depths(args, depths, peak_flops, chars_per_token):
-    """([Plan] for the depths the flags allow, {depth: why not} for the others)."""
-    results = {depth: plan_or_error(args, depth, peak_flops, chars_per_token) for depth in depths}
-    return ([p for p in results.values() if not isinstance(p, str)],
-            {depth: p for depth, p in results.items() if isinstance(p, str)})
-
-
-def base_hours_budget(args):
-    return args.hours * (1 - args.reserve)
-
-
 def choose_depth(plans, budget_hours):
     """The largest planned depth whose base training fits in `budget_hours`, or None."""
     return max((p for p in plans if p.hours <= budget_hours), key=lambda p: p.depth, default=None)
@@ -185,20 +173,17 @@ def choose_depth(plans, budget_hours):
 def compare_changes(args, depth, peak_flops, chars_per_token):
     """[(label, Plan or error string)]: the reference, each planned change alone, all together, and
     the given flags when they are none of those, all at `depth`."""
-    defaults = build_parser().parse_args([])
-    reference = {k: getattr(defaults, k) for k in MODEL_FLAGS}
     yours = {k: getattr(args, k) for k in MODEL_FLAGS}
-    variants = [("reference", {})] + planned_changes(reference["max_seq_len"], context_label="seq")
-    if yours != reference and yours != {**reference, **variants[-1][1]}:
+    variants = [("reference", {})] + planned_changes(REFERENCE["max_seq_len"], context_label="seq")
+    if yours != REFERENCE and yours != {**REFERENCE, **variants[-1][1]}:
         variants.append(("your flags", yours))
-    return [(label, plan_or_error(args, depth, peak_flops, chars_per_token, **{**reference, **change}))
+    return [(label, plan_or_error(args, depth, peak_flops, chars_per_token, **{**REFERENCE, **change}))
             for label, change in variants]
 
 
 def base_train_command(args, depth):
-    defaults = build_parser().parse_args([])
     flags = [f"--depth={depth}"] + [f"--{k.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
-                                    for k in MODEL_FLAGS if (v := getattr(args, k)) != getattr(defaults, k)]
+                                    for k in MODEL_FLAGS if (v := getattr(args, k)) != REFERENCE[k]]
     flags += [f"--target-param-data-ratio={args.target_param_data_ratio:g}", f"--total-batch-size={args.total_batch_size}",
               "--device-batch-size=auto"]
     launcher = f"torchrun --standalone --nproc_per_node={args.gpus} -m scripts.base_train --" if args.gpus > 1 \
@@ -235,7 +220,7 @@ def _delta(x, ref):
 
 
 def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token, cpt_source):
-    budget = base_hours_budget(args)
+    budget = args.hours * (1 - args.reserve)  # base training's share
     out = [
         f"Budget: {args.hours:g} h x {args.gpus} {GPU_NAMES[args.gpu]} = {args.hours * args.gpus:g} GPU-hours "
         f"(${args.hours * args.gpus * args.gpu_hour_cost:,.0f} at ${args.gpu_hour_cost:.2f}/GPU-hour); base training "
@@ -302,16 +287,17 @@ def main(argv=None):
     args = get_args(argv)
     peak = peak_flops_for(args)
     chars_per_token, source = resolve_chars_per_token(args.chars_per_token)
-    plans, invalid = plan_depths(args, args.depths, peak, chars_per_token)
+    results = {depth: plan_or_error(args, depth, peak, chars_per_token) for depth in args.depths}
+    plans = [p for p in results.values() if not isinstance(p, str)]
+    invalid = {depth: why for depth, why in results.items() if isinstance(why, str)}  # the flags give no model
     if not plans:
         raise SystemExit("no listed depth gives a valid model for these flags:\n" +
                          "\n".join(f"  depth {d}: {why}" for d, why in invalid.items()))
-    chosen = choose_depth(plans, base_hours_budget(args))
+    chosen = choose_depth(plans, args.hours * (1 - args.reserve))
     comparison = compare_changes(args, (chosen or plans[0]).depth, peak, chars_per_token)
     text = render(args, plans, invalid, chosen, comparison, peak, chars_per_token, source)
     print(text)
     if args.report:
-        from nanochat.report import write_section
         metrics = dict(gpus=args.gpus, gpu=GPU_NAMES[args.gpu], budget_hours=args.hours, mfu=args.mfu,
                        chars_per_token=chars_per_token, depth=None if chosen is None else chosen.depth)
         if chosen is not None:

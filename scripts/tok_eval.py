@@ -107,8 +107,7 @@ def compression_table(tokenizers, texts):
     results = {}
     for label, text in texts:
         nbytes = len(text.encode("utf-8"))
-        bpt = {n: nbytes / max(1, len(tok.encode(text))) for n, tok in tokenizers.items()}
-        results[label] = bpt
+        results[label] = bpt = {n: nbytes / max(1, len(tok.encode(text))) for n, tok in tokenizers.items()}
         rel = "".join(f" | {100 * (bpt[names[0]] / bpt[n] - 1):+.1f}%" for n in names[1:])
         lines.append(f"| {label} | {nbytes:,} | " + " | ".join(f"{bpt[n]:.2f}" for n in names) + rel + " |")
     return "\n".join(lines), results
@@ -145,10 +144,10 @@ def main(argv=None):
     metrics = {"vocab_size": ours.get_vocab_size()}
     if prose:  # what scripts.plan reads to turn a token budget into characters of data
         total = sum(w for _, _, w in prose)  # a weight is a share of characters, as in training
-        tokens_per_char = sum(w / total * len(ours.encode(text)) / max(1, len(text)) for _, text, w in prose)
+        ntok = [len(ours.encode(text)) for _, text, _ in prose]
+        tokens_per_char = sum(w / total * n / max(1, len(text)) for (_, text, w), n in zip(prose, ntok))
         metrics["chars_per_token"] = round(1 / tokens_per_char, 4)
-        nbytes = sum(len(t.encode("utf-8")) for _, t, _ in prose)
-        metrics["bytes_per_token"] = round(nbytes / sum(len(ours.encode(t)) for _, t, _ in prose), 4)
+        metrics["bytes_per_token"] = round(sum(len(t.encode("utf-8")) for _, t, _ in prose) / sum(ntok), 4)
         notes.append(f"our characters per token on the --data mix (weighted as in training): {metrics['chars_per_token']:.3f}")
     body = (f"Compression in UTF-8 bytes per token (higher is better); our vocab {ours.get_vocab_size():,}"
             + "".join(f", {n} {t.get_vocab_size():,}" for n, t in tokenizers.items() if n != "ours")

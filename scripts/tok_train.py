@@ -11,7 +11,7 @@ cut to --doc-cap characters, until --max-chars characters have been read.
 import sys
 import time
 
-from nanochat.common import make_parser, positive_int
+from nanochat.common import make_parser, number_type, positive_int
 from nanochat.dataset import DataError, iter_documents
 from nanochat.report import write_section
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, get_tokenizer_dir
@@ -33,14 +33,13 @@ def training_texts(documents, max_chars, doc_cap):
 
 def main(argv=None):
     parser = make_parser(__doc__)
-    parser.add_argument("--vocab-size", type=positive_int, default=65536, help="vocab size, counting the 256 byte tokens and the special tokens")
+    min_vocab = 256 + len(SPECIAL_TOKENS)  # the byte tokens and the special tokens
+    vocab_size = number_type(int, lambda n: n >= min_vocab, f"an integer >= {min_vocab}", "vocab_size")
+    parser.add_argument("--vocab-size", type=vocab_size, default=65536, help="vocab size, counting the 256 byte tokens and the special tokens")
     parser.add_argument("--max-chars", type=positive_int, default=2_000_000_000, help="train on at most this many characters")
     parser.add_argument("--doc-cap", type=positive_int, default=10_000, help="feed documents to the trainer in pieces of at most this many characters")
     parser.add_argument("--data", default=None, help="data spec PATH[:WEIGHT][,PATH[:WEIGHT]...]; default: the reference shards in $NANOCHAT_BASE_DIR/base_data")
     args = parser.parse_args(argv)
-    min_vocab = 256 + len(SPECIAL_TOKENS)
-    if args.vocab_size < min_vocab:
-        parser.error(f"argument --vocab-size: must be at least {min_vocab} (256 byte tokens + {len(SPECIAL_TOKENS)} special tokens), got {args.vocab_size}")
 
     try:
         documents = iter_documents(args.data, split="train", infinite=False)
@@ -56,8 +55,6 @@ def main(argv=None):
 
     out_dir = get_tokenizer_dir()
     tokenizer.save(out_dir)
-    sample = "Hello world! It's 2025: numbers like 1234567, émigré, 日本語, and <|bos|> as plain text."
-    assert tokenizer.decode(tokenizer.encode(sample)) == sample, "round trip failed"  # never expected; cheap to check
 
     token_bytes = tokenizer.token_bytes()
     lengths = token_bytes[token_bytes > 0].float()

@@ -47,11 +47,10 @@ def data_path(*parts, path=None, what="task data"):
 LETTERS = "ABCDEFGHIJ"
 
 
-def render_mc(question, choices, letters=None):
+def render_mc(question, choices):
     """The user message of a multiple-choice question: the choices listed with letters, and an instruction
     to answer with just the letter, so the assistant's reply is a single letter token."""
-    letters = letters or LETTERS[:len(choices)]
-    assert len(letters) == len(choices), "one letter per choice"
+    letters = LETTERS[:len(choices)]
     lines = [question.strip(), ""]
     lines += [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
     lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters[:-1])} or {letters[-1]})."]
@@ -63,7 +62,7 @@ def mc_conversation(question, choices, gold, **extra):
     if not 0 <= gold < len(choices):
         raise ValueError(f"gold index {gold} out of range for {len(choices)} choices")
     letters = list(LETTERS[:len(choices)])
-    return {"messages": [{"role": "user", "content": render_mc(question, choices, letters)},
+    return {"messages": [{"role": "user", "content": render_mc(question, choices)},
                          {"role": "assistant", "content": letters[gold]}],
             "letters": letters, **extra}
 

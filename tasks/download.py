@@ -10,14 +10,13 @@ By default each file comes from its public source (raw GitHub URLs at pinned com
 BASE/<path relative to the data folder> instead, i.e. a mirror with the layout of the data folder.
 Existing files are kept unless --force. The transfer itself is nanochat.download.download_file.
 """
-import gzip
-import json
 import os
 import sys
 
-from nanochat.common import logger, make_parser, str2bool
+from nanochat.common import logger, make_parser, read_jsonl, str2bool
 from nanochat.download import DownloadError, download_file  # noqa: F401  (re-exported)
 from tasks.common import get_task_data_dir
+from tasks.mmlu import SUBJECTS, read_mmlu_csv
 
 EVAL_URL_ENV = "NANOCHAT_EVAL_URL"
 
@@ -26,26 +25,13 @@ EVAL_URL_ENV = "NANOCHAT_EVAL_URL"
 # Validation hooks for the task formats: fail fast on an HTML error page or a truncated file.
 
 def validate_jsonl(path):
-    with open(path, "rb") as f:
-        opener = gzip.open if path.endswith(".gz") or f.read(2) == b"\x1f\x8b" else open  # by name or magic bytes
-    n = 0
-    with opener(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except ValueError:
-                    raise ValueError(f"line {lineno} is not JSON") from None
-                n += 1
-    if n == 0:
+    if not read_jsonl(path):  # raises on a line that is not JSON
         raise ValueError("no rows")
 
 
 def validate_mmlu_csv(path):
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().strip()
-    if header != "question,choice0,choice1,choice2,choice3,answer":
-        raise ValueError(f"unexpected CSV header {header[:80]!r}")
+    if not read_mmlu_csv(path, subject=None):  # raises on a row that is not a question, 4 choices and an answer
+        raise ValueError("no rows")
 
 # -----------------------------------------------------------------------------
 # What to download: path under the data folder -> default public source
@@ -56,7 +42,6 @@ def _github(repo, commit, path):
 
 def eval_files():
     """{group: {relative path under the data folder: default url}}."""
-    from tasks.mmlu import SUBJECTS
     gsm = ("openai/grade-school-math", "3101c7d5072418e28b9008a6636bde82a006892c")
     humaneval = ("openai/human-eval", "6d43fb980f9fee3c892a914eda09951f772ad10d")
     mmlu = ("HaeChan0305/MLILAB-FedLLM", "d92730e8bacd7b3a61e551e015e40588e10234b4")
@@ -73,14 +58,13 @@ def eval_files():
     }
 
 
-def download_eval_data(dest_dir, groups=None, base_url=None, force=False, **kwargs):
-    """Download the task files of `groups` (default all) under `dest_dir`; returns the paths written."""
+def download_eval_data(dest_dir, groups, base_url=None, force=False):
+    """Download the task files of `groups` under `dest_dir`, from `base_url` (a mirror with the data folder's
+    layout) or else their public sources; returns the paths written."""
     files = eval_files()
-    groups = list(files) if groups is None else groups
     unknown = [g for g in groups if g not in files]
     if unknown:
         raise ValueError(f"unknown data group(s) {unknown}; choose from {sorted(files)}")
-    base_url = base_url if base_url is not None else os.environ.get(EVAL_URL_ENV)
     written = []
     for group in groups:
         for rel, default_url in files[group].items():
@@ -90,22 +74,21 @@ def download_eval_data(dest_dir, groups=None, base_url=None, force=False, **kwar
             url = f"{base_url.rstrip('/')}/{rel}" if base_url else default_url
             check = validate_mmlu_csv if rel.endswith(".csv") else validate_jsonl
             logger.info(f"downloading {url} -> {dest}")
-            written.append(download_file(url, dest, validate=check, **kwargs))
+            written.append(download_file(url, dest, validate=check))
     return written
 
 
 def main(argv=None):
     parser = make_parser(__doc__)
     parser.add_argument("--dest", default=get_task_data_dir(), help="data folder to fill (the tasks read NANOCHAT_DATA_DIR)")
-    parser.add_argument("--only", default="gsm8k,humaneval,mmlu,arc", help="comma-separated groups to fetch")
+    parser.add_argument("--only", default=",".join(eval_files()), help="comma-separated groups to fetch")
     parser.add_argument("--base-url", default=os.environ.get(EVAL_URL_ENV) or "",
                         help=f"mirror with the data folder's layout (env {EVAL_URL_ENV}); empty = public sources")
     parser.add_argument("--force", type=str2bool, default=False, help="download files that already exist again")
     args = parser.parse_args(argv)
     groups = [g.strip() for g in args.only.split(",") if g.strip()]
     try:
-        written = download_eval_data(os.path.expanduser(args.dest), groups, base_url=args.base_url or None,
-                                     force=args.force)
+        written = download_eval_data(os.path.expanduser(args.dest), groups, args.base_url, args.force)
     except (ValueError, DownloadError) as e:
         parser.exit(1, f"error: {e}\n")
     print(f"{len(written)} file(s) downloaded into {args.dest}")

@@ -40,8 +40,6 @@ def answer_to_parts(answer):
 
 
 class GSM8K(Task):
-    eval_type = "generative"
-
     def __init__(self, split="test", path=None, **kwargs):
         super().__init__(**kwargs)
         if split not in SPLITS:

@@ -34,8 +34,6 @@ def build_program(prompt, completion, test, entry_point):
 
 
 class HumanEval(Task):
-    eval_type = "generative"
-
     def __init__(self, path=None, timeout=5.0, **kwargs):
         super().__init__(**kwargs)
         self.timeout = timeout

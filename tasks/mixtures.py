@@ -55,31 +55,26 @@ class MixtureDef:
 # Weights: midtraining sees (nearly) all the conversation data once, to learn the format, turn taking,
 # multiple choice and tool use; SFT is a smaller, cleaner pass: the narrow task-oriented SGD dialogues are
 # cut to a tenth, the human-written instructions and the identity conversations are upweighted.
+REFERENCE_SOURCES = (
+    Source("sgd_dialogues", 1.0, 0.1, "multi-turn task-oriented dialogues"),
+    Source("dolly_hhrlhf_small", 1.0, 1.0, "single-turn questions and answers"),
+    Source("gpteacher_roleplay", 1.0, 1.0, "role-play instructions"),
+    Source("gpteacher_codegen", 1.0, 0.25, "code generation"),
+    Source("alpaca_seed_tasks", 1.0, 2.0, "human-written instructions"),
+    Source("self_instruct_user_oriented", 1.0, 2.0, "human-written instructions"),
+    Source("mmlu-dev", 4.0, 2.0, "multiple choice (MMLU dev; never MMLU test or ARC)"),
+    Source("gsm8k-train", 1.0, 0.5, "math with calculator tool calls (GSM8K train)"),
+    Source("identity", 4.0, 8.0, "who the model is"),
+)
+DRILLS = ("gpteacher_codegen", "mmlu-dev", "gsm8k-train")  # what english-chat leaves out of the reference
 MIXTURES = {
-    "reference": MixtureDef("general chat + multiple-choice questions + GSM8K with calculator tool calls + identity", (
-        Source("sgd_dialogues", 1.0, 0.1, "multi-turn task-oriented dialogues"),
-        Source("dolly_hhrlhf_small", 1.0, 1.0, "single-turn questions and answers"),
-        Source("gpteacher_roleplay", 1.0, 1.0, "role-play instructions"),
-        Source("gpteacher_codegen", 1.0, 0.25, "code generation"),
-        Source("alpaca_seed_tasks", 1.0, 2.0, "human-written instructions"),
-        Source("self_instruct_user_oriented", 1.0, 2.0, "human-written instructions"),
-        Source("mmlu-dev", 4.0, 2.0, "multiple choice (MMLU dev; never MMLU test or ARC)"),
-        Source("gsm8k-train", 1.0, 0.5, "math with calculator tool calls (GSM8K train)"),
-        Source("identity", 4.0, 8.0, "who the model is"),
-    )),
-    "english-chat": MixtureDef("conversation only: no math, no code, no multiple-choice drills; identity kept", (
-        Source("sgd_dialogues", 1.0, 0.1, "multi-turn task-oriented dialogues"),
-        Source("dolly_hhrlhf_small", 1.0, 1.0, "single-turn questions and answers"),
-        Source("gpteacher_roleplay", 1.0, 1.0, "role-play instructions"),
-        Source("alpaca_seed_tasks", 1.0, 2.0, "human-written instructions"),
-        Source("self_instruct_user_oriented", 1.0, 2.0, "human-written instructions"),
-        Source("identity", 4.0, 8.0, "who the model is"),
-    ), drop_code=True),
+    "reference": MixtureDef("general chat + multiple-choice questions + GSM8K with calculator tool calls + identity",
+                            REFERENCE_SOURCES),
+    "english-chat": MixtureDef("conversation only: no math, no code, no multiple-choice drills; identity kept",
+                               tuple(s for s in REFERENCE_SOURCES if s.name not in DRILLS), drop_code=True),
 }
-# Left out of both on purpose (add them with --extra-data=NAME:WEIGHT if you want them):
-#   gpteacher_toolformer: replies call made-up tools as text ("wikipedia('...')") that nothing executes,
-#       which contradicts the real tool format (<|python_start|> ... <|python_end|>) and answers nothing.
-#   hh_rlhf_harmless_base_test: red-team prompts whose replies are only *less* harmful, not good.
+# Left out of both on purpose (add them with --extra-data=NAME:WEIGHT if you want them); --help lists them.
+# The toolformer replies call tools as text ("wikipedia('...')"), not in the real tool format.
 EXCLUDED = {"gpteacher_toolformer": "made-up textual tool calls that nothing executes",
             "hh_rlhf_harmless_base_test": "red-team transcripts; the replies are not good behaviour"}
 STAGES = ("mid", "sft")
@@ -239,7 +234,7 @@ class Mixture:
         return "\n".join(lines)
 
 
-def build_mixture(name, stage, extra_data=None, decontaminate=True):
+def build_mixture(name, stage, extra_data=None):
     """The named mixture with the stage's weights (stage 'mid' or 'sft'), plus --extra-data sources.
     FileNotFoundError/ValueError with a clear message on missing or bad data."""
     if stage not in STAGES:
@@ -249,10 +244,9 @@ def build_mixture(name, stage, extra_data=None, decontaminate=True):
     mix = MIXTURES[name]
     named = {s.name for s in mix.sources}
     entries = [(s.name, getattr(s, stage)) for s in mix.sources]
-    entries += parse_extra_data(extra_data) if isinstance(extra_data, str) else list(extra_data or [])
+    entries += parse_extra_data(extra_data)
     weights = {}  # a source named twice (e.g. a shared file added again by --extra-data) adds its weights
     for n, w in entries:
         weights[n] = weights.get(n, 0.0) + w
     # the code filter is the mixture's promise about its own sources; the user's own files are taken as given
-    return Mixture([(n, load_source(n), w, mix.drop_code and n in named) for n, w in weights.items() if w > 0],
-                   decontaminate=decontaminate)
+    return Mixture([(n, load_source(n), w, mix.drop_code and n in named) for n, w in weights.items() if w > 0])

@@ -65,11 +65,10 @@ class MMLU(MultipleChoiceTask):
         self.path = data_path("eval", "mmlu", split, path=path, what=f"MMLU {split} data")
         if os.path.isdir(self.path):
             files = sorted(f for f in os.listdir(self.path) if f.endswith(".csv"))
-            if split != "auxiliary_train":
-                missing = [s for s in SUBJECTS if f"{s}_{split}.csv" not in files]
-                if missing and subject is None:
-                    raise FileNotFoundError(f"MMLU {split}: {len(missing)} subject files missing in {self.path}, "
-                                            f"e.g. {missing[0]}_{split}.csv")
+            missing = [s for s in SUBJECTS if f"{s}_{split}.csv" not in files]
+            if missing and subject is None and split != "auxiliary_train":
+                raise FileNotFoundError(f"MMLU {split}: {len(missing)} subject files missing in {self.path}, "
+                                        f"e.g. {missing[0]}_{split}.csv")
             if subject is not None:
                 files = [f for f in files if _subject_of(f, split) == subject]
                 if not files:

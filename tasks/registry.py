@@ -4,8 +4,8 @@ The chat evaluation tasks by name: what `--task-name` / `--eval-tasks` flags tur
     tasks = load_tasks("ARC-Easy|GSM8K")   # {"ARC-Easy": ARC(...), "GSM8K": GSM8K(...)}
     run_chat_eval(model, tokenizer, engine, list(tasks), tasks=tasks)
 
-The names and their parsing are defined once, in nanochat.chat_eval (which must canonicalize names without
-loading any data); this module adds the one step the library may not take, importing tasks/. Task data is found as tasks/ finds it: $NANOCHAT_DATA_DIR.
+The names and their parsing are nanochat.chat_eval's (the library canonicalizes names without loading any
+data); this module adds the one step the library may not take, importing tasks/ (which finds the data).
 """
 from nanochat.chat_eval import TASK_NAMES, parse_task_names
 

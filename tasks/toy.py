@@ -17,8 +17,6 @@ def letter_fraction(text, letter):
 
 
 class ToyLetters(Task):
-    eval_type = "generative"
-
     def __init__(self, letter="e", num_examples=256, **kwargs):
         super().__init__(**kwargs)
         if not (isinstance(letter, str) and len(letter) == 1 and letter.isalpha()):
