@@ -25,8 +25,10 @@ import time
 
 import torch
 
-from nanochat.common import compute_init, make_parser, positive_int, str2bool, synchronize
+from bench.train_step import timed
+from nanochat.common import compute_init, make_parser, positive_int, str2bool
 from nanochat.gpt import GPT, GPTConfig, config_from_flags, model_flags
+from scripts.plan import kv_cache_bytes_per_token
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -69,17 +71,10 @@ def build_peer(config, device, dtype):
     return model.to(dtype).eval()
 
 
-def timed(fn, device):
-    synchronize(device.type)
-    t0 = time.perf_counter()
-    fn()
-    synchronize(device.type)
-    return time.perf_counter() - t0
-
-
 def kv_bytes_per_token(config, dtype):
-    """Keys and values of every layer for one token: 2 * n_layer * n_kv_head * head_dim * element size."""
-    return 2 * config.n_layer * config.n_kv_head * config.head_dim * torch.empty(0, dtype=dtype).element_size()
+    """Keys and values of every layer for one token (the planner's formula), in `dtype`."""
+    return kv_cache_bytes_per_token(config.n_layer, config.n_kv_head, config.head_dim,
+                                    torch.empty(0, dtype=dtype).element_size())
 
 
 def measured_kv_bytes_per_token(config, device, dtype):
