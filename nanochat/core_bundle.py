@@ -17,9 +17,10 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 
+import torch.distributed as dist
 import yaml
 
-from nanochat.common import get_base_dir, print0, read_jsonl
+from nanochat.common import dist_rank_world, get_base_dir, print0, read_jsonl
 from nanochat.download import DownloadError, download_file
 
 REQUIRED_FIELDS = {  # the fields an item of each task type needs
@@ -254,5 +255,12 @@ def download_eval_bundle(url=None, dest=None, timeout=60):
 
 
 def resolve_eval_dir(eval_dir=None):
-    """An explicit bundle directory, else $NANOCHAT_BASE_DIR/eval_bundle, downloaded if needed."""
-    return check_bundle_dir(eval_dir) if eval_dir else download_eval_bundle()
+    """An explicit bundle directory, else $NANOCHAT_BASE_DIR/eval_bundle, downloaded if needed. Under torchrun
+    rank 0 goes first (it may download) while the others wait, then find the bundle in place."""
+    rank, world_size = dist_rank_world()
+    if world_size > 1 and rank > 0:
+        dist.barrier()
+    path = check_bundle_dir(eval_dir) if eval_dir else download_eval_bundle()
+    if world_size > 1 and rank == 0:
+        dist.barrier()
+    return path

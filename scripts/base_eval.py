@@ -12,10 +12,8 @@ import csv
 import os
 import re
 
-import torch.distributed as dist
-
 from nanochat.common import (atomic_open, autocast_context, compute_cleanup, compute_init, get_base_dir,
-                             get_compute_dtype, is_ddp_initialized, make_parser, non_negative_int, number_type)
+                             get_compute_dtype, make_parser, non_negative_int, number_type)
 from nanochat.core_bundle import resolve_eval_dir
 from nanochat.core_eval import evaluate_core
 
@@ -85,12 +83,8 @@ def get_parser():
 def main(argv=None):
     args = get_parser().parse_args(argv)
     from nanochat.checkpoint import load_model  # imported here so this module imports without it
-    is_ddp, rank, _, _, device = compute_init(args.device_type or None)
-    # Rank 0 fetches the bundle if needed; the others wait and then find it in place.
-    eval_dir = resolve_eval_dir(args.eval_dir) if rank == 0 else None
-    if is_ddp_initialized():
-        dist.barrier()
-        eval_dir = eval_dir or resolve_eval_dir(args.eval_dir)
+    _, rank, _, _, device = compute_init(args.device_type or None)
+    eval_dir = resolve_eval_dir(args.eval_dir)  # rank 0 fetches the bundle if needed, the others wait
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag or None, step=args.step)
     with autocast_context(device.type, get_compute_dtype(device.type)):
         out = evaluate_core(model, tokenizer, eval_dir, max_per_task=args.max_per_task, device=device)

@@ -50,7 +50,7 @@ def get_args(argv=None):
     g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288)
     g.add_argument("--core-metric-every", type=int, default=-1, help="CORE metric every N steps (-1 = off)")
     g.add_argument("--core-metric-max-per-task", type=int, default=500)
-    g.add_argument("--eval-dir", default=None, help="CORE task bundle directory")
+    g.add_argument("--eval-dir", default=None, help="CORE task bundle directory (default: the downloaded one)")
     g.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (-1 = off)")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1 = only at the end)")
     g.add_argument("--model-tag", default=None, help="checkpoint directory name (default d<depth>)")
@@ -132,6 +132,13 @@ def main(argv=None):
                               rank=rank * accum + a, world_size=world_size * accum) for a in range(accum)]
     except DataError as e:
         stage_error(f"base_train: data error: {e}")
+    eval_dir = None
+    if args.core_metric_every > 0:  # find (or fetch) the CORE bundle now, not after hours of training
+        from nanochat.core_bundle import resolve_eval_dir
+        try:
+            eval_dir = resolve_eval_dir(args.eval_dir)
+        except (OSError, RuntimeError, ValueError) as e:
+            stage_error(f"base_train: CORE bundle: {e}")
     start_step = 0
     user_config = dict(vars(args))
     logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
@@ -169,7 +176,7 @@ def main(argv=None):
             from nanochat.core_eval import evaluate_core
             model.eval()
             with autocast():
-                result = evaluate_core(model, tokenizer, args.eval_dir, max_per_task=args.core_metric_max_per_task, device=device)
+                result = evaluate_core(model, tokenizer, eval_dir, max_per_task=args.core_metric_max_per_task, device=device)
             core = result["core"]
             logger.log({"step": step, "core_metric": core}, f"step {step:05d} | CORE {core:.4f}")
             model.train()

@@ -636,3 +636,29 @@ def test_base_eval_script(toy_bundle, tmp_path, monkeypatch, capsys):
     assert "CORE" in printed and "toy_missing" in printed
     assert os.path.isfile(tmp_path / "base" / "base_eval" / "core_d4_step000005.csv")
     assert os.path.isfile(tmp_path / "base" / "report" / "base-model-evaluation.md")
+
+
+def test_base_train_core_metric_uses_the_default_bundle(toy_bundle, tokenizer, monkeypatch, capsys):
+    """--core-metric-every without --eval-dir evaluates the bundle in $NANOCHAT_BASE_DIR/eval_bundle (it was
+    passed on as None and crashed); a missing bundle with no download URL stops the run before it trains, naming
+    --eval-dir."""
+    import shutil
+    from conftest import FIXTURE_TEXT
+    from nanochat.common import get_base_dir
+    from scripts import base_train
+    flags = ["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--total-batch-size=64", "--num-iterations=1",
+             "--eval-every=-1", "--eval-tokens=64", "--sample-every=-1", "--core-metric-every=1",
+             "--core-metric-max-per-task=2", f"--data={FIXTURE_TEXT}", "--model-tag=core_default"]
+    monkeypatch.delenv(cb.EVAL_BUNDLE_URL_ENV, raising=False)
+    dest = os.path.join(get_base_dir(), "eval_bundle")
+    shutil.rmtree(dest, ignore_errors=True)
+    with pytest.raises(SystemExit, match="^base_train: CORE bundle: no CORE eval bundle at .*--eval-dir"):
+        base_train.main(flags)
+    assert "step 00001" not in capsys.readouterr().out  # nothing was trained
+    shutil.copytree(toy_bundle, dest)
+    try:
+        base_train.main(flags)
+    finally:
+        shutil.rmtree(dest)
+    out = capsys.readouterr().out
+    assert "CORE toy_lm" in out and "| CORE " in out
