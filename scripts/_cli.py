@@ -4,8 +4,11 @@ flag groups, and start-up steps that turn a missing file or a bad flag into a on
 Not an entry point; the library side of the stages (schedules, the gradient step, step stats, checkpoint state,
 the report section) is nanochat/training.py.
 """
-from nanochat.checkpoint import CheckpointError
-from nanochat.common import auto_bool, positive_int, print0, str2bool
+import os
+import sys
+
+from nanochat.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from nanochat.common import auto_bool, autodetect_device_type, non_negative_int, positive_int, print0, str2bool
 from nanochat.training import open_stage, restore_training_state
 
 CATEGORICAL = "ARC-Easy|ARC-Challenge|MMLU"
@@ -145,7 +148,6 @@ def resume_or_exit(script, logger, ckpt_dir, step, optimizers, loaders, device, 
 
 def add_model_source_flags(parser, source="sft"):
     """-i/--source (source=None: required), -g/--model-tag, -s/--step, --device-type, --compile."""
-    from nanochat.common import non_negative_int
     parser.add_argument("-i", "--source", default=source, required=source is None, choices=["base", "mid", "sft", "rl"],
                         help="checkpoint family")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
@@ -158,7 +160,6 @@ def add_model_source_flags(parser, source="sft"):
 
 def device_type_or_exit(parser, args):
     """--device-type, or the best one here when unset; parser.error (exit 2) when it is not available."""
-    from nanochat.common import autodetect_device_type
     try:
         return autodetect_device_type(args.device_type)
     except (ValueError, RuntimeError) as e:
@@ -169,9 +170,6 @@ def load_model_or_exit(script, args, device):
     """The add_model_source_flags checkpoint (the largest tag, the last step unless given) loaded on `device` for
     inference: (model, tokenizer, checkpoint dir, step). Exits (status 1) with '<script>: <why>' on stderr when
     there is no checkpoint or tokenizer yet, or they do not fit."""
-    import os
-    import sys
-    from nanochat.checkpoint import load_model, resolve_checkpoint
     try:
         ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
         model, tokenizer, _ = load_model(args.source, device, model_tag=os.path.basename(ckpt_dir), step=step)
