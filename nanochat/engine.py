@@ -105,13 +105,19 @@ class KVCache:
 # Sampling
 
 
+# Temperatures below this are greedy: sampling at them is argmax in all but exact ties, and dividing the
+# logits by much smaller ones overflows float32 to inf (softmax then gives NaN).
+GREEDY_BELOW_TEMPERATURE = 1e-4
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """(B, V) logits -> (B,) token ids. temperature 0 is greedy (argmax; top_k / top_p do not matter).
-    Otherwise logits / temperature, then keep the top_k most likely tokens, then the smallest set of
-    those whose probability reaches top_p (the most likely token always stays), and sample with `rng`."""
-    if temperature == 0.0:
+    """(B, V) logits -> (B,) token ids. A temperature below GREEDY_BELOW_TEMPERATURE (0 included) is greedy
+    (argmax; top_k / top_p do not matter). Otherwise float32 logits / temperature, then keep the top_k most
+    likely tokens, then the smallest set of those whose probability reaches top_p (the most likely token
+    always stays, however small top_p is), and sample with `rng`."""
+    if temperature < GREEDY_BELOW_TEMPERATURE:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
     elif top_p is not None:
@@ -121,8 +127,9 @@ def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
         return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
     if top_p is not None:
         probs = F.softmax(vals, dim=-1)
-        mass_before = probs.cumsum(dim=-1) - probs
-        vals = vals.masked_fill(mass_before >= top_p, float("-inf"))  # the first token has mass_before 0
+        drop = (probs.cumsum(dim=-1) - probs) >= top_p  # mass of the more likely tokens already reaches top_p
+        drop[..., 0] = False  # (a top_p below float32's smallest number would drop the first one too)
+        vals = vals.masked_fill(drop, float("-inf"))
     probs = F.softmax(vals, dim=-1)
     choice = torch.multinomial(probs, 1, generator=rng)
     return idx.gather(-1, choice).squeeze(-1)

@@ -44,6 +44,11 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_queue: int = 32  # requests waiting for a worker; more get 429
     queue_timeout: float = 60.0  # seconds a request may wait for a worker before a 503
+    # slow or too many clients: a connection whose request headers take longer than header_timeout is closed
+    # (with a 408), a body not received within body_timeout gets a 408, connections beyond max_connections a 503
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_connections: int = 128
 
 # -----------------------------------------------------------------------------
 # Errors, in OpenAI's shape
@@ -199,17 +204,24 @@ def parse_request(raw, config, default_stream=False):
     )
 
 
-async def read_body(request, limit):
-    """The body's bytes; RequestError 413 as soon as it is (or says it will be) over `limit`."""
+async def read_body(request, limit, timeout=None):
+    """The body's bytes; RequestError 413 as soon as it is (or says it will be) over `limit`, 408 when it has
+    not all arrived within `timeout` seconds (a client trickling it byte by byte would hold the request)."""
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise RequestError(413, f"request body is {length} bytes (server limit --max-body-bytes={limit})", "body_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"request body is over {limit} bytes (server limit --max-body-bytes={limit})", "body_too_large")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"request body is over {limit} bytes (server limit --max-body-bytes={limit})",
+                                       "body_too_large")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout:g}s (server limit --body-timeout)",
+                           "body_timeout") from None
     return b"".join(chunks)
 
 
@@ -220,6 +232,58 @@ async def wait_for_disconnect(request):
             pass
     except Exception:  # a server that cannot tell: treat as gone only if it says so
         await asyncio.Event().wait()
+
+# -----------------------------------------------------------------------------
+# The HTTP server: uvicorn, with a deadline for request headers
+
+def uvicorn_config(app, config, host="127.0.0.1", port=8000, **kwargs):
+    """uvicorn's Config for `app`: at most config.max_connections connections (uvicorn answers a request
+    beyond them with a 503), and a connection whose next request's headers are not complete within
+    config.header_timeout seconds of it opening (or of the previous response) is sent a 408 and closed.
+    uvicorn itself has no such deadline, so a client trickling headers byte by byte would hold a connection
+    for ever; the body's deadline is read_body's."""
+    import uvicorn
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderDeadlineProtocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.request_seen, self.deadline = None, None
+            self._arm()
+
+        def _arm(self):
+            self.deadline = self.loop.call_later(config.header_timeout, self._too_slow)
+
+        def _too_slow(self):
+            if not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+        def _headers_done(self):  # a new request cycle exists once h11 has parsed a request's headers
+            if self.cycle is not None and self.cycle is not self.request_seen:
+                self.request_seen = self.cycle
+                if self.deadline is not None:
+                    self.deadline.cancel()
+                    self.deadline = None
+                return True
+            return False
+
+        def data_received(self, data):
+            super().data_received(data)
+            self._headers_done()
+
+        def on_response_complete(self):
+            super().on_response_complete()  # may already start a pipelined request
+            if not self._headers_done() and not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+    return uvicorn.Config(app, host=host, port=port, http=HeaderDeadlineProtocol,
+                          limit_concurrency=config.max_connections, **kwargs)
 
 # -----------------------------------------------------------------------------
 # Workers: one model replica each, generating in their own thread

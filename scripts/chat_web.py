@@ -8,7 +8,8 @@ Endpoints
     GET  /                      the chat page (nanochat/ui.html: one file, no build step, nothing external)
     POST /chat/completions      the page's endpoint: server-sent events {"token": ...}, then {"done": true, ...}
     POST /v1/chat/completions   OpenAI chat completions (messages, temperature, top_p, max_tokens, stream, n=1,
-                                seed, stream_options.include_usage); nanochat extension: top_k
+                                seed, stream_options.include_usage); nanochat extension: top_k. A temperature
+                                below 1e-4 is greedy; the most likely token is always kept, however small top_p
     GET  /v1/models             OpenAI model list (one model)
     GET  /health, GET /stats    liveness, defaults and limits; worker, queue and throughput counters
 
@@ -24,7 +25,8 @@ import torch
 
 from nanochat.common import make_parser, non_negative_float, non_negative_int, number_type, positive_float, positive_int
 from nanochat.serve import (RequestError, RequestLog, ServeConfig, Worker, WorkerPool, openai_events, openai_reply,
-                            page_events, parse_request, read_body, wait_for_disconnect)
+                            page_events, parse_request, read_body, uvicorn_config,
+                            wait_for_disconnect)
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
@@ -32,6 +34,10 @@ UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 # -----------------------------------------------------------------------------
 # The app: routes over nanochat.serve's pool, parsing and replies
+
+def internal_error(exc):
+    return RequestError(500, f"internal error: {type(exc).__name__}: {str(exc)[:200]}", "internal_error")
+
 
 def create_app(pool, config, model_id):
     """The FastAPI app over a WorkerPool. config: ServeConfig (defaults and limits)."""
@@ -56,6 +62,10 @@ def create_app(pool, config, model_id):
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404, 405 in the same JSON shape as ours
         return RequestError(exc.status_code, str(exc.detail), str(exc.status_code)).response()
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request, exc):  # anywhere else: JSON too, and the server stays up
+        return internal_error(exc).response()
 
     class EventStream(StreamingResponse):
         """Server-sent events; however the response ends (done, client gone, error), the generation
@@ -109,7 +119,7 @@ def create_app(pool, config, model_id):
     async def start_job(request, log, default_stream):
         """Read, validate, encode, queue: the Job; a RequestError, or None if the client left."""
         try:
-            raw = await read_body(request, config.max_body_bytes)
+            raw = await read_body(request, config.max_body_bytes, config.body_timeout)
         except ClientDisconnect:
             return None
         req = parse_request(raw, config, default_stream)
@@ -148,8 +158,9 @@ def create_app(pool, config, model_id):
         pool.counts["requests"] += 1
         try:
             job = await start_job(request, log, default_stream=not openai_format)
-        except RequestError as e:
-            pool.counts["refused" if e.status in (429, 503) else "rejected"] += 1
+        except Exception as e:  # refused (RequestError), or something broke (e.g. a tampered tokenizer): JSON either way
+            e = e if isinstance(e, RequestError) else internal_error(e)
+            pool.counts["refused" if e.status in (429, 503) else "rejected" if e.status < 500 else "failed"] += 1
             log.emit(e.status, error=e.code)
             return e.response()
         if job is None:
@@ -207,6 +218,12 @@ def get_parser():
                    help="requests waiting for a worker; more get 429")
     g.add_argument("--queue-timeout", type=positive_float, default=d.queue_timeout,
                    help="seconds a request may wait for a worker before a 503")
+    g.add_argument("--header-timeout", type=positive_float, default=d.header_timeout,
+                   help="seconds a client has to send a request's headers; then 408 and the connection is closed")
+    g.add_argument("--body-timeout", type=positive_float, default=d.body_timeout,
+                   help="seconds a client has to send a request's body; then 408")
+    g.add_argument("--max-connections", type=positive_int, default=d.max_connections,
+                   help="open connections; a request beyond them gets 503")
     return p
 
 
@@ -241,12 +258,13 @@ def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     config = config_from_args(args, parser)
-    import uvicorn
     workers, model_id = load_workers(args, parser)
     app = create_app(WorkerPool(workers, config.max_queue), config, model_id)
     print(f"serving {model_id} with {len(workers)} worker(s)", flush=True)
     # uvicorn's access log is off: each request logs its own line (size, tokens, duration)
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_level="info", timeout_graceful_shutdown=5)
+    import uvicorn
+    uvicorn.Server(uvicorn_config(app, config, args.host, args.port, access_log=False, log_level="info",
+                                  timeout_graceful_shutdown=5)).run()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanochat.engine import Engine
-from nanochat.serve import RequestError, ServeConfig, Worker, WorkerPool, parse_request
+from nanochat.serve import RequestError, ServeConfig, Worker, WorkerPool, parse_request, uvicorn_config
 from nanochat.tokenizer import StreamDecoder
 from scripts.chat_web import create_app, get_parser, main
 
@@ -126,7 +126,8 @@ def live_server(app):
     import uvicorn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn_config(app, app.state.config, log_level="warning", access_log=False,
+                                           timeout_graceful_shutdown=2))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.time() + 20
@@ -452,6 +453,122 @@ def test_parse_request_defaults():
         parse_request(b'{"messages": [], "temperature": NaN}', ServeConfig())
     req = parse_request(json.dumps({"messages": USER, "temperature": 0}).encode(), ServeConfig())
     assert req.temperature == 0.0
+
+
+# -----------------------------------------------------------------------------
+# Hostile clients: numeric extremes, broken files, slow and too many connections
+
+def test_numeric_extremes_are_served_not_crashed(tokenizer, tiny):
+    """Values that pass validation but used to crash sampling with a 500: now a temperature below 1e-4 is
+    greedy and the most likely token always survives top_p. Non-finite values stay 400s."""
+    engine, _ = tiny
+    with client_for(engine, tokenizer, max_tokens=6) as client:
+        def reply(**kw):
+            r = client.post("/v1/chat/completions", json={"messages": USER, "seed": 1, **kw})
+            assert r.status_code == 200, (kw, r.text[:300])
+            return r.json()["choices"][0]["message"]["content"]
+        greedy = reply(temperature=0)
+        for kw in (dict(temperature=1e-300), dict(temperature=5e-324), dict(top_p=1e-46), dict(temperature=1e-300, top_p=1e-46),
+                   dict(temperature=2.0, top_p=1e-46)):
+            assert reply(**kw) == greedy, kw
+        for raw in ('{"messages": %s, "temperature": NaN}', '{"messages": %s, "top_p": Infinity}',
+                    '{"messages": %s, "temperature": 1e999}', '{"messages": %s, "top_p": -0.0}'):
+            r = client.post("/v1/chat/completions", content=raw % json.dumps(USER))
+            assert r.status_code == 400 and r.json()["error"]["param"] in ("temperature", "top_p"), raw
+
+
+def test_internal_errors_are_json_and_the_server_stays_up(tokenizer):
+    """A tampered tokenizer (its special tokens gone) fails inside a request: the client gets OpenAI's JSON
+    error shape with a 500, the request is logged and counted, and the next request is served."""
+    class Tampered:
+        broken = True
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def render_for_completion(self, conversation):
+            if self.broken:
+                raise KeyError("<|user_start|>")
+            return tokenizer.render_for_completion(conversation)
+
+    tampered = Tampered()
+    with client_for(FakeEngine(tokenizer, reply="fine"), tampered) as client:
+        for path in ("/v1/chat/completions", "/chat/completions"):
+            r = client.post(path, json={"messages": USER})
+            assert r.status_code == 500 and r.headers["content-type"].startswith("application/json")
+            error = r.json()["error"]
+            assert error["code"] == "internal_error" and "KeyError" in error["message"] and error["type"] == "server_error"
+        tampered.broken = False
+        r = client.post("/v1/chat/completions", json={"messages": USER})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "fine"
+        assert client.get("/stats").json()["failed"] == 2
+
+
+def raw_exchange(base, chunks, pause, timeout=10.0):
+    """Send `chunks` over a raw socket with `pause` seconds between them (ignoring a closed connection);
+    return (everything the server sent, seconds until it closed the connection)."""
+    host, port = base.rsplit("/", 1)[1].split(":")
+    t0, received = time.time(), b""
+    with socket.create_connection((host, int(port)), timeout=timeout) as s:
+        for chunk in chunks:
+            try:
+                s.sendall(chunk)
+            except OSError:
+                break
+            time.sleep(pause)
+        s.settimeout(max(0.1, timeout - (time.time() - t0)))
+        with contextlib.suppress(OSError):
+            while data := s.recv(65536):
+                received += data
+    return received, time.time() - t0
+
+
+def test_slow_clients_are_timed_out(tokenizer):
+    """Headers or a body trickled byte by byte get a 408 and lose their connection at the deadline, while
+    other clients are served meanwhile."""
+    app = make_app(FakeEngine(tokenizer, reply="ok"), tokenizer, header_timeout=0.6, body_timeout=0.6)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    body = json.dumps({"messages": USER}).encode()
+    with live_server(app) as base:
+        results = {}
+
+        def trickle(name, chunks):
+            results[name] = raw_exchange(base, chunks, pause=0.1)
+
+        slow = [threading.Thread(target=trickle, args=("headers", [bytes([b]) for b in head * 3])),
+                threading.Thread(target=trickle, args=("body", [head + b"Content-Length: %d\r\n\r\n" % len(body)]
+                                                       + [bytes([b]) for b in body]))]
+        for t in slow:
+            t.start()
+        time.sleep(0.2)
+        r = httpx.post(f"{base}/v1/chat/completions", json={"messages": USER}, timeout=10)  # served meanwhile
+        assert r.status_code == 200
+        for t in slow:
+            t.join(15)
+        sent, seconds = results["headers"]
+        assert sent.startswith(b"HTTP/1.1 408") and seconds < 3, (sent[:100], seconds)
+        sent, seconds = results["body"]
+        assert sent.startswith(b"HTTP/1.1 408") and b"body_timeout" in sent and seconds < 3, (sent[:300], seconds)
+        # a client that keeps its connection alive and then trickles the next request is cut off too
+        fast = head.replace(b"POST /v1/chat/completions", b"GET /health") + b"\r\n"
+        sent, seconds = raw_exchange(base, [fast] + [bytes([b]) for b in fast * 3], pause=0.1)
+        assert sent.startswith(b"HTTP/1.1 200") and b"HTTP/1.1 408" in sent and seconds < 3, (sent[-200:], seconds)
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 200
+
+
+def test_connections_beyond_the_cap_get_503(tokenizer):
+    app = make_app(FakeEngine(tokenizer, reply="ok"), tokenizer, max_connections=2, header_timeout=30)
+    with live_server(app) as base:
+        host, port = base.rsplit("/", 1)[1].split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(2)]
+        try:
+            time.sleep(0.2)
+            r = httpx.get(f"{base}/health", timeout=10)
+            assert r.status_code == 503
+        finally:
+            for s in idle:
+                s.close()
+        wait_until(lambda: httpx.get(f"{base}/health", timeout=10).status_code == 200, what="the cap to free up")
 
 
 # -----------------------------------------------------------------------------

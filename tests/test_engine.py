@@ -208,6 +208,23 @@ def test_greedy_ignores_filters_and_top_k_1_is_greedy(tok):
     assert engine.generate_batch(prompt, max_tokens=12, temperature=1.5, top_p=1e-6, seed=9) == greedy
 
 
+def test_numeric_extremes_sample_instead_of_crashing(tok):
+    """Values that pass validation but broke sampling: a temperature so small that logits / temperature
+    overflows (now greedy below GREEDY_BELOW_TEMPERATURE), a top_p that is 0 in float32, bf16 logits."""
+    engine = Engine(tiny_gpt(tok.get_vocab_size()), tok)
+    prompt = tok.encode("Once")
+    greedy = engine.generate_batch(prompt, max_tokens=8, temperature=0.0)
+    for kw in (dict(temperature=1e-300), dict(temperature=5e-324, top_p=1e-46), dict(temperature=1.0, top_p=1e-46),
+               dict(temperature=1e-300, top_k=1)):
+        assert engine.generate_batch(prompt, max_tokens=8, seed=3, **kw) == greedy, kw
+    logits = (torch.randn(3, 50) * 30).to(torch.bfloat16)
+    rng = torch.Generator().manual_seed(0)
+    for t in (1e-3, 1.0, 1e30):  # just above the greedy threshold, plain, and so hot that all logits are ~0
+        ids = sample_next_token(logits, rng, temperature=t, top_p=1e-46)
+        assert ids.tolist() == logits.float().argmax(-1).tolist() or t == 1e30
+        assert ((0 <= sample_next_token(logits, rng, temperature=t, top_k=5)) & (ids < 50)).all()
+
+
 def test_top_k_and_top_p_restrict_the_support():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
     logits = probs.log().expand(4000, -1)  # 4000 independent draws in one call
