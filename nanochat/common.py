@@ -12,6 +12,7 @@ import os
 import random
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -216,25 +217,31 @@ def sha256_file(path, chunk=1 << 24):
 def read_jsonl(path, check=None, expected="a valid row"):
     """List of the JSON objects in a .jsonl or gzipped (by name or content) .jsonl.gz file, each passing
     check(row) when given: a false result means the row is not `expected`, a ValueError says what is wrong.
-    Errors name the file and line."""
-    rows = []
+    Every problem (bad JSON, nesting too deep, bad UTF-8, a broken gzip stream) is a ValueError naming the
+    file and line."""
+    rows, lineno = [], 0
     with open(path, "rb") as f:
         gz = path.endswith(".gz") or f.read(2) == b"\x1f\x8b"
-    with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            try:
-                ok = check is None or check(row)
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            if not ok:
-                raise ValueError(f"{path}:{lineno}: expected {expected}")
-            rows.append(row)
+    try:
+        with (gzip.open if gz else open)(path, "rt", encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
+                try:
+                    ok = check is None or check(row)
+                except ValueError as e:
+                    raise ValueError(f"{path}:{lineno}: {e}") from None
+                if not ok:
+                    raise ValueError(f"{path}:{lineno}: expected {expected}")
+                rows.append(row)
+    except (UnicodeDecodeError, EOFError, OSError, zlib.error) as e:  # OSError: gzip.BadGzipFile
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}:{lineno + 1}: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
     return rows
 
 def format_duration(seconds):

@@ -31,6 +31,9 @@ from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attent
 ACTIVATIONS = ("relu2", "gelu", "silu")
 
 
+MAX_SEQUENCE_LEN = 1 << 20
+
+
 @dataclass
 class GPTConfig:
     sequence_len: int = 2048
@@ -66,15 +69,18 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.n_kv_head ({self.n_kv_head}) must divide n_head ({self.n_head})")
         if self.head_dim % 2:
             raise ValueError(f"GPTConfig.n_head: head_dim = n_embd / n_head = {self.head_dim} must be even for rotary embeddings")
+        if self.sequence_len > MAX_SEQUENCE_LEN:  # the rotary tables hold 10x this many positions
+            raise ValueError(f"GPTConfig.sequence_len must be at most {MAX_SEQUENCE_LEN}, got {self.sequence_len}")
         for name in ("mlp_ratio", "rope_base"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive number, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"GPTConfig.{name} must be a positive finite number, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         if not isinstance(self.tie_embeddings, bool):
             raise ValueError(f"GPTConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
-        if self.softcap is not None and (not isinstance(self.softcap, (int, float)) or self.softcap < 0):
+        if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
+                                         or not 0 <= self.softcap < float("inf")):
             raise ValueError(f"GPTConfig.softcap must be >= 0 or None (0/None = off), got {self.softcap!r}")
         return self
 

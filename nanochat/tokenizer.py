@@ -79,12 +79,13 @@ def parse_ranks(data, source="ranks file"):
 
 
 def read_json(path, prefix=""):
-    """json.load of a UTF-8 file; TokenizerError "<prefix><path>: not valid JSON (...)" when it is not."""
+    """json.load of a UTF-8 file; TokenizerError "<prefix><path>: not valid JSON (...)" when it is not (bad
+    bytes, a number too long to convert, nesting too deep for the parser)."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenizerError(f"{prefix}{path}: not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise TokenizerError(f"{prefix}{path}: not valid JSON ({str(e)[:200] or type(e).__name__})") from None
 
 
 def add_our_special_tokens(mergeable_ranks, special_tokens):
@@ -117,6 +118,12 @@ class Tokenizer:
         ids = set(mergeable_ranks.values())
         if len(ids) != len(mergeable_ranks):
             raise TokenizerError("two mergeable tokens share a rank")
+        # ids index the embedding and tiktoken's tables: a stray huge id would size them (or overflow)
+        most = 2 * (len(mergeable_ranks) + len(special_tokens)) + 1024
+        stray = [i for i in itertools.chain(ids, special_tokens.values()) if not 0 <= i < most]
+        if stray:
+            raise TokenizerError(f"token id {stray[0]} is out of range: ids must be below {most} for a vocabulary "
+                                 f"of {len(mergeable_ranks) + len(special_tokens)} tokens")
         clash = [name for name, i in special_tokens.items() if i in ids]
         if clash or len(set(special_tokens.values())) != len(special_tokens):
             raise TokenizerError(f"special token ids collide with other tokens: {clash or sorted(special_tokens)}")
@@ -125,7 +132,7 @@ class Tokenizer:
         self.pattern = pattern
         try:
             self.enc = tiktoken.Encoding(name="nanochat", pat_str=pattern, mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
-        except ValueError as e:  # tiktoken rejects a bad regex
+        except (ValueError, OverflowError) as e:  # tiktoken rejects a bad regex
             raise TokenizerError(f"tiktoken rejected the tokenizer: {e}") from None
         self._id_to_special = {i: s for s, i in self.special_tokens.items()}
         self.train_stats = None  # {"docs", "chars"} when made by train_from_iterator
@@ -402,8 +409,16 @@ def get_tokenizer():
 def get_token_bytes(device="cpu"):
     """int32 tensor [vocab_size] on `device`: UTF-8 bytes per token id, 0 for special tokens (for bits per byte)."""
     path = get_tokenizer_dir()
-    data = _read_checked(path, TOKEN_BYTES_FILE, _read_meta(path))
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True).to(device)
+    meta = _read_meta(path)
+    data = _read_checked(path, TOKEN_BYTES_FILE, meta)
+    try:
+        token_bytes = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        token_bytes = e
+    if not isinstance(token_bytes, torch.Tensor) or token_bytes.shape != (meta["vocab_size"],):
+        raise TokenizerError(f"corrupt tokenizer file {os.path.join(path, TOKEN_BYTES_FILE)}: expected a tensor of "
+                             f"{meta['vocab_size']} byte counts")
+    return token_bytes.to(device)
 
 
 def _read_meta(path):
@@ -423,8 +438,9 @@ def _read_meta(path):
     missing = [k for k in fields if k not in meta]
     if missing:
         raise TokenizerError(f"corrupt tokenizer file {meta_path}: missing field {missing[0]!r}")
-    wrong = [k for k, kind in fields.items() if not isinstance(meta[k], kind)]
-    if wrong or not all(isinstance(k, str) and isinstance(v, int) for k, v in meta["special_tokens"].items()):
+    wrong = [k for k, kind in fields.items() if not isinstance(meta[k], kind) or isinstance(meta[k], bool)]
+    if wrong or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                        for k, v in meta["special_tokens"].items()):
         raise TokenizerError(f"corrupt tokenizer file {meta_path}: {(wrong or ['special_tokens'])[0]} "
                              "has the wrong type")
     return meta

@@ -7,7 +7,7 @@ the report section) is nanochat/training.py.
 import os
 import sys
 
-from nanochat.checkpoint import CheckpointError, load_model, resolve_checkpoint
+from nanochat.checkpoint import CheckpointError, find_last_step, load_model, resolve_checkpoint
 from nanochat.common import auto_bool, autodetect_device_type, non_negative_int, positive_int, print0, str2bool
 from nanochat.training import open_stage, restore_training_state
 
@@ -152,6 +152,8 @@ def add_model_source_flags(parser, source="sft"):
                         help="checkpoint family")
     parser.add_argument("-g", "--model-tag", default=None, help="model tag (e.g. d20); default the largest")
     parser.add_argument("-s", "--step", type=non_negative_int, default=None, help="checkpoint step; default the last")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="load from this checkpoint folder (holding step_* directories) instead of -i/-g")
     parser.add_argument("--device-type", choices=["", "cuda", "mps", "cpu"], default="", help="'' = autodetect")
     parser.add_argument("--compile", type=str2bool, default=False,
                         help="compile the decode step (Engine(compile=True): faster tokens after a one-off "
@@ -171,8 +173,11 @@ def load_model_or_exit(script, args, device):
     inference: (model, tokenizer, checkpoint dir, step). Exits (status 1) with '<script>: <why>' on stderr when
     there is no checkpoint or tokenizer yet, or they do not fit."""
     try:
-        ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
-        model, tokenizer, _ = load_model(args.source, device, model_tag=os.path.basename(ckpt_dir), step=step)
+        if args.checkpoint_dir:
+            ckpt_dir, step = args.checkpoint_dir, find_last_step(args.checkpoint_dir) if args.step is None else args.step
+        else:
+            ckpt_dir, step = resolve_checkpoint(args.source, args.model_tag, args.step)
+        model, tokenizer, _ = load_model(args.source, device, step=step, ckpt_dir=ckpt_dir)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"{script}: {e}", file=sys.stderr, flush=True)
         stage_error(1)
