@@ -37,6 +37,8 @@ class KVCache:
     buffer grows (capacity doubles), so callers may size it for the common case.
     """
 
+    row_mask = None  # every row at the same position: attention needs no per-row mask (see batching.RowKVCache)
+
     def __init__(self, batch_size, num_kv_heads, seq_len, head_dim, num_layers, dtype=torch.float32, device="cpu"):
         for name, value in (("batch_size", batch_size), ("num_kv_heads", num_kv_heads), ("seq_len", seq_len),
                             ("head_dim", head_dim), ("num_layers", num_layers)):

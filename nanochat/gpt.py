@@ -216,7 +216,7 @@ def norm(x):
 
 
 def apply_rotary(x, cos, sin):
-    """Rotate channel pairs (i, i + D/2) by position-dependent angles. x: (B, T, H, D), cos/sin: (1, T, 1, D/2)."""
+    """Rotate channel pairs (i, i + D/2) by position-dependent angles. x: (B, T, H, D), cos/sin: (1 or B, T, 1, D/2)."""
     d = x.size(-1) // 2
     x1, x2 = x[..., :d], x[..., d:]
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
@@ -244,12 +244,16 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(norm(q), cos, sin).transpose(1, 2)  # (B, H, T, D)
         k = apply_rotary(norm(k), cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
+        row_mask = None
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype
+            row_mask = kv_cache.row_mask  # rows at different lengths (continuous batching): which keys each row sees
         Tk = k.size(2)
         gqa = self.n_kv_head != self.n_head
-        if Tk == T:  # training, or a prefill into an empty cache: plain causal
+        if row_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=row_mask, enable_gqa=gqa)
+        elif Tk == T:  # training, or a prefill into an empty cache: plain causal
             y = causal_attention(q, k, v)
         elif T == 1:  # decode: the one new query sees every cached position
             y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
@@ -410,10 +414,15 @@ class GPT(nn.Module):
         if last_only and targets is not None:
             raise ValueError("last_only=True returns logits; it cannot be combined with targets")
         B, T = idx.shape
-        T0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if T0 + T > self.cos.size(1):  # only reachable in long generations, never in training
-            self.cos, self.sin = self._rotary_tables(2 * (T0 + T), device=idx.device)
-        cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
+        T0 = 0 if kv_cache is None else kv_cache.get_pos()  # an int, or (B,) positions of rows at their own lengths
+        end = (int(T0.max()) if isinstance(T0, torch.Tensor) else T0) + T
+        if end > self.cos.size(1):  # only reachable in long generations, never in training
+            self.cos, self.sin = self._rotary_tables(2 * end, device=idx.device)
+        if isinstance(T0, torch.Tensor):
+            positions = T0[:, None] + torch.arange(T, device=T0.device)  # (B, T)
+            cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
+        else:
+            cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)

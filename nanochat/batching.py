@@ -1,0 +1,260 @@
+"""
+Continuous batching: one model replica decodes all of its active requests together, each at its own position.
+
+    scheduler = BatchScheduler(engine, max_batch=8, max_cached_tokens=8 * 2048)
+    request = scheduler.submit(prompt_ids, max_tokens=200, temperature=0.8, top_k=50, seed=1)
+    while scheduler.has_work():
+        for event in scheduler.step():      # at most one token per active request, one decode forward for all
+            ...                             # event.request, event.token, event.sampled, event.logprob
+    request.finish_reason                   # "stop", "length" or "cancelled"
+
+Each step: cancelled requests leave (their cache row is reused at once); waiting requests are admitted in
+FIFO order while they fit (each prompt is prefilled alone at batch 1, exactly as Engine.generate does, and
+copied into a free row); every active request takes its next token from its own logits, with its own
+sampling settings and random generator (so its tokens are what Engine.generate gives it alone, with the
+same seed) and its own calculator state machine (Engine's RowState); finished requests leave; then one
+forward feeds every remaining request's last token.
+
+The cache (RowKVCache) is one tensor with a row per active request and a length per row: row b attends to
+its own first lengths[b] positions through a boolean mask, and its rotary positions start at lengths[b].
+Active requests always hold rows [0, n): when one leaves, the last row's cache is moved into its place, so
+the forward uses plain views. This padded layout (each row sized to the longest) was chosen over a paged
+cache for simplicity; its cost is bounded by admission: a request joins only if (rows after it joins) x
+(the longest reservation among them) stays within max_cached_tokens, where a request reserves its prompt
+plus max_tokens positions. A request larger than the whole budget is refused at submit; the others wait,
+so the cache never grows past the budget. The decode step runs eagerly (the compiled decode of
+Engine(compile=True) is specialised to one batch layout); that is logged once.
+"""
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import autocast_context, get_compute_dtype
+from nanochat.engine import KVCache, RowState, sample_next_token
+
+log = logging.getLogger(__name__)
+
+
+class RowKVCache:
+    """Keys and values of up to `rows` sequences, row b holding lengths[b] positions. Before each forward,
+    begin(n, t) says that rows [0, n) each get t new tokens; the model then reads get_pos() (each row's start
+    position, a tensor), inserts its keys per layer (insert_kv) and applies row_mask in attention."""
+
+    def __init__(self, num_kv_heads, head_dim, num_layers, dtype, device):
+        self.shape = (num_layers, 2, num_kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.kv = torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self.lengths = []
+        self.row_mask = None
+        self._n = self._t = 0
+
+    @property
+    def rows(self):
+        return self.kv.size(2)
+
+    @property
+    def capacity(self):
+        return self.kv.size(4)
+
+    def reserve(self, rows, length):
+        """Room for rows [0, rows) of `length` positions each. When it must grow, the new buffer is exactly that
+        size (rows beyond `rows` are free, and no active row is longer than `length`), so the cache is never
+        larger than the scheduler's admission rule allows; what rows [0, rows) hold is kept."""
+        if rows <= self.rows and length <= self.capacity:
+            return
+        L, two, H, D = self.shape
+        bigger = torch.zeros(L, two, rows, H, length, D, dtype=self.dtype, device=self.device)
+        keep_rows, keep_len = min(rows, self.rows), min(length, self.capacity)
+        bigger[:, :, :keep_rows, :, :keep_len] = self.kv[:, :, :keep_rows, :, :keep_len]
+        self.kv = bigger
+        self.lengths = (self.lengths + [0] * rows)[:rows]
+
+    def load_row(self, row, cache):
+        """Copy a batch-1 KVCache (a prefilled prompt) into `row` (reserved already)."""
+        self.kv[:, :, row, :, :cache.pos] = cache.kv[:, :, 0, :, :cache.pos]
+        self.lengths[row] = cache.pos
+
+    def move_row(self, src, dst):
+        n = self.lengths[src]
+        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
+        self.lengths[dst], self.lengths[src] = n, 0
+
+    def begin(self, n, t):
+        """Rows [0, n) get t tokens in the next forward: their positions, and the mask letting row b's query i
+        see keys [0, lengths[b] + i]."""
+        self._n, self._t = n, t
+        if n > self.rows or max(self.lengths[:n]) + t > self.capacity:
+            raise RuntimeError("RowKVCache.begin: the rows outgrew their reservation")
+        self._pos = torch.tensor(self.lengths[:n], device=self.device)
+        self._write = self._pos[:, None] + torch.arange(t, device=self.device)  # (n, t) positions written
+        self._end = max(self.lengths[:n]) + t
+        keys = torch.arange(self._end, device=self.device)
+        self.row_mask = keys[None, None, None, :] <= self._write[:, None, :, None]  # (n, 1, t, end)
+
+    def get_pos(self):
+        return self._pos
+
+    def insert_kv(self, layer_idx, k, v):
+        """k, v: (n, H, t, D) for rows [0, n); returns (n, H, end, D) views over every row's positions so far
+        (beyond a row's length: stale values, masked out)."""
+        n, t = self._n, self._t
+        rows = torch.arange(n, device=self.device)[:, None]
+        keys, values = self.kv[layer_idx, 0, :n], self.kv[layer_idx, 1, :n]
+        keys[rows, :, self._write] = k.transpose(1, 2).to(self.dtype)  # indexed (n, t, H, D)
+        values[rows, :, self._write] = v.transpose(1, 2).to(self.dtype)
+        if layer_idx == self.shape[0] - 1:
+            for b in range(n):
+                self.lengths[b] += t
+        return keys[:, :, :self._end], values[:, :, :self._end]
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation. Arguments as Engine.generate (checked the same way); logprobs: None, or how many of
+    the most likely alternatives to report with each token (0: only the token's own log-probability, from
+    the model's distribution before temperature and filters)."""
+    tokens: list
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    seed: int
+    logprobs: int | None = None
+    generated: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cancelled: bool = False
+    row: RowState = field(default_factory=RowState)
+    rng: torch.Generator | None = None
+    logits: torch.Tensor | None = None  # (1, V): where the next token comes from
+
+    @property
+    def reserved(self):
+        return len(self.tokens) + self.max_tokens
+
+    def cancel(self):
+        """Safe from any thread: the request leaves at the start of the scheduler's next step."""
+        self.cancelled = True
+
+
+@dataclass
+class Event:
+    request: Request
+    token: int
+    sampled: bool  # False: forced (calculator output)
+    logprob: float | None = None
+    top_logprobs: list | None = None  # [(token, logprob)], most likely first
+
+
+class BatchScheduler:
+    """Decodes up to max_batch requests together (see the module docstring). Not thread-safe except
+    Request.cancel(); one thread calls submit/step (the web server's worker thread)."""
+
+    def __init__(self, engine, max_batch=8, max_cached_tokens=None):
+        model = engine.model
+        self.engine, self.model, self.max_batch = engine, model, max_batch
+        config = model.config
+        self.max_cached_tokens = max_cached_tokens or max_batch * config.sequence_len
+        weight = next(model.parameters())
+        self.device = weight.device
+        self.compute_dtype = get_compute_dtype(self.device.type)
+        cache_dtype = weight.dtype if self.compute_dtype == torch.float32 else self.compute_dtype  # as Engine
+        self.cache = RowKVCache(config.n_kv_head, config.head_dim, config.n_layer, cache_dtype, self.device)
+        self.new_prompt_cache = lambda length: KVCache(1, config.n_kv_head, length, config.head_dim, config.n_layer,
+                                                       dtype=cache_dtype, device=self.device)
+        self.waiting, self.active = deque(), []  # active[b] holds cache row b
+        if engine.compile:
+            log.info("continuous batching decodes eagerly: Engine(compile=True)'s compiled step serves one batch layout")
+
+    def submit(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, logprobs=None):
+        """Queue a request (FIFO); ValueError for bad arguments or one that can never fit max_cached_tokens."""
+        tokens, max_tokens, top_k, top_p, seed = self.engine._check_args(tokens, 1, max_tokens, temperature, top_k,
+                                                                         top_p, seed)
+        request = Request(tokens, max_tokens, float(temperature), top_k, top_p, seed, logprobs)
+        if request.reserved > self.max_cached_tokens:
+            raise ValueError(f"the request needs {request.reserved} cached tokens (prompt {len(tokens)} + max_tokens "
+                             f"{max_tokens}), more than the replica's budget of {self.max_cached_tokens}")
+        request.rng = torch.Generator(device=self.device)
+        request.rng.manual_seed(seed)
+        if max_tokens == 0:
+            request.finish_reason = "length"
+        else:
+            self.waiting.append(request)
+        return request
+
+    def has_work(self):
+        return bool(self.waiting or self.active)
+
+    @property
+    def cached_tokens(self):
+        return sum(self.cache.lengths[:len(self.active)])
+
+    def _forward(self, ids, cache, **kwargs):
+        with autocast_context(self.device.type, self.compute_dtype):
+            return self.model(ids, kv_cache=cache, **kwargs)[:, -1, :]
+
+    def _leave(self, request, reason):
+        """Finish `request` and give its row to the last active request."""
+        request.finish_reason, request.logits = reason, None
+        b, last = self.active.index(request), len(self.active) - 1
+        if b != last:
+            self.cache.move_row(last, b)
+            self.active[b] = self.active[last]
+        else:
+            self.cache.lengths[b] = 0
+        self.active.pop()
+
+    def _admit(self):
+        """Waiting requests that fit, in order (the first that does not fit blocks the rest: no starvation)."""
+        while self.waiting and len(self.active) < self.max_batch:
+            request = self.waiting[0]
+            if request.cancelled:
+                self.waiting.popleft().finish_reason = "cancelled"
+                continue
+            longest = max([request.reserved] + [r.reserved for r in self.active])
+            if (len(self.active) + 1) * longest > self.max_cached_tokens:
+                return
+            self.waiting.popleft()
+            self.cache.reserve(len(self.active) + 1, longest)
+            prompt_cache = self.new_prompt_cache(len(request.tokens))
+            ids = torch.tensor([request.tokens], dtype=torch.long, device=self.device)
+            request.logits = self._forward(ids, prompt_cache, last_only=True)
+            self.cache.load_row(len(self.active), prompt_cache)
+            self.active.append(request)
+
+    @torch.no_grad()
+    def step(self):
+        """One scheduling step; returns the tokens it produced, as Events (one per active request)."""
+        for request in [r for r in self.active if r.cancelled]:
+            self._leave(request, "cancelled")
+        self._admit()
+        events = []
+        for request in list(self.active):
+            # sample even when a calculator answer is forced, as Engine.generate does: the generator advances alike
+            logits = request.logits
+            token = int(sample_next_token(logits, request.rng, request.temperature, request.top_k, request.top_p))
+            sampled = not request.row.forced
+            if not sampled:
+                token = request.row.forced.popleft()
+            event = Event(request, token, sampled)
+            if request.logprobs is not None:
+                logp = F.log_softmax(logits[0].float(), dim=-1)
+                event.logprob = float(logp[token])
+                if request.logprobs:
+                    top = torch.topk(logp, request.logprobs)
+                    event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+            events.append(event)
+            self.engine._advance(request.row, token)
+            request.generated += 1
+            if request.row.done or request.generated >= request.max_tokens:
+                self._leave(request, "stop" if request.row.done else "length")
+        if self.active:
+            n = len(self.active)
+            self.cache.begin(n, 1)
+            ids = torch.tensor([[r.row.last] for r in self.active], device=self.device)  # each row's newest token
+            logits = self._forward(ids, self.cache)
+            for b, request in enumerate(self.active):
+                request.logits = logits[b:b + 1]
+        return events

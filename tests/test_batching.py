@@ -1,0 +1,202 @@
+"""
+Continuous batching (nanochat/batching.py): in fp32 every request's tokens are what Engine.generate gives it
+alone (greedy and seeded sampling), whatever joins or leaves around it: staggered arrivals, rows of very
+different lengths, cancellations, calculator calls; the cache stays within its token budget and the queue
+is FIFO.
+"""
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from nanochat.batching import BatchScheduler
+from nanochat.engine import Engine
+from nanochat.gpt import GPT, GPTConfig
+
+
+@pytest.fixture(autouse=True)
+def fp32(monkeypatch):
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")  # bf16 rounding differs with the batch size
+
+
+class NoSpecials:
+    """A tokenizer without special tokens: the engine then stops only at max_tokens."""
+
+    def encode_special(self, name):
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="module")
+def random_gpt():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=128, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)  # far from the zero-init identity, so outputs depend on the whole context
+    return model
+
+
+def alone(engine, prompt, **kw):
+    """The reference: the request run by itself through Engine.generate."""
+    out = []
+    for column, _ in engine.generate(prompt, num_samples=1, **kw):
+        out.append(column[0])
+    return out
+
+
+def run(scheduler, arrivals, cancel_at=None):
+    """arrivals: [(step, prompt, kwargs)]; cancel_at: {arrival index: step}. Returns (requests, tokens per request,
+    the largest number of requests active at once)."""
+    requests, tokens, step, peak = [None] * len(arrivals), {}, 0, 0
+    cancel_at = cancel_at or {}
+    while step <= max(s for s, _, _ in arrivals) or scheduler.has_work():
+        for i, (s, prompt, kw) in enumerate(arrivals):
+            if s == step:
+                requests[i] = scheduler.submit(prompt, **kw)
+        for i, s in cancel_at.items():
+            if s == step:
+                requests[i].cancel()
+        for event in scheduler.step():
+            tokens.setdefault(id(event.request), []).append(event.token)
+        peak = max(peak, len(scheduler.active))
+        assert scheduler.cache.rows * scheduler.cache.capacity <= scheduler.max_cached_tokens
+        step += 1
+    return requests, [tokens.get(id(r), []) for r in requests], peak
+
+
+def prompts_of(seed, n, longest=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(300) for _ in range(rng.choice([1, 3, longest // 2, longest]))] for _ in range(n)]
+
+
+def test_greedy_matches_alone_with_staggered_arrivals(random_gpt):
+    engine = Engine(random_gpt, NoSpecials())
+    for seed in range(4):
+        prompts = prompts_of(seed, 7)
+        arrivals = [(2 * i, p, dict(max_tokens=[5, 20, 12][i % 3], temperature=0.0)) for i, p in enumerate(prompts)]
+        requests, got, peak = run(BatchScheduler(engine, max_batch=4), arrivals)
+        assert peak == 4  # the batch really filled up
+        for (_, prompt, kw), tokens, request in zip(arrivals, got, requests):
+            assert tokens == alone(engine, prompt, **kw)
+            assert request.finish_reason == "length" and request.generated == kw["max_tokens"]
+
+
+def test_seeded_sampling_is_per_request(random_gpt):
+    engine = Engine(random_gpt, NoSpecials())
+    settings = [dict(temperature=0.9, top_k=20, seed=1), dict(temperature=1.3, top_p=0.8, seed=2),
+                dict(temperature=0.7, seed=3), dict(temperature=0.0, seed=4), dict(temperature=1.0, top_k=5, top_p=0.9, seed=5)]
+    prompts = prompts_of(7, len(settings))
+    arrivals = [(i, p, dict(max_tokens=15, **kw)) for i, (p, kw) in enumerate(zip(prompts, settings))]
+    _, got, _ = run(BatchScheduler(engine, max_batch=8), arrivals)
+    for (_, prompt, kw), tokens in zip(arrivals, got):
+        assert tokens == alone(engine, prompt, **kw)
+    # the same request again, in a different crowd, gives the same tokens
+    _, again, _ = run(BatchScheduler(engine, max_batch=2), list(reversed(arrivals)))
+    assert list(reversed(again)) == got
+
+
+def test_cancelled_requests_leave_at_once_and_free_their_row(random_gpt):
+    engine = Engine(random_gpt, NoSpecials())
+    prompts = prompts_of(3, 6)
+    arrivals = [(0, prompts[0], dict(max_tokens=30, temperature=0.0)), (0, prompts[1], dict(max_tokens=30, temperature=0.0)),
+                (1, prompts[2], dict(max_tokens=30, temperature=0.0)), (2, prompts[3], dict(max_tokens=10, temperature=0.0)),
+                (5, prompts[4], dict(max_tokens=10, temperature=0.0))]
+    scheduler = BatchScheduler(engine, max_batch=3)
+    requests, got, peak = run(scheduler, arrivals, cancel_at={1: 3, 3: 3})  # #3 is cancelled while still waiting
+    assert requests[1].finish_reason == "cancelled" and len(got[1]) == 3
+    assert requests[3].finish_reason == "cancelled" and got[3] == []
+    for i in (0, 2, 4):
+        assert got[i] == alone(engine, arrivals[i][1], **arrivals[i][2])
+    assert peak == 3 and scheduler.cache.rows <= 3
+
+
+class ScriptedBigram(nn.Module):
+    """A model whose next token depends only on the current one (a lookup table), with the attention-cache
+    bookkeeping of a real one: it inserts (zero) keys into whatever cache it is given, so positions advance."""
+
+    def __init__(self, vocab_size, table):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=256, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1, n_embd=2)
+        logits = torch.full((vocab_size, vocab_size), -10.0)
+        for src in range(vocab_size):
+            logits[src, table.get(src, src)] = 10.0
+        self.register_buffer("table", logits)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, idx, kv_cache=None, last_only=False):
+        B, T = idx.shape
+        if kv_cache is not None:
+            kv_cache.get_pos()
+            zeros = torch.zeros(B, 1, T, 2)
+            kv_cache.insert_kv(0, zeros, zeros)
+        out = self.table[idx] + 0 * self.dummy
+        return out[:, -1:] if last_only else out
+
+
+def test_calculator_calls_per_row(tokenizer):
+    """Rows that call the calculator at different times each get their own forced answer; a plain row next
+    to them is untouched. The script: START -> <|python_start|> 12+30 <|python_end|> (the engine forces
+    <|output_start|>42<|output_end|>) -> <|assistant_end|>."""
+    special = tokenizer.encode_special
+    expr = tokenizer.encode("12+30")
+    start, other = tokenizer.encode("Hello")[-1], tokenizer.encode(" world")[-1]
+    chain = [start, special("<|python_start|>"), *expr, special("<|python_end|>")]
+    table = dict(zip(chain, chain[1:]))
+    table[special("<|output_end|>")] = special("<|assistant_end|>")
+    table[other] = other  # a plain row repeats itself until max_tokens
+    assert len(set(chain)) == len(chain) and other not in chain
+    engine = Engine(ScriptedBigram(tokenizer.get_vocab_size(), table), tokenizer)
+    arrivals = [(0, [start], dict(max_tokens=40, temperature=0.0)), (0, [other], dict(max_tokens=25, temperature=0.0)),
+                (3, [start], dict(max_tokens=40, temperature=0.0)), (5, [start], dict(max_tokens=6, temperature=0.0))]
+    requests, got, _ = run(BatchScheduler(engine, max_batch=4), arrivals)
+    answer = [special("<|output_start|>"), *tokenizer.encode("42"), special("<|output_end|>")]
+    expected = chain[1:] + answer + [special("<|assistant_end|>")]
+    assert got[0] == expected and got[2] == expected and requests[0].finish_reason == "stop"
+    assert got[1] == [other] * 25 and requests[1].finish_reason == "length"
+    assert got[3] == expected[:6] and requests[3].finish_reason == "length"
+    for (_, prompt, kw), tokens in zip(arrivals, got):
+        assert tokens == alone(engine, prompt, **kw)
+
+
+def test_token_budget_fifo_and_refusal(random_gpt):
+    engine = Engine(random_gpt, NoSpecials())
+    scheduler = BatchScheduler(engine, max_batch=8, max_cached_tokens=120)
+    with pytest.raises(ValueError, match="budget of 120"):
+        scheduler.submit([1] * 100, max_tokens=21)
+    # 30-token reservations: 4 fit at once; then a 100-token one must wait for the row count to drop to one,
+    # and the small ones behind it wait too (FIFO: nothing overtakes it, so it cannot starve)
+    prompts = prompts_of(11, 7, longest=20)
+    arrivals = [(0, [1] * 10, dict(max_tokens=20, temperature=0.0)) for _ in range(5)]
+    arrivals += [(0, [2] * 60, dict(max_tokens=40, temperature=0.0)), (0, prompts[0][:10], dict(max_tokens=20, temperature=0.0))]
+    admitted = []
+    original = scheduler._admit
+
+    def spy():
+        before = set(map(id, scheduler.active))
+        original()
+        admitted.extend(r for r in scheduler.active if id(r) not in before)
+    scheduler._admit = spy
+    requests, got, peak = run(scheduler, arrivals)
+    assert peak == 4
+    assert [requests.index(r) for r in admitted] == list(range(7))
+    for (_, prompt, kw), tokens in zip(arrivals, got):
+        assert tokens == alone(engine, prompt, **kw)
+
+
+def test_logprobs(random_gpt):
+    engine = Engine(random_gpt, NoSpecials())
+    scheduler = BatchScheduler(engine, max_batch=2)
+    request = scheduler.submit([5, 6, 7], max_tokens=4, temperature=0.0, logprobs=3)
+    events = []
+    while scheduler.has_work():
+        events += scheduler.step()
+    with torch.no_grad():
+        tokens = [5, 6, 7]
+        for event in events:
+            logp = torch.log_softmax(random_gpt(torch.tensor([tokens]))[0, -1].float(), -1)
+            assert event.token == int(logp.argmax()) and abs(event.logprob - float(logp.max())) < 1e-4
+            assert [t for t, _ in event.top_logprobs] == torch.topk(logp, 3).indices.tolist()
+            tokens.append(event.token)
+    assert request.finish_reason == "length"
