@@ -4,28 +4,19 @@ The chat server's machinery; its command line and HTTP routes are scripts/chat_w
 parse_request reads an OpenAI chat-completions body into a ChatRequest: unknown top-level fields are
 ignored (OpenAI clients send many), known ones are checked, the conversation goes through the one
 validator (nanochat.conversation); bad input raises RequestError, a 4xx JSON error in OpenAI's shape
-({"error": {"message", "type", "param", "code"}}) naming the field and the limit's flag. WorkerPool holds
-one Worker (a model replica) per GPU, or one on CPU: requests wait in a bounded FIFO queue for a free one,
-each generation (a Job) runs in its worker's thread, so the event loop stays responsive, and checks a
-cancellation flag between tokens, so a client that goes away frees its worker at once. Then the replies'
-shapes (the page's events, OpenAI's reply and chunks) and the one log line per request (RequestLog).
+({"error": {"message", "type", "param", "code"}}) naming the field and the limit's flag. Then the replies'
+shapes (the page's events, OpenAI's reply and chunks), the one log line per request (RequestLog) and
+uvicorn's configuration (deadlines for slow clients, a connection cap). The model replicas and their queue
+are nanochat/workers.py.
 """
 import asyncio
 import json
 import secrets
-import threading
 import time
 import uuid
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 
-import torch
-
-from nanochat.common import autocast_context, get_compute_dtype
 from nanochat.conversation import ROLES, ConversationError, content_text, validate_conversation
-from nanochat.tokenizer import StreamDecoder
 
 
 @dataclass
@@ -284,179 +275,6 @@ def uvicorn_config(app, config, host="127.0.0.1", port=8000, **kwargs):
 
     return uvicorn.Config(app, host=host, port=port, http=HeaderDeadlineProtocol,
                           limit_concurrency=config.max_connections, **kwargs)
-
-# -----------------------------------------------------------------------------
-# Workers: one model replica each, generating in their own thread
-
-class Worker:
-    """An engine (with .generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)), its
-    tokenizer and device. context_len (the model's sequence length) bounds prompt + reply."""
-
-    def __init__(self, engine, tokenizer, device="cpu", context_len=None):
-        self.engine, self.tokenizer = engine, tokenizer
-        self.device = torch.device(device)
-        self.name = str(self.device)
-        self.context_len = context_len
-        self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-        self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"chat-worker-{self.name}")
-        self.served = 0
-
-
-class Job:
-    """One generation. The worker thread puts ("token", id), then ("end", finish_reason) or ("error", exc),
-    and always ("closed", None) last, on an asyncio queue the request handler reads."""
-
-    def __init__(self, pool, worker, prompt, request, loop):
-        self.pool, self.worker, self.prompt, self.request, self.loop = pool, worker, prompt, request, loop
-        self.events = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.completion_tokens = 0  # tokens handed to the request (consumer side)
-        self.finish_reason = None  # "stop" / "length" once the consumer saw the end, "error" if it failed
-        self.outcome = None  # the thread's view: "stop", "length", "cancelled" or "error"
-
-    def _on_loop(self, callback, *args):
-        try:
-            self.loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-            self.cancelled.set()
-
-    def _put(self, kind, value=None):
-        self._on_loop(self.events.put_nowait, (kind, value))
-
-    def run(self):
-        """In the worker's thread. Stops between tokens once cancelled; always gives the worker back."""
-        r, worker, device = self.request, self.worker, self.worker.device
-        t0, generated, gen = time.perf_counter(), 0, None
-        on_device = torch.cuda.device(device) if device.type == "cuda" else nullcontext()
-        try:
-            # the worker's device, mixed precision (the weights' casts cached across tokens), no grad
-            with on_device, torch.no_grad(), autocast_context(device.type, get_compute_dtype(device.type)):
-                gen = worker.engine.generate(self.prompt, num_samples=1, max_tokens=r.max_tokens, temperature=r.temperature,
-                                             top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1.0 else None, seed=r.seed)
-                self.outcome = "length"
-                for column, _masks in gen:
-                    if self.cancelled.is_set():
-                        self.outcome = "cancelled"
-                        break
-                    token = int(column[0])
-                    generated += 1
-                    if token in worker.stop_tokens:
-                        self.outcome = "stop"
-                        break
-                    self._put("token", token)
-            if self.outcome != "cancelled":
-                self._put("end", self.outcome)
-        except Exception as e:
-            self.outcome = "error"
-            self._put("error", e)
-        finally:
-            if gen is not None:
-                with suppress(Exception):  # nothing to report to: the request already has its end or error
-                    gen.close()  # the engine's cleanup (KV cache) runs now, not at garbage collection
-            self._put("closed")
-            self._on_loop(self.pool.release, self, generated, time.perf_counter() - t0)
-
-    async def pieces(self):
-        """The reply's text as it is generated, in non-empty pieces that never split a character; sets
-        finish_reason; raises RuntimeError if generation failed."""
-        decoder = StreamDecoder(self.pool.tokenizer)
-        while True:
-            kind, value = await self.events.get()
-            if kind == "closed":
-                break
-            if kind == "error":
-                self.finish_reason = "error"
-                raise RuntimeError(f"generation failed: {type(value).__name__}: {value}")
-            if kind == "end":
-                self.finish_reason = value
-            else:  # a token
-                self.completion_tokens += 1
-                if piece := decoder.push(value):
-                    yield piece
-        if piece := decoder.flush():
-            yield piece
-
-
-class WorkerPool:
-    """Free workers in an asyncio queue: requests wait (FIFO, at most max_queue of them) for one."""
-
-    def __init__(self, workers, max_queue=32, window=60.0):
-        self.workers, self.max_queue, self.window = list(workers), max_queue, window
-        self.tokenizer = self.workers[0].tokenizer
-        self.context_len = min((w.context_len for w in self.workers if w.context_len), default=None)
-        self.free = None  # asyncio.Queue, made by start() inside the server's event loop
-        self.jobs = set()
-        self.waiting = 0
-        self.counts = dict(requests=0, served=0, cancelled=0, rejected=0, refused=0, failed=0)
-        self.tokens, self.busy_seconds = 0, 0.0
-        self.recent = deque()  # (time, tokens) of finished generations within `window` seconds
-        self.started_at = time.time()
-
-    def start(self):
-        self.free = asyncio.Queue()
-        for w in self.workers:
-            self.free.put_nowait(w)
-
-    def stop(self):
-        for job in list(self.jobs):
-            job.cancelled.set()
-
-    @property
-    def busy(self):
-        return len(self.workers) - self.free.qsize()
-
-    def acquire(self):
-        """A task that resolves to a free worker (FIFO); a RequestError 429 at once when the queue is full."""
-        if self.free.empty() and self.waiting >= self.max_queue:
-            raise RequestError(429, f"the server is busy: {self.waiting} requests are already waiting for a worker "
-                                    f"(server limit --max-queue={self.max_queue}); retry later", "queue_full")
-        self.waiting += 1
-        task = asyncio.ensure_future(self.free.get())
-        task.add_done_callback(self._done_waiting)
-        return task
-
-    def _done_waiting(self, task):
-        self.waiting -= 1
-
-    def submit(self, worker, prompt, request):
-        job = Job(self, worker, prompt, request, asyncio.get_running_loop())
-        self.jobs.add(job)
-        worker.executor.submit(job.run)
-        return job
-
-    def release(self, job, tokens, seconds):
-        """On the event loop, when a job's thread is done."""
-        self.jobs.discard(job)
-        if job.outcome in ("stop", "length"):
-            job.worker.served += 1
-            self.counts["served"] += 1
-        else:
-            self.counts["cancelled" if job.outcome == "cancelled" else "failed"] += 1
-        self.tokens += tokens
-        self.busy_seconds += seconds
-        now = time.time()
-        self.recent.append((now, tokens))
-        self._prune(now)
-        self.free.put_nowait(job.worker)
-
-    def _prune(self, now):
-        while self.recent and self.recent[0][0] < now - self.window:
-            self.recent.popleft()
-
-    def stats(self):
-        now = time.time()
-        self._prune(now)
-        span = min(self.window, max(now - self.started_at, 1e-9))
-        busy_workers = {id(j.worker) for j in self.jobs}
-        return dict(
-            workers=len(self.workers), busy=self.busy, queue=self.waiting, max_queue=self.max_queue,
-            **self.counts, tokens=self.tokens,
-            tokens_per_second=round(self.tokens / self.busy_seconds, 2) if self.busy_seconds else 0.0,
-            recent_tokens_per_second=round(sum(t for _, t in self.recent) / span, 2),
-            uptime_seconds=round(now - self.started_at, 1),
-            worker_list=[dict(name=w.name, device=str(w.device), busy=id(w) in busy_workers, served=w.served)
-                         for w in self.workers],
-        )
 
 # -----------------------------------------------------------------------------
 # Replies: the page's events {"token"}... {"done"}; OpenAI's chat.completion and its chunks

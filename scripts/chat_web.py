@@ -2,7 +2,9 @@
 Web chat: a ChatGPT-like page and an OpenAI-compatible API in front of a pool of model replicas.
 
 python -m scripts.chat_web -i sft --port 8000 --host 127.0.0.1
-python -m scripts.chat_web -i sft --num-gpus 8 --host 0.0.0.0 --max-queue 64
+python -m scripts.chat_web -i sft --num-gpus 8 --host 0.0.0.0 --max-batch 32 --max-queue 64
+
+Each replica decodes up to --max-batch requests together (continuous batching); more wait in a FIFO queue.
 
 Endpoints
     GET  /                      the chat page (nanochat/ui.html: one file, no build step, nothing external)
@@ -13,20 +15,22 @@ Endpoints
     GET  /v1/models             OpenAI model list (one model)
     GET  /health, GET /stats    liveness, defaults and limits; worker, queue and throughput counters
 
-This script is the command line and the HTTP routes; the machinery is nanochat/serve.py.
+This script is the command line and the HTTP routes; the machinery is nanochat/serve.py (requests, replies,
+uvicorn) and nanochat/workers.py (replicas, continuous batching, the queue).
 """
 import asyncio
 import os
 import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
+from functools import partial
 
 import torch
 
 from nanochat.common import make_parser, non_negative_float, non_negative_int, number_type, positive_float, positive_int
-from nanochat.serve import (RequestError, RequestLog, ServeConfig, Worker, WorkerPool, openai_events, openai_reply,
-                            page_events, parse_request, read_body, uvicorn_config,
-                            wait_for_disconnect)
+from nanochat.serve import (RequestError, RequestLog, ServeConfig, openai_events, openai_reply, page_events, parse_request,
+                            read_body, uvicorn_config, wait_for_disconnect)
+from nanochat.workers import Worker, WorkerPool
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
@@ -206,6 +210,11 @@ def get_parser():
     p.add_argument("--temperature", type=non_negative_float, default=d.temperature, help="default sampling temperature")
     p.add_argument("--top-k", type=non_negative_int, default=d.top_k, help="default top-k (0 = off)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="default reply length limit in tokens")
+    p.add_argument("--max-batch", type=positive_int, default=8,
+                   help="requests each replica decodes together (continuous batching); more wait in the queue")
+    p.add_argument("--max-cached-tokens", type=positive_int, default=None,
+                   help="KV-cache budget per replica in tokens (a request reserves prompt + max_tokens); "
+                        "default --max-batch x the model's context")
     g = p.add_argument_group("limits (requests outside them get a 4xx error naming the flag)")
     g.add_argument("--max-messages", type=positive_int, default=d.max_messages, help="messages per request")
     g.add_argument("--max-message-chars", type=positive_int, default=d.max_message_chars, help="characters per message")
@@ -238,18 +247,26 @@ def config_from_args(args, parser):
 
 def load_workers(args, parser):
     """One (model, tokenizer, engine) replica per GPU, or one on CPU / MPS."""
+    from nanochat.batching import BatchScheduler
     from nanochat.engine import Engine
     device_type = device_type_or_exit(parser, args)
     if device_type != "cuda" and args.num_gpus != 1:
         parser.error(f"--num-gpus {args.num_gpus} needs CUDA; on {device_type} there is one worker")
     if device_type == "cuda" and args.num_gpus > torch.cuda.device_count():
         parser.error(f"--num-gpus {args.num_gpus}: only {torch.cuda.device_count()} GPU(s) are visible")
+    if args.max_cached_tokens is not None and args.max_cached_tokens < args.max_batch:
+        parser.error(f"--max-cached-tokens {args.max_cached_tokens} is below --max-batch {args.max_batch}")
     devices = [torch.device("cuda", i) for i in range(args.num_gpus)] if device_type == "cuda" else [torch.device(device_type)]
     workers = []
     for device in devices:
         model, tokenizer, ckpt_dir, step = load_model_or_exit("chat_web", args, device)
         args.model_tag, args.step = os.path.basename(ckpt_dir), step  # every replica loads the first one's checkpoint
-        workers.append(Worker(Engine(model, tokenizer, compile=args.compile), tokenizer, device, context_len=model.config.sequence_len))
+        if (args.max_cached_tokens or model.config.sequence_len) < model.config.sequence_len:
+            parser.error(f"--max-cached-tokens {args.max_cached_tokens} is below the model's context "
+                         f"({model.config.sequence_len} tokens): one full conversation must fit")
+        engine = Engine(model, tokenizer, compile=args.compile)
+        make_scheduler = partial(BatchScheduler, engine, args.max_batch, args.max_cached_tokens)
+        workers.append(Worker(make_scheduler, tokenizer, device, context_len=model.config.sequence_len))
         print(f"loaded {ckpt_dir} step {step} on {device}", flush=True)
     return workers, f"nanochat-{args.source}-{args.model_tag}-step{args.step}"
 

@@ -21,6 +21,8 @@ import sys
 import threading
 import time
 from dataclasses import asdict
+from functools import partial
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -28,8 +30,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from nanochat.batching import BatchScheduler
 from nanochat.engine import Engine
-from nanochat.serve import RequestError, ServeConfig, Worker, WorkerPool, parse_request, uvicorn_config
+from nanochat.serve import RequestError, ServeConfig, parse_request, uvicorn_config
+from nanochat.workers import Worker, WorkerPool
 from nanochat.tokenizer import StreamDecoder
 from scripts.chat_web import create_app, get_parser, main
 
@@ -107,17 +111,73 @@ def tiny(tokenizer):
 # -----------------------------------------------------------------------------
 # Apps and servers
 
-def make_app(engine, tokenizer, context_len=None, **overrides):
+class GeneratorScheduler:
+    """The scheduler interface (nanochat.batching.BatchScheduler's submit / step / has_work / max_batch) over an
+    engine with only generate(): each active request's generator advances one token per step, so the
+    FakeEngine's scripted replies (slow, endless, failing) reach the server as a real scheduler's would."""
+
+    def __init__(self, engine, max_batch=1):
+        self.engine, self.max_batch, self.waiting, self.active = engine, max_batch, [], []
+
+    def submit(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
+        request = SimpleRequest(self.engine.generate(tokens, 1, max_tokens, temperature, top_k, top_p, seed))
+        self.waiting.append(request)
+        return request
+
+    def has_work(self):
+        return bool(self.waiting or self.active)
+
+    def step(self):
+        for r in [r for r in self.active if r.cancelled]:
+            r.finish("cancelled")
+            self.active.remove(r)
+        while self.waiting and len(self.active) < self.max_batch:
+            self.active.append(self.waiting.pop(0))
+        events = []
+        for r in list(self.active):
+            try:
+                column, _ = next(r.gen)
+            except StopIteration:
+                r.finish("length")
+                self.active.remove(r)
+                continue
+            events.append(SimpleNamespace(request=r, token=column[0]))
+            if column[0] == self.engine.end:
+                r.finish("stop")
+                self.active.remove(r)
+        return events
+
+
+class SimpleRequest:
+    def __init__(self, gen):
+        self.gen, self.finish_reason, self.cancelled = gen, None, False
+
+    def cancel(self):
+        self.cancelled = True
+
+    def finish(self, reason):
+        self.finish_reason = reason
+        self.gen.close()
+
+
+def make_app(engine, tokenizer, context_len=None, max_batch=1, **overrides):
+    """The app over one worker: a FakeEngine through GeneratorScheduler, a real Engine through BatchScheduler."""
     config = ServeConfig(**{**asdict(ServeConfig(temperature=0.8, top_k=50, max_tokens=64)), **overrides})
-    pool = WorkerPool([Worker(engine, tokenizer, "cpu", context_len=context_len)], config.max_queue)
+    make = (partial(BatchScheduler, engine, max_batch) if isinstance(engine, Engine)
+            else partial(GeneratorScheduler, engine, max_batch))
+    pool = WorkerPool([Worker(make, tokenizer, "cpu", context_len=context_len)], config.max_queue)
     return create_app(pool, config, model_id="nanochat-test")
 
 
 @contextlib.contextmanager
-def client_for(engine, tokenizer, **overrides):
+def client_for_app(app):
     from fastapi.testclient import TestClient
-    with TestClient(make_app(engine, tokenizer, **overrides)) as client:
+    with TestClient(app) as client:
         yield client
+
+
+def client_for(engine, tokenizer, **overrides):
+    return client_for_app(make_app(engine, tokenizer, **overrides))
 
 
 @contextlib.contextmanager
@@ -742,10 +802,54 @@ def test_cli_serves_a_checkpoint(tokenizer, tmp_path):
 # -----------------------------------------------------------------------------
 # Load: 50 concurrent streaming clients against a CPU tiny model
 
+def test_concurrent_requests_are_batched_and_each_reply_is_its_own(tokenizer, tiny, monkeypatch):
+    """Eight greedy requests at once on a replica with --max-batch 4: the worker decodes them together (up
+    to 4 active), and each reply is exactly what the request gets alone (fp32), whatever its neighbours."""
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    engine, _ = tiny
+    questions = [f"Tell me about {topic}" for topic in ("the sea", "a cat", "rain on a tin roof", "bread", "numbers 1 2 3",
+                                                          "winter", "a very long and winding road through the hills", "x")]
+
+    def body(q, n):
+        return {"messages": [{"role": "user", "content": q}], "temperature": 0, "max_tokens": n}
+
+    app = make_app(engine, tokenizer, context_len=128, max_batch=4)
+    worker = app.state.pool.workers[0]
+    peak = []
+    step = worker.make_scheduler
+
+    def spying_scheduler():
+        scheduler = step()
+        original = scheduler.step
+
+        def spy():
+            peak.append(len(scheduler.active) + len(scheduler.waiting))
+            return original()
+        scheduler.step = spy
+        return scheduler
+    worker.make_scheduler = spying_scheduler
+    worker.scheduler = spying_scheduler()
+
+    async def ask_all(base):
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            replies = await asyncio.gather(*(client.post("/v1/chat/completions", json=body(q, 6 + 3 * i))
+                                             for i, q in enumerate(questions)))
+        return [r.json()["choices"][0]["message"]["content"] for r in replies]
+
+    with live_server(app) as base:
+        together = asyncio.run(ask_all(base))
+    assert max(peak) >= 4, peak
+    alone_app = make_app(engine, tokenizer, context_len=128, max_batch=1)
+    with client_for_app(alone_app) as client:
+        for i, (q, reply) in enumerate(zip(questions, together)):
+            r = client.post("/v1/chat/completions", json=body(q, 6 + 3 * i))
+            assert r.json()["choices"][0]["message"]["content"] == reply, q
+
+
 def test_load_50_streaming_clients(tokenizer, tiny):
     psutil = pytest.importorskip("psutil")
     engine, _ = tiny
-    app = make_app(engine, tokenizer, context_len=128, max_tokens=8, max_queue=20, queue_timeout=10)
+    app = make_app(engine, tokenizer, context_len=128, max_batch=4, max_tokens=8, max_queue=20, queue_timeout=10)
     pool = app.state.pool
     outcomes = {"done": 0, "refused": 0, "dropped": 0}
 
