@@ -32,6 +32,7 @@ class ServeConfig:
     max_temperature: float = 2.0
     max_top_k: int = 200
     max_tokens_limit: int = 2048
+    max_n: int = 8  # choices per request (each also needs a slot of one replica's --max-batch)
     max_body_bytes: int = 1_000_000
     max_queue: int = 32  # requests waiting for a worker; more get 429
     queue_timeout: float = 60.0  # seconds a request may wait for a worker before a 503
@@ -71,7 +72,9 @@ def _bad(message, param, code="invalid_value"):
 
 @dataclass
 class ChatRequest:
-    messages: list
+    """A parsed request: a chat conversation (kind "chat": messages) or a plain-text prompt (kind "text":
+    POST /v1/completions, for base models)."""
+    messages: list | None
     chars: int
     temperature: float
     top_k: int
@@ -80,6 +83,12 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     seed: int
+    n: int = 1  # choices, sampled together in one replica's batch with seeds seed, seed + 1, ...
+    stop: tuple = ()  # strings that end a choice (not included in its text)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    kind: str = "chat"
+    prompt: str | None = None
 
 
 def _number(body, name, default, lo, hi, flag=None, integer=False, low_open=False):
@@ -151,10 +160,9 @@ def parse_messages(messages, config):
     return out, total
 
 
-def parse_request(raw, config, default_stream=False):
-    """Request body bytes -> ChatRequest, or RequestError naming the problem."""
+def _json_object(raw):
     if not raw or not raw.strip():
-        raise RequestError(400, "empty request body: expected a JSON object with a 'messages' list", "empty_body")
+        raise RequestError(400, "empty request body: expected a JSON object", "empty_body")
     try:
         body = json.loads(raw)
     except UnicodeDecodeError:
@@ -165,13 +173,63 @@ def parse_request(raw, config, default_stream=False):
         raise RequestError(400, f"malformed JSON: {e}", "malformed_json") from None
     if not isinstance(body, dict):
         raise RequestError(400, f"request body must be a JSON object, got {type(body).__name__}", "invalid_type")
-    messages, chars = parse_messages(body.get("messages"), config)
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad(f"'n' must be 1 (one reply per request), got {json.dumps(n)[:40]}", "n", "unsupported_value")
-    stream = default_stream if body.get("stream") is None else body["stream"]
-    if not isinstance(stream, bool):
-        raise _bad("'stream' must be true or false", "stream", "invalid_type")
+    return body
+
+
+def _flag(body, name, default=False):
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise _bad(f"'{name}' must be true or false", name, "invalid_type")
+    return value
+
+
+def _prompt(prompt, config):
+    """/v1/completions' prompt: a string, or a list holding one string."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt:
+        raise _bad("'prompt' must be a non-empty string (or a list of exactly one)", "prompt",
+                   "missing_field" if prompt is None else "invalid_type")
+    if len(prompt) > config.max_total_chars:
+        raise _bad(f"the prompt has {len(prompt)} characters (server limit --max-total-chars={config.max_total_chars})",
+                   "prompt", "conversation_too_long")
+    return prompt
+
+
+def _stop(stop):
+    """OpenAI's stop: a string or a list of up to 4 non-empty strings."""
+    stops = [stop] if isinstance(stop, str) else stop if stop is not None else []
+    if not isinstance(stops, list) or len(stops) > 4 or not all(isinstance(x, str) and 0 < len(x) <= 200 for x in stops):
+        raise _bad("'stop' must be a string or a list of up to 4 strings of 1-200 characters", "stop",
+                   "invalid_type" if not isinstance(stops, list) else "invalid_value")
+    return tuple(stops)
+
+
+def parse_request(raw, config, default_stream=False, kind="chat"):
+    """Request body bytes -> ChatRequest, or RequestError naming the problem. kind "chat": OpenAI's chat
+    completions body; kind "text": its (legacy) completions body, a prompt instead of messages."""
+    body = _json_object(raw)
+    if kind == "chat":
+        messages, chars = parse_messages(body.get("messages"), config)
+        prompt = None
+        logprobs = _flag(body, "logprobs")
+        top_logprobs = _number(body, "top_logprobs", 0, 0, 20, integer=True)
+        if top_logprobs and not logprobs:
+            raise _bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    else:
+        prompt, messages = _prompt(body.get("prompt"), config), None
+        chars = len(prompt)
+        top_logprobs = _number(body, "logprobs", None, 0, 5, integer=True)  # completions: how many alternatives
+        logprobs, top_logprobs = top_logprobs is not None, top_logprobs or 0
+        for name in ("echo", "suffix"):
+            if body.get(name) not in (None, False, ""):
+                raise _bad(f"'{name}' is not supported by this server", name, "unsupported_value")
+    n = _number(body, "n", 1, 1, config.max_n, "--max-n", integer=True)
+    if body.get("best_of") not in (None, 1, n):
+        raise _bad("'best_of' is not supported by this server", "best_of", "unsupported_value")
+    stream = _flag(body, "stream", default_stream)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
@@ -192,6 +250,7 @@ def parse_request(raw, config, default_stream=False):
         max_tokens=_number(body, tokens_field, config.max_tokens, 1, config.max_tokens_limit, "--max-tokens-limit", integer=True),
         stream=stream, include_usage=include_usage,
         seed=secrets.randbits(31) if seed is None else seed % 2**31,  # fresh per request: regenerate gives a new reply
+        n=n, stop=_stop(body.get("stop")), logprobs=logprobs, top_logprobs=top_logprobs, kind=kind, prompt=prompt,
     )
 
 
@@ -283,57 +342,122 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def usage(job):
-    return {"prompt_tokens": len(job.prompt), "completion_tokens": job.completion_tokens,
-            "total_tokens": len(job.prompt) + job.completion_tokens}
+def usage(jobs):
+    prompt, completion = len(jobs[0].prompt), sum(j.completion_tokens for j in jobs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def _head(model_id, kind):
-    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model_id,
+    prefix = "cmpl" if kind == "text_completion" else "chatcmpl"
+    return {"id": f"{prefix}-{uuid.uuid4().hex}", "object": kind, "created": int(time.time()), "model": model_id,
             "system_fingerprint": None}
 
 
-async def page_events(job):
+def _token_bytes(tokenizer, token):
+    try:
+        return list(tokenizer.enc.decode_single_token_bytes(token))
+    except (AttributeError, KeyError):  # a special token
+        return list(tokenizer.id_to_token(token).encode("utf-8"))
+
+
+def logprobs_body(job, start=0, offset=0):
+    """OpenAI's logprobs object for the job's tokens from index `start`: chat's {"content": [{token, logprob,
+    bytes, top_logprobs}]}, or the completions API's {tokens, token_logprobs, top_logprobs, text_offset}
+    (offsets from `offset`, in characters of the completion). Log-probabilities are the model's own
+    distribution (before temperature, top-k and top-p); None when the request did not ask for them."""
+    if not job.request.logprobs:
+        return None
+    tok, entries = job.pool.tokenizer, job.logprobs[start:]
+    if job.request.kind == "chat":
+        def one(t, lp):
+            return {"token": tok.id_to_token(t), "logprob": lp, "bytes": _token_bytes(tok, t)}
+        return {"content": [{**one(t, lp), "top_logprobs": [one(a, b) for a, b in top]} for t, lp, top in entries]}
+    tokens = [tok.id_to_token(t) for t, _, _ in entries]
+    offsets = [offset + sum(len(x) for x in tokens[:i]) for i in range(len(tokens))]
+    return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
+            "top_logprobs": [{tok.id_to_token(a): b for a, b in top} for _, _, top in entries], "text_offset": offsets}
+
+
+async def page_events(jobs):
+    job = jobs[0]  # the page asks for one reply
     try:
         async for piece in job.pieces():
             yield sse({"token": piece})
-        yield sse({"done": True, "finish_reason": job.finish_reason, **usage(job)})
+        yield sse({"done": True, "finish_reason": job.finish_reason, **usage(jobs)})
     except RuntimeError as e:
         yield sse({"error": str(e)})
 
 
-async def openai_events(job, model_id):
-    head = _head(model_id, "chat.completion.chunk")
+def _choice(job, text, logprobs, finish, stream):
+    if job.request.kind == "text":
+        return {"index": job.index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+    key, message = ("delta", {"content": text} if text is not None else {}) if stream else \
+        ("message", {"role": "assistant", "content": text})
+    return {"index": job.index, key: message, "logprobs": logprobs, "finish_reason": finish}
 
-    def chunk(delta, finish=None):
-        return sse({**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
 
+async def openai_events(jobs, model_id):
+    """OpenAI's streamed reply: chunks from the n choices as they come, a last chunk per choice with its
+    finish_reason, the usage chunk when asked for, then [DONE]."""
+    request = jobs[0].request
+    head = _head(model_id, "chat.completion.chunk" if request.kind == "chat" else "text_completion")
+    merged = asyncio.Queue()
+
+    async def drain(job):
+        sent, chars = 0, 0
+        try:
+            async for piece in job.pieces():
+                await merged.put(_choice(job, piece, logprobs_body(job, sent, chars), None, True))
+                sent, chars = len(job.logprobs), chars + len(piece)
+            await merged.put(_choice(job, None if request.kind == "chat" else "", None, job.finish_reason, True))
+        except RuntimeError as e:
+            await merged.put(e)
+        finally:
+            await merged.put(None)
+
+    tasks = [asyncio.ensure_future(drain(job)) for job in jobs]
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece in job.pieces():
-            yield chunk({"content": piece})
-        yield chunk({}, job.finish_reason)
-        if job.request.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(job)})
-    except RuntimeError as e:
-        yield sse(RequestError(500, str(e), "generation_failed").response_body())
-    yield "data: [DONE]\n\n"
+        if request.kind == "chat":
+            for job in jobs:
+                yield sse({**head, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                                "logprobs": None, "finish_reason": None}]})
+        done, failed = 0, None
+        while done < len(jobs):
+            item = await merged.get()
+            if item is None:
+                done += 1
+            elif isinstance(item, RuntimeError):
+                failed = failed or item
+            elif failed is None:
+                yield sse({**head, "choices": [item]})
+        if failed is not None:
+            yield sse(RequestError(500, str(failed), "generation_failed").response_body())
+        elif request.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(jobs)})
+        yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
-async def openai_reply(job, model_id):
-    """The whole reply as one chat.completion (RuntimeError if generation failed)."""
-    text = "".join([piece async for piece in job.pieces()])
-    return {**_head(model_id, "chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                         "finish_reason": job.finish_reason}],
-            "usage": usage(job)}
+async def openai_reply(jobs, model_id):
+    """The whole reply: a chat.completion or text_completion with n choices (RuntimeError if one failed)."""
+    async def text(job):
+        return "".join([piece async for piece in job.pieces()])
+    texts = await asyncio.gather(*(text(job) for job in jobs))
+    kind = "chat.completion" if jobs[0].request.kind == "chat" else "text_completion"
+    return {**_head(model_id, kind),
+            "choices": [_choice(job, t, logprobs_body(job), job.finish_reason, False) for job, t in zip(jobs, texts)],
+            "usage": usage(jobs)}
 
 # -----------------------------------------------------------------------------
 
 class RequestLog:
-    """Collects one request's facts; emit() prints them as one line (each path of a request calls it once)."""
+    """Collects one request's facts; emit() prints them as one line (each path of a request calls it once)
+    and tells on_emit(status), e.g. the metrics."""
 
-    def __init__(self, request):
+    def __init__(self, request, on_emit=None):
+        self.on_emit = on_emit
         self.t0 = time.perf_counter()
         self.fields = dict(method=request.method, path=request.url.path,
                            client=request.client.host if request.client else "-")
@@ -347,3 +471,6 @@ class RequestLog:
             parts.append(f"{completion / secs:.1f}tok/s")
         parts += [f"{k}={v}" for k, v in f.items() if v is not None]
         print(" ".join(parts), flush=True)
+        if self.on_emit is not None:
+            self.on_emit(status)
+

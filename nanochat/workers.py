@@ -3,7 +3,8 @@ The chat server's model replicas: a Worker per replica decodes up to its max_bat
 (continuous batching, nanochat/batching.py) in its own thread, so the event loop stays responsive; a Job
 carries one request's tokens from that thread to the request handler; the WorkerPool hands out free slots,
 requests beyond them waiting in a bounded FIFO queue (429 when it is full), and a client that goes away has
-its request cancelled at the next decode step. The HTTP side is nanochat/serve.py.
+its request cancelled at the next decode step; ServerMetrics exposes the pool to Prometheus. The HTTP side
+is nanochat/serve.py.
 """
 import asyncio
 import queue
@@ -82,11 +83,14 @@ class Worker:
                     continue
                 finally:
                     self.step_seconds += time.perf_counter() - t0
+                now = time.perf_counter()
                 for event in events:
                     job = self.jobs[event.request]
+                    if job.generated == 0:
+                        job.first_token_at = now
                     job.generated += 1
                     if event.token not in self.stop_tokens:
-                        job.put("token", event.token)
+                        job.put("token", (event.token, getattr(event, "logprob", None), getattr(event, "top_logprobs", None)))
                 for request in [r for r in self.jobs if r.finish_reason is not None]:
                     self.jobs.pop(request).finish(request.finish_reason)
 
@@ -96,8 +100,10 @@ class Worker:
             job.finish("cancelled")
             return
         try:
+            options = {"logprobs": r.top_logprobs} if r.logprobs else {}
             request = self.scheduler.submit(job.prompt, max_tokens=r.max_tokens, temperature=r.temperature,
-                                            top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1.0 else None, seed=r.seed)
+                                            top_k=r.top_k or None, top_p=r.top_p if r.top_p < 1.0 else None,
+                                            seed=job.seed, **options)
         except Exception as e:  # e.g. over the replica's cached-token budget
             job.finish("error", e)
             return
@@ -108,18 +114,23 @@ class Worker:
 
 
 class Job:
-    """One request's generation. The worker thread puts ("token", id), then ("end", finish_reason) or
-    ("error", exc), and always ("closed", None) last, on an asyncio queue the request handler reads."""
+    """One choice of a request's generation (a request with n > 1 has n jobs, seeds seed, seed + 1, ...). The
+    worker thread puts ("token", (id, logprob, top_logprobs)), then ("end", finish_reason) or ("error", exc),
+    and always ("closed", None) last, on an asyncio queue the request handler reads."""
 
-    def __init__(self, pool, worker, prompt, request, loop):
+    def __init__(self, pool, worker, prompt, request, loop, index=0):
         self.pool, self.worker, self.prompt, self.request, self.loop = pool, worker, prompt, request, loop
+        self.index, self.seed = index, (request.seed + index) % 2**31
         self.events = asyncio.Queue()
         self.cancelled = threading.Event()
         self.t0 = time.perf_counter()
+        self.first_token_at = self.finished_at = None  # perf_counter of the first token generated, of the end
         self.generated = 0  # tokens the model produced (worker side)
         self.completion_tokens = 0  # tokens handed to the request (consumer side)
+        self.logprobs = []  # (token id, logprob, [(id, logprob)]) per token handed over, when asked for
         self.finish_reason = None  # "stop" / "length" once the consumer saw the end, "error" if it failed
         self.outcome = None  # the worker's view: "stop", "length", "cancelled" or "error"
+        self.stopped = False  # ended by one of the request's stop strings (the worker sees a cancellation)
 
     def _on_loop(self, callback, *args):
         try:
@@ -132,7 +143,7 @@ class Job:
 
     def finish(self, outcome, error=None):
         """In the worker thread: the last events, and the job's slot back to the pool."""
-        self.outcome = outcome
+        self.outcome, self.finished_at = outcome, time.perf_counter()
         if outcome == "error":
             self.put("error", error)
         elif outcome != "cancelled":
@@ -141,9 +152,11 @@ class Job:
         self._on_loop(self.pool.release, self, self.generated, time.perf_counter() - self.t0)
 
     async def pieces(self):
-        """The reply's text as it is generated, in non-empty pieces that never split a character; sets
+        """The reply's text as it is generated, in non-empty pieces that never split a character and never
+        show a stop string (text that may be the start of one is held back until it is known not to be);
+        at a stop string the text before it is the last piece and generation is cancelled. Sets
         finish_reason; raises RuntimeError if generation failed."""
-        decoder = StreamDecoder(self.pool.tokenizer)
+        decoder, stops, held = StreamDecoder(self.pool.tokenizer), self.request.stop, ""
         while True:
             kind, value = await self.events.get()
             if kind == "closed":
@@ -153,38 +166,55 @@ class Job:
                 raise RuntimeError(f"generation failed: {type(value).__name__}: {value}")
             if kind == "end":
                 self.finish_reason = value
-            else:  # a token
-                self.completion_tokens += 1
-                if piece := decoder.push(value):
-                    yield piece
-        if piece := decoder.flush():
-            yield piece
+                continue
+            token, logprob, top = value
+            self.completion_tokens += 1
+            if logprob is not None:
+                self.logprobs.append((token, logprob, top or []))
+            held += decoder.push(token)
+            if not stops:
+                if held:
+                    yield held
+                held = ""
+                continue
+            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+            if hits:
+                self.stopped, self.finish_reason = True, "stop"
+                self.cancelled.set()
+                if held[:min(hits)]:
+                    yield held[:min(hits)]
+                return
+            keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
+            if len(held) > keep:
+                yield held[:len(held) - keep]
+                held = held[len(held) - keep:]
+        held += decoder.flush()
+        if held:
+            yield held
 
 
 class WorkerPool:
-    """Each worker serves up to its max_batch requests at once; the free slots are an asyncio queue (one
-    entry per slot, workers interleaved, so requests spread across replicas), and requests beyond them wait
-    in FIFO order, at most max_queue of them."""
+    """Each worker serves up to its max_batch jobs at once. A request takes as many slots as it has choices
+    (n), all on one worker (they are sampled together in its batch), on the worker with the most free slots;
+    requests that do not fit wait in FIFO order (the first one waiting blocks those behind it, so none
+    starves), at most max_queue of them."""
 
     def __init__(self, workers, max_queue=32, window=60.0):
         self.workers, self.max_queue, self.window = list(workers), max_queue, window
         self.tokenizer = self.workers[0].tokenizer
         self.context_len = min((w.context_len for w in self.workers if w.context_len), default=None)
         self.slots = sum(w.max_batch for w in self.workers)
-        self.free = None  # asyncio.Queue, made by start() inside the server's event loop
+        self.max_n = max(w.max_batch for w in self.workers)
+        self.free = {id(w): w.max_batch for w in self.workers}
+        self.waiters = deque()  # (slots wanted, future of the worker)
         self.jobs = set()
-        self.waiting = 0
+        self.listeners = []  # called with each job when it is done (e.g. the server's metrics)
         self.counts = dict(requests=0, served=0, cancelled=0, rejected=0, refused=0, failed=0)
         self.tokens = 0
         self.recent = deque()  # (time, tokens) of finished generations within `window` seconds
         self.started_at = time.time()
 
     def start(self):
-        self.free = asyncio.Queue()
-        for slot in range(max(w.max_batch for w in self.workers)):
-            for w in self.workers:
-                if slot < w.max_batch:
-                    self.free.put_nowait(w)
         for w in self.workers:
             w.start()
 
@@ -196,31 +226,53 @@ class WorkerPool:
 
     @property
     def busy(self):
-        return self.slots - self.free.qsize()
+        return self.slots - sum(self.free.values())
 
-    def acquire(self):
-        """A task that resolves to a worker with a free slot (FIFO); a RequestError 429 at once when the queue is full."""
-        if self.free.empty() and self.waiting >= self.max_queue:
+    @property
+    def waiting(self):
+        return sum(1 for _, future in self.waiters if not future.done())
+
+    def acquire(self, n=1):
+        """A future of the worker whose n slots this request now holds (FIFO); a RequestError 429 at once
+        when it would have to wait and the queue is full."""
+        if self.waiting >= self.max_queue and (self.waiting or max(self.free.values()) < n):
             raise RequestError(429, f"the server is busy: {self.waiting} requests are already waiting for a worker "
                                     f"(server limit --max-queue={self.max_queue}); retry later", "queue_full")
-        self.waiting += 1
-        task = asyncio.ensure_future(self.free.get())
-        task.add_done_callback(self._done_waiting)
-        return task
+        future = asyncio.get_running_loop().create_future()
+        self.waiters.append((n, future))
+        future.add_done_callback(lambda f: f.cancelled() and self._dispatch())  # a waiter that gives up
+        self._dispatch()
+        return future
 
-    def _done_waiting(self, task):
-        self.waiting -= 1
+    def give_back(self, worker, n=1):
+        self.free[id(worker)] += n
+        self._dispatch()
+
+    def _dispatch(self):
+        while self.waiters:
+            n, future = self.waiters[0]
+            if future.done():
+                self.waiters.popleft()
+                continue
+            worker = max(self.workers, key=lambda w: self.free[id(w)])
+            if self.free[id(worker)] < n:
+                return
+            self.waiters.popleft()
+            self.free[id(worker)] -= n
+            future.set_result(worker)
 
     def submit(self, worker, prompt, request):
-        job = Job(self, worker, prompt, request, asyncio.get_running_loop())
-        self.jobs.add(job)
-        worker.submit(job)
-        return job
+        """The request's n jobs on `worker` (which holds n slots for it)."""
+        jobs = [Job(self, worker, prompt, request, asyncio.get_running_loop(), i) for i in range(request.n)]
+        for job in jobs:
+            self.jobs.add(job)
+            worker.submit(job)
+        return jobs
 
     def release(self, job, tokens, seconds):
         """On the event loop, when a job is done."""
         self.jobs.discard(job)
-        if job.outcome in ("stop", "length"):
+        if job.outcome in ("stop", "length") or job.stopped:
             job.worker.served += 1
             self.counts["served"] += 1
         else:
@@ -229,7 +281,9 @@ class WorkerPool:
         now = time.time()
         self.recent.append((now, tokens))
         self._prune(now)
-        self.free.put_nowait(job.worker)
+        self.give_back(job.worker)
+        for listener in self.listeners:
+            listener(job)
 
     def _prune(self, now):
         while self.recent and self.recent[0][0] < now - self.window:
@@ -252,3 +306,45 @@ class WorkerPool:
             worker_list=[dict(name=w.name, device=str(w.device), busy=active[id(w)] > 0, active=active[id(w)],
                               max_batch=w.max_batch, served=w.served) for w in self.workers],
         )
+
+
+class ServerMetrics:
+    """GET /metrics in Prometheus' text format (prometheus_client; one registry per app). Counters: requests
+    by HTTP status, output tokens. Histograms (seconds): time to first token (from the request's arrival at
+    its replica, queueing and prefill included) and time per output token after the first. Gauges, read at
+    each scrape: output tokens/s over the pool's recent window, requests waiting, batch occupancy (busy
+    slots / all slots), and tokens held in the replicas' KV caches."""
+
+    def __init__(self, pool):
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("nanochat_requests", "HTTP requests by status", ["status"], registry=r)
+        self.tokens = Counter("nanochat_output_tokens", "tokens generated", registry=r)
+        self.ttft = Histogram("nanochat_time_to_first_token_seconds", "time to the first generated token", registry=r,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.tpot = Histogram("nanochat_time_per_output_token_seconds", "time per generated token after the first",
+                              registry=r, buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        gauges = {"tokens_per_second": ("output tokens per second (recent window)",
+                                        lambda: pool.stats()["recent_tokens_per_second"]),
+                  "queue_depth": ("requests waiting for a slot", lambda: pool.waiting),
+                  "batch_occupancy": ("busy slots / all slots", lambda: pool.busy / pool.slots),
+                  "cached_tokens": ("tokens in the replicas' KV caches",
+                                    lambda: sum(getattr(w.scheduler, "cached_tokens", 0) for w in pool.workers))}
+        for name, (help_text, read) in gauges.items():
+            Gauge(f"nanochat_{name}", help_text, registry=r).set_function(read)
+        pool.listeners.append(self.job_done)
+
+    def job_done(self, job):
+        self.tokens.inc(job.generated)
+        if job.first_token_at is not None:
+            self.ttft.observe(job.first_token_at - job.t0)
+            if job.generated > 1:
+                self.tpot.observe((job.finished_at - job.first_token_at) / (job.generated - 1))
+
+    def request_done(self, status):
+        self.requests.labels(str(status)).inc()
+
+    def response(self):
+        from fastapi.responses import Response
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)

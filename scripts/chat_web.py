@@ -9,11 +9,14 @@ Each replica decodes up to --max-batch requests together (continuous batching); 
 Endpoints
     GET  /                      the chat page (nanochat/ui.html: one file, no build step, nothing external)
     POST /chat/completions      the page's endpoint: server-sent events {"token": ...}, then {"done": true, ...}
-    POST /v1/chat/completions   OpenAI chat completions (messages, temperature, top_p, max_tokens, stream, n=1,
-                                seed, stream_options.include_usage); nanochat extension: top_k. A temperature
-                                below 1e-4 is greedy; the most likely token is always kept, however small top_p
+    POST /v1/chat/completions   OpenAI chat completions (messages, temperature, top_p, max_tokens, stream, n,
+                                stop, seed, logprobs, top_logprobs, stream_options.include_usage); nanochat
+                                extension: top_k. A temperature below 1e-4 is greedy; the most likely token is
+                                always kept, however small top_p
     GET  /v1/models             OpenAI model list (one model)
-    GET  /health, GET /stats    liveness, defaults and limits; worker, queue and throughput counters
+    POST /v1/completions        OpenAI (legacy) text completions: prompt in, text out, for base models
+    GET  /health, GET /stats    liveness, defaults and limits; worker, queue and throughput counters (JSON)
+    GET  /metrics               the same and latency histograms in Prometheus' text format
 
 This script is the command line and the HTTP routes; the machinery is nanochat/serve.py (requests, replies,
 uvicorn) and nanochat/workers.py (replicas, continuous batching, the queue).
@@ -30,7 +33,7 @@ import torch
 from nanochat.common import make_parser, non_negative_float, non_negative_int, number_type, positive_float, positive_int
 from nanochat.serve import (RequestError, RequestLog, ServeConfig, openai_events, openai_reply, page_events, parse_request,
                             read_body, uvicorn_config, wait_for_disconnect)
-from nanochat.workers import Worker, WorkerPool
+from nanochat.workers import ServerMetrics, Worker, WorkerPool
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
@@ -61,7 +64,8 @@ def create_app(pool, config, model_id):
         pool.stop()
 
     app = FastAPI(title="nanochat", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.pool, app.state.config = pool, config
+    metrics = ServerMetrics(pool)
+    app.state.pool, app.state.config, app.state.metrics = pool, config, metrics
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc):  # 404, 405 in the same JSON shape as ours
@@ -76,18 +80,20 @@ def create_app(pool, config, model_id):
         is cancelled and the request logged."""
         media_type = "text/event-stream"
 
-        def __init__(self, content, job, log):
+        def __init__(self, content, jobs, log):
             super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-            self.job, self.log = job, log
+            self.jobs, self.log = jobs, log
 
         async def __call__(self, scope, receive, send):
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                if self.job.finish_reason is None:
-                    self.job.cancelled.set()
-                self.log.emit(200, completion_tokens=self.job.completion_tokens,
-                              finish=self.job.finish_reason or "cancelled", worker=self.job.worker.name)
+                for job in self.jobs:
+                    if job.finish_reason is None:
+                        job.cancelled.set()
+                finish = ",".join(job.finish_reason or "cancelled" for job in self.jobs)
+                self.log.emit(200, completion_tokens=sum(j.completion_tokens for j in self.jobs), finish=finish,
+                              worker=self.jobs[0].worker.name)
 
     @app.get("/")
     async def index():
@@ -106,6 +112,10 @@ def create_app(pool, config, model_id):
     async def stats():
         return pool.stats()
 
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return metrics.response()
+
     def model_card():
         return {"id": model_id, "object": "model", "created": created, "owned_by": "nanochat"}
 
@@ -120,23 +130,32 @@ def create_app(pool, config, model_id):
                                 "model").response()
         return model_card()
 
-    async def start_job(request, log, default_stream):
-        """Read, validate, encode, queue: the Job; a RequestError, or None if the client left."""
+    async def start_jobs(request, log, default_stream, kind):
+        """Read, validate, encode, queue: the request's jobs (one per choice); a RequestError, or None if the
+        client left."""
         try:
             raw = await read_body(request, config.max_body_bytes, config.body_timeout)
         except ClientDisconnect:
             return None
-        req = parse_request(raw, config, default_stream)
-        prompt = pool.tokenizer.render_for_completion({"messages": req.messages})  # valid: parse_request checked it
-        log.fields.update(stream=int(req.stream), messages=len(req.messages), chars=req.chars, prompt_tokens=len(prompt))
+        req = parse_request(raw, config, default_stream, kind)
+        if req.n > pool.max_n:
+            raise RequestError(400, f"'n' is {req.n}; a replica decodes at most {pool.max_n} sequences together "
+                                    "(server limit --max-batch)", "invalid_value", "n")
+        if kind == "chat":  # valid: parse_request checked it
+            prompt = pool.tokenizer.render_for_completion({"messages": req.messages})
+        else:  # a base model's plain text
+            prompt = pool.tokenizer.encode(req.prompt, prepend=pool.tokenizer.get_bos_token_id())
+        log.fields.update(stream=int(req.stream), messages=len(req.messages or ()), n=req.n, chars=req.chars,
+                          prompt_tokens=len(prompt))
         if pool.context_len:
             room = pool.context_len - len(prompt)
             if room < 1:
-                raise RequestError(400, f"the conversation is {len(prompt)} tokens; the model's context is {pool.context_len} "
-                                        "tokens: start a new conversation or shorten it", "context_length_exceeded", "messages")
+                what = "conversation" if kind == "chat" else "prompt"
+                raise RequestError(400, f"the {what} is {len(prompt)} tokens; the model's context is {pool.context_len} "
+                                        f"tokens: shorten it", "context_length_exceeded", "messages" if kind == "chat" else "prompt")
             req.max_tokens = min(req.max_tokens, room)
         # wait for a worker, unless the queue is full, the wait is too long, or the client leaves meanwhile
-        acquiring = pool.acquire()
+        acquiring = pool.acquire(req.n)
         gone = asyncio.ensure_future(wait_for_disconnect(request))
         try:
             done, _ = await asyncio.wait({acquiring, gone}, timeout=config.queue_timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -150,46 +169,58 @@ def create_app(pool, config, model_id):
                                     "the server is busy, retry later", "queue_timeout")
         worker = acquiring.result()
         if gone in done:
-            pool.free.put_nowait(worker)
+            pool.give_back(worker, req.n)
             return None
         return pool.submit(worker, prompt, req)
 
-    @app.post("/chat/completions")  # the page's endpoint
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        openai_format = request.url.path.endswith("/v1/chat/completions")
-        log = RequestLog(request)
+    async def complete(request, kind, openai_format=True):
+        log = RequestLog(request, metrics.request_done)
         pool.counts["requests"] += 1
         try:
-            job = await start_job(request, log, default_stream=not openai_format)
+            jobs = await start_jobs(request, log, default_stream=not openai_format, kind=kind)
         except Exception as e:  # refused (RequestError), or something broke (e.g. a tampered tokenizer): JSON either way
             e = e if isinstance(e, RequestError) else internal_error(e)
             pool.counts["refused" if e.status in (429, 503) else "rejected" if e.status < 500 else "failed"] += 1
             log.emit(e.status, error=e.code)
             return e.response()
-        if job is None:
+        if jobs is None:
             pool.counts["cancelled"] += 1
             log.emit(499, error="client_gone")
             return Response(status_code=499)
-        log.fields["seed"] = job.request.seed
-        if job.request.stream:
-            body = openai_events(job, model_id) if openai_format else page_events(job)
-            return EventStream(body, job, log)
+        req, worker = jobs[0].request, jobs[0].worker.name
+        log.fields["seed"] = req.seed
+        if req.stream:
+            return EventStream(openai_events(jobs, model_id) if openai_format else page_events(jobs), jobs, log)
         # not streaming: collect the reply, cancelling if the client leaves meanwhile
         watcher = asyncio.ensure_future(wait_for_disconnect(request))
-        watcher.add_done_callback(lambda t: t.cancelled() or job.cancelled.set())
+        watcher.add_done_callback(lambda t: t.cancelled() or [job.cancelled.set() for job in jobs])
         try:
-            reply = await openai_reply(job, model_id)
+            reply = await openai_reply(jobs, model_id)
         except RuntimeError as e:
-            log.emit(500, error="generation_failed", worker=job.worker.name)
+            for job in jobs:
+                job.cancelled.set()
+            log.emit(500, error="generation_failed", worker=worker)
             return RequestError(500, str(e), "generation_failed").response()
         finally:
             watcher.cancel()
-        if job.finish_reason is None:  # cancelled: the client is gone
-            log.emit(499, completion_tokens=job.completion_tokens, error="client_gone", worker=job.worker.name)
+        tokens = sum(job.completion_tokens for job in jobs)
+        if any(job.finish_reason is None for job in jobs):  # cancelled: the client is gone
+            log.emit(499, completion_tokens=tokens, error="client_gone", worker=worker)
             return Response(status_code=499)
-        log.emit(200, completion_tokens=job.completion_tokens, finish=job.finish_reason, worker=job.worker.name)
+        log.emit(200, completion_tokens=tokens, finish=",".join(job.finish_reason for job in jobs), worker=worker)
         return reply
+
+    @app.post("/chat/completions")  # the page's endpoint
+    async def page_chat(request: Request):
+        return await complete(request, "chat", openai_format=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await complete(request, "chat")
+
+    @app.post("/v1/completions")  # plain text in, plain text out: for base models
+    async def completions(request: Request):
+        return await complete(request, "text")
 
     return app
 
@@ -222,6 +253,7 @@ def get_parser():
     g.add_argument("--max-temperature", type=non_negative_float, default=d.max_temperature, help="highest temperature")
     g.add_argument("--max-top-k", type=non_negative_int, default=d.max_top_k, help="highest top-k")
     g.add_argument("--max-tokens-limit", type=positive_int, default=d.max_tokens_limit, help="highest max_tokens")
+    g.add_argument("--max-n", type=positive_int, default=d.max_n, help="choices per request (n)")
     g.add_argument("--max-body-bytes", type=positive_int, default=d.max_body_bytes, help="request body size")
     g.add_argument("--max-queue", type=non_negative_int, default=d.max_queue,
                    help="requests waiting for a worker; more get 429")

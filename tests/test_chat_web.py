@@ -408,7 +408,15 @@ LIMIT_CASES = [
     ("max_tokens zero", {"messages": USER, "max_tokens": 0}, 400, "'max_tokens'", "invalid_value"),
     ("max_tokens bool", {"messages": USER, "max_tokens": True}, 400, "'max_tokens' must be an integer", "invalid_type"),
     ("both token fields", {"messages": USER, "max_tokens": 3, "max_completion_tokens": 3}, 400, "not both", "invalid_value"),
-    ("n=2", {"messages": USER, "n": 2}, 400, "'n' must be 1", "unsupported_value"),
+    ("n=2 on one slot", {"messages": USER, "n": 2}, 400, "decodes at most 1 sequences together (server limit --max-batch)",
+     "invalid_value"),
+    ("n=9", {"messages": USER, "n": 9}, 400, "'n' must be in [1, 8], got 9 (server limit --max-n=8)", "invalid_value"),
+    ("n=0", {"messages": USER, "n": 0}, 400, "'n' must be in [1, 8]", "invalid_value"),
+    ("stop list too long", {"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "up to 4 strings", "invalid_value"),
+    ("stop not text", {"messages": USER, "stop": 5}, 400, "'stop' must be a string", "invalid_type"),
+    ("top_logprobs without logprobs", {"messages": USER, "top_logprobs": 2}, 400, "needs 'logprobs'", "invalid_value"),
+    ("top_logprobs over 20", {"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "'top_logprobs' must be in",
+     "invalid_value"),
     ("stream not bool", {"messages": USER, "stream": "yes"}, 400, "'stream'", "invalid_type"),
     ("stream_options", {"messages": USER, "stream_options": {"include_usage": "y"}}, 400, "include_usage", "invalid_type"),
     ("empty body", b"", 400, "empty request body", "empty_body"),
@@ -738,6 +746,92 @@ def test_openai_client(tokenizer, tiny):
         assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
         with pytest.raises(openai.BadRequestError, match="max-temperature"):
             client.chat.completions.create(model="nanochat-test", messages=[{"role": "user", "content": "Hi"}], temperature=5)
+
+
+def test_openai_api_stop_n_logprobs_and_completions(tokenizer, tiny, monkeypatch):
+    """The rest of the OpenAI surface, through the official client: stop strings (string or list, cut before
+    the match, finish_reason "stop", streamed or not), n choices sampled together (choice i = the request
+    with seed + i alone), logprobs / top_logprobs, usage, and POST /v1/completions for plain text."""
+    import openai
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float32")
+    engine, model = tiny
+    app = make_app(engine, tokenizer, context_len=128, max_batch=4)
+    msgs = [{"role": "user", "content": "Tell me a story"}]
+    with live_server(app) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0, timeout=60)
+        chat = client.chat.completions.create
+
+        full = chat(model="m", messages=msgs, max_tokens=24, temperature=0).choices[0].message.content
+        assert len(full) > 6
+        cut = full[3:6]  # a stop string in the middle of the reply, likely spanning tokens
+        for stop in (cut, [cut, "\u2603never"]):
+            out = chat(model="m", messages=msgs, max_tokens=24, temperature=0, stop=stop)
+            assert out.choices[0].message.content == full[:full.index(cut)]
+            assert out.choices[0].finish_reason == "stop"
+            chunks = list(chat(model="m", messages=msgs, max_tokens=24, temperature=0, stop=stop, stream=True))
+            assert "".join(c.choices[0].delta.content or "" for c in chunks) == full[:full.index(cut)]
+            assert chunks[-1].choices[0].finish_reason == "stop"
+
+        several = chat(model="m", messages=msgs, max_tokens=10, temperature=1.0, seed=7, n=3)
+        assert [c.index for c in several.choices] == [0, 1, 2]
+        texts = [c.message.content for c in several.choices]
+        assert len(set(texts)) > 1, "different seeds per choice"
+        alone_tokens = 0
+        for i, text in enumerate(texts):
+            alone = chat(model="m", messages=msgs, max_tokens=10, temperature=1.0, seed=7 + i)
+            assert alone.choices[0].message.content == text
+            alone_tokens += alone.usage.completion_tokens
+        assert several.usage.completion_tokens == alone_tokens and several.usage.prompt_tokens == alone.usage.prompt_tokens
+        streamed = {}
+        for c in chat(model="m", messages=msgs, max_tokens=10, temperature=1.0, seed=7, n=3, stream=True):
+            for choice in c.choices:
+                streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+        assert [streamed[i] for i in range(3)] == texts
+
+        out = chat(model="m", messages=msgs, max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+        content = out.choices[0].logprobs.content
+        assert "".join(t.token for t in content) == out.choices[0].message.content
+        prompt = tokenizer.render_for_completion({"messages": msgs})
+        with torch.no_grad():
+            for t in content:
+                logp = torch.log_softmax(model(torch.tensor([prompt]))[0, -1].float(), -1)
+                best = int(logp.argmax())
+                assert tokenizer.id_to_token(best) == t.token and abs(t.logprob - float(logp[best])) < 1e-3
+                assert [x.token for x in t.top_logprobs] == [tokenizer.id_to_token(i) for i in torch.topk(logp, 3).indices]
+                prompt.append(best)
+
+        text = client.completions.create(model="m", prompt="Once upon a time", max_tokens=8, temperature=0, logprobs=2)
+        assert text.object == "text_completion" and text.choices[0].finish_reason in ("stop", "length")
+        lp = text.choices[0].logprobs
+        assert "".join(lp.tokens) == text.choices[0].text and len(lp.top_logprobs[0]) == 2
+        assert lp.text_offset[0] == 0 and text.usage.prompt_tokens == len(tokenizer.encode("Once upon a time")) + 1
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model="m", prompt="Once upon a time", max_tokens=8, temperature=0, stream=True))
+        assert streamed == text.choices[0].text
+        with pytest.raises(openai.BadRequestError, match="echo"):
+            client.completions.create(model="m", prompt="x", echo=True)
+
+
+def test_prometheus_metrics(tokenizer):
+    """/metrics in Prometheus' text format, parsed with prometheus_client's own parser: the counts and
+    histograms move with the traffic, the gauges read the pool."""
+    from prometheus_client.parser import text_string_to_metric_families
+    with client_for(FakeEngine(tokenizer, reply="one two three"), tokenizer, max_batch=2) as client:
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json={"messages": USER}).status_code == 200
+        client.post("/v1/chat/completions", json={"messages": USER, "temperature": 99})
+        r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(r.text) for s in family.samples}
+    assert samples[("nanochat_requests_total", (("status", "200"),))] == 3
+    assert samples[("nanochat_requests_total", (("status", "400"),))] == 1
+    assert samples[("nanochat_time_to_first_token_seconds_count", ())] == 3
+    assert samples[("nanochat_time_per_output_token_seconds_count", ())] == 3
+    assert samples[("nanochat_output_tokens_total", ())] == 3 * (len(tokenizer.encode("one two three")) + 1)
+    assert samples[("nanochat_queue_depth", ())] == 0 and samples[("nanochat_batch_occupancy", ())] == 0
+    assert samples[("nanochat_tokens_per_second", ())] > 0
+    assert ("nanochat_cached_tokens", ()) in samples
 
 
 def test_real_engine_replies(tokenizer, tiny):
