@@ -37,15 +37,19 @@ REPORT_FILE = "report.md"
 
 # Which sections feed each column of the summary table (pipeline order); a later section overrides an earlier one.
 STAGE_SECTIONS = {
-    "BASE": ["Base model training", "Base model loss", "Base model evaluation"],
-    "MID": ["Midtraining", "Chat evaluation mid"],
-    "SFT": ["Chat SFT", "Chat evaluation sft"],
-    "RL": ["Chat RL", "Chat evaluation rl"],
+    "BASE": ["Base model training", "Base model loss", "Base model evaluation", "Chat quality base"],
+    "MID": ["Midtraining", "Chat evaluation mid", "Chat quality mid"],
+    "SFT": ["Chat SFT", "Chat evaluation sft", "Chat quality sft"],
+    "RL": ["Chat RL", "Chat evaluation rl", "Chat quality rl"],
 }
-# Pipeline order of the known sections; any other section follows, sorted by file name.
-SECTION_ORDER = (["Budget plan", "Tokenizer training", "Tokenizer evaluation"]
-                 + [title for titles in STAGE_SECTIONS.values() for title in titles])
-SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "train_bpb", "val_bpb"]
+# Pipeline order of the known sections; any other section follows, sorted by file name. The Hugging Face
+# sections (scripts.import_hf, scripts.export_hf) say where a model came from and where its export went.
+SECTION_ORDER = (["Budget plan", "Tokenizer training", "Tokenizer evaluation", "Hugging Face import"]
+                 + [title for titles in STAGE_SECTIONS.values() for title in titles] + ["Hugging Face export"])
+SUMMARY_METRICS = ["CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE", "train_bpb", "val_bpb",
+                   # conversation quality (scripts.chat_quality, docs/chat_quality.md): bpb and gain on held-out
+                   # conversations, then the serving-default replies' end, 4-gram repetition and English shares
+                   "assistant_bpb", "context_gain", "reply_ended", "reply_repeat4", "reply_english"]
 SOURCE_EXTS = (".py", ".sh", ".rs", ".html", ".js", ".css", ".toml", ".md")
 BUILD_DIRS = ("__pycache__", "build", "dist")  # git-ignored output, left out of the code size without git
 DEFAULT_GPU_HOUR_COST = 3.0  # $/GPU-hour, roughly an on-demand 8xH100 node rented per GPU

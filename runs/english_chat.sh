@@ -42,12 +42,18 @@ torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=$
     --data="$DATA" --device-batch-size=auto --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --data="$DATA"
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval
+# Conversation quality (docs/chat_quality.md) after every stage, on the held-out english-chat conversations:
+# assistant bits per byte (comparable base -> mid -> SFT, and across tokenizers), context use, and replies.
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_quality -- -i base
 
-# Conversation only: no math, code or multiple-choice drills; identity conversations kept. No RL.
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --mixture=english-chat --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i mid -a "ARC-Easy|ARC-Challenge|MMLU"
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --mixture=english-chat --run=$WANDB_RUN
-torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_eval -- -i sft -a "ARC-Easy|ARC-Challenge|MMLU"
+# Conversation only: no math, code or multiple-choice drills; identity conversations kept. No RL. Judged by
+# conversation quality, not by ARC/MMLU (scripts.chat_eval keeps those for the reference recipe).
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.mid_train -- --mixture=english-chat --eval-tasks=none \
+    --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_quality -- -i mid
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_sft -- --mixture=english-chat --eval-tasks=none \
+    --run=$WANDB_RUN
+torchrun --standalone --nproc_per_node=$NPROC -m scripts.chat_quality -- -i sft
 
 $PY -m nanochat.report generate
 echo "Chat with it: $PY -m scripts.chat_cli -i sft   or   $PY -m scripts.chat_web -i sft --port 8000"
