@@ -3,7 +3,10 @@ Inference benchmark: prefill and decode throughput of nanochat.engine.Engine aga
 (a) the same model decoding without a KV cache (every step recomputes the whole sequence), and
 (b) a peer: Hugging Face transformers' LlamaForCausalLM.generate with the same width, depth, heads, KV
     heads and vocab (its SwiGLU hidden size is 8/3 * n_embd, so the MLP has our parameter count), greedy,
-    the same dtype and exactly the same number of new tokens (min_new_tokens = max_new_tokens, no eos).
+    the same dtype and exactly the same number of new tokens (min_new_tokens = max_new_tokens, no eos);
+(c) a second peer: transformers' NanoChatForCausalLM, this very architecture implemented there, holding our
+    model's weights (mapped by nanochat/hf.py, as scripts.export_hf writes them), generated the same way;
+    the largest difference between its logits on the prompt and ours is printed first (rounding only).
 Plus KV-cache bytes per token for MHA against n_kv_head = n_head // 4, computed and measured.
 
 Prefill tokens/s: one forward of (batch, prompt_len) tokens into a fresh cache, logits of the last position
@@ -16,6 +19,7 @@ variants timed round robin so a burst of load from other processes hits them ali
 
     python -m bench.inference                      # CPU: depth 4, width 256, vocab 8192, prompt 128, 64 new tokens
     python -m bench.inference --dtype=fp32 --repeats=5
+    python -m bench.inference --no-nanochat-peer   # without transformers' NanoChatForCausalLM
     python -m bench.inference --gpu                # depth 20 (1280 wide, 10 heads, vocab 65536), batch 1 and 32,
                                                    # prompt 512, 128 new tokens, bf16 (< 2 min on one H100)
 """
@@ -71,6 +75,24 @@ def build_peer(config, device, dtype):
     return model.to(dtype).eval()
 
 
+def build_nanochat_peer(model, dtype):
+    """transformers' NanoChatForCausalLM with `model`'s config and weights (the export's mapping), in `dtype`."""
+    from transformers import NanoChatConfig, NanoChatForCausalLM
+
+    from nanochat.hf import hf_config, to_hf_state
+    fields = hf_config(model.config, None, dtype)
+    peer_cfg = NanoChatConfig(**{k: v for k, v in fields.items() if k not in ("architectures", "model_type", "dtype")})
+    peer_cfg._attn_implementation = "sdpa"
+    peer = NanoChatForCausalLM(peer_cfg)
+    missing, unexpected = peer.load_state_dict(to_hf_state(model.state_dict(), model.config), strict=False)
+    # tied: lm_head.weight is the embedding's parameter itself, so the file (like ours) holds it once
+    tied = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    assert not unexpected and set(missing) <= tied, (missing, unexpected)
+    peer.generation_config.eos_token_id = None
+    peer.generation_config.pad_token_id = 0
+    return peer.to(device=model.get_device(), dtype=dtype).eval()
+
+
 def kv_bytes_per_token(config, dtype):
     """Keys and values of every layer for one token (the planner's formula), in `dtype`."""
     return kv_cache_bytes_per_token(config.n_layer, config.n_kv_head, config.head_dim,
@@ -84,8 +106,8 @@ def measured_kv_bytes_per_token(config, device, dtype):
     return cache.kv.numel() * cache.kv.element_size() // (2 * 16)
 
 
-def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device, no_cache, compiled_engine=None):
-    """Best-of-repeats seconds for each measurement at one batch size."""
+def bench_batch(model, engine, peers, batch, prompt, new_tokens, repeats, device, no_cache, compiled_engine=None):
+    """Best-of-repeats seconds for each measurement at one batch size. peers: {name: transformers model}."""
     from nanochat.engine import KVCache
     c = model.config
     rows = prompt.expand(batch, -1).contiguous()
@@ -110,11 +132,13 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
                     ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
         return fn
 
-    def peer_prefill():
-        with torch.inference_mode():
-            peer(input_ids=rows, use_cache=True, logits_to_keep=1)
+    def peer_prefill(peer):
+        def fn():
+            with torch.inference_mode():
+                peer(input_ids=rows, use_cache=True, logits_to_keep=1)
+        return fn
 
-    def peer_generate(n):
+    def peer_generate(peer, n):
         def fn():
             with torch.inference_mode():
                 out = peer.generate(rows, attention_mask=torch.ones_like(rows), max_new_tokens=n, min_new_tokens=n,
@@ -129,8 +153,9 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
         compile_s = timed(fns["compiled_n"], device)  # the first decode steps compile (batch 1, then batch > 1 once)
     if no_cache:
         fns.update(recompute_1=recompute(1), recompute_n=recompute(new_tokens))
-    if peer is not None:
-        fns.update(peer_prefill=peer_prefill, peer_1=peer_generate(1), peer_n=peer_generate(new_tokens))
+    for name, peer in peers.items():
+        fns.update({f"{name}_prefill": peer_prefill(peer), f"{name}_1": peer_generate(peer, 1),
+                    f"{name}_n": peer_generate(peer, new_tokens)})
     for fn in fns.values():  # warm-up: kernels, allocator, autocast caches
         fn()
     best = {k: float("inf") for k in fns}
@@ -140,7 +165,7 @@ def bench_batch(model, engine, peer, batch, prompt, new_tokens, repeats, device,
         gc.collect()
     P, n = rows.size(1), new_tokens
     out = {}
-    for name in ("ours", "compiled", "recompute", "peer"):
+    for name in ("ours", "compiled", "recompute", *peers):
         if f"{name}_n" not in best:
             continue
         decode_s = max(best[f"{name}_n"] - best[f"{name}_1"], 1e-9)
@@ -172,6 +197,8 @@ def main(argv=None):
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--no-cache-baseline", type=str2bool, default=True, help="also time decoding without a KV cache")
     parser.add_argument("--peer", type=str2bool, default=True, help="also time HF transformers LlamaForCausalLM.generate")
+    parser.add_argument("--nanochat-peer", type=str2bool, default=True,
+                        help="also time HF transformers NanoChatForCausalLM.generate holding our weights")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--compile", type=str2bool, default=True, help="also time Engine(compile=True): the decode step compiled")
     args = parser.parse_args(argv)
@@ -212,28 +239,37 @@ def main(argv=None):
     model = build_ours(config, device, dtype)
     engine = Engine(model, NoSpecialTokens())
     compiled_engine = Engine(model, NoSpecialTokens(), compile=True) if args.compile else None
-    peer = None
+    peers = {}
+    prompt = torch.randint(0, args.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
     if args.peer:
         try:
-            peer = build_peer(config, device, dtype)
+            peers["peer"] = build_peer(config, device, dtype)
             import transformers
-            log(f"peer: transformers {transformers.__version__} LlamaForCausalLM, intermediate_size {peer.config.intermediate_size}")
+            log(f"peer: transformers {transformers.__version__} LlamaForCausalLM, intermediate_size {peers['peer'].config.intermediate_size}")
         except ImportError as e:
             log(f"peer skipped: transformers is not installed ({e})")
-    prompt = torch.randint(0, args.vocab_size, (1, args.prompt_len), generator=torch.Generator().manual_seed(0)).to(device)
+    if args.nanochat_peer:
+        try:
+            peers["nanochat"] = build_nanochat_peer(model, dtype)
+            with torch.inference_mode():  # same weights: the same function, up to rounding in the benchmark dtype
+                a, b = model(prompt).float(), peers["nanochat"](input_ids=prompt).logits.float()
+            log(f"nanochat peer: transformers NanoChatForCausalLM with our weights; prompt logits max |ours - peer| = "
+                f"{(a - b).abs().max().item():.2e} (max |logit| {a.abs().max().item():.2f}, {args.dtype})")
+        except ImportError as e:
+            log(f"nanochat peer skipped: transformers (with NanoChat) or safetensors is not installed ({e})")
 
     results, start = {}, time.perf_counter()
     for b in batches:
         t0 = time.perf_counter()
         try:
-            results[b] = bench_batch(model, engine, peer, b, prompt, args.new_tokens, args.repeats, device,
+            results[b] = bench_batch(model, engine, peers, b, prompt, args.new_tokens, args.repeats, device,
                                      args.no_cache_baseline, compiled_engine)
-        except Exception as e:  # the peer's API moves between transformers versions: keep our figures
-            if peer is None:
+        except Exception as e:  # the peers' API moves between transformers versions: keep our figures
+            if not peers:
                 raise
-            log(f"peer failed at batch {b} ({type(e).__name__}: {e}); timing without it from now on")
-            peer = None
-            results[b] = bench_batch(model, engine, peer, b, prompt, args.new_tokens, args.repeats, device,
+            log(f"peers failed at batch {b} ({type(e).__name__}: {e}); timing without them from now on")
+            peers = {}
+            results[b] = bench_batch(model, engine, peers, b, prompt, args.new_tokens, args.repeats, device,
                                      args.no_cache_baseline, compiled_engine)
         log(f"batch {b} timed in {time.perf_counter() - t0:.1f}s")
         if device.type == "cuda":
@@ -254,6 +290,18 @@ def main(argv=None):
         else:
             cells += ["-"] * 5
         log("| " + " | ".join(cells) + " |")
+    if any("nanochat" in r for r in results.values()):
+        log("")
+        log("transformers' NanoChatForCausalLM (same architecture, same weights):")
+        log("| batch | nanochat peer prefill tok/s | nanochat peer decode tok/s | engine / nanochat peer (decode) "
+            "| compiled engine / nanochat peer (decode) | engine / nanochat peer (prefill) |")
+        log("|---:|---:|---:|---:|---:|---:|")
+        for b, r in results.items():
+            o, c, p = r["ours"], r.get("compiled"), r.get("nanochat")
+            cells = [str(b)] + ([fmt(p["prefill"]), fmt(p["decode"]), f"{o['decode'] / p['decode']:.2f}x",
+                                  f"{c['decode'] / p['decode']:.2f}x" if c else "-",
+                                  f"{o['prefill'] / p['prefill']:.2f}x"] if p else ["-"] * 5)
+            log("| " + " | ".join(cells) + " |")
     for b, r in results.items():
         if "compiled" in r:
             log(f"batch {b}: first compiled generation (incl. compilation) {r['compiled']['compile_s']:.1f}s")
