@@ -6,9 +6,12 @@ next-token model:
 - multiple_choice: one sequence per choice, the choice with the lowest mean loss over its tokens wins
 - schema: one sequence per context option with a fixed continuation, lowest mean loss wins
 - language_modeling: correct only if every continuation token is the argmax prediction
+The scored tokens follow the reference harness's span rule (see "Prompts" below), long prompts are cropped
+from the left (crop_left), and the logits are computed in fp32 whatever the compute dtype (fp32_head).
 Each task's accuracy is centered on its random baseline, and CORE is the mean centered accuracy.
 Printing and saving the results is scripts/base_eval.py's job.
 """
+import contextlib
 import os
 import random
 import time
@@ -19,12 +22,23 @@ from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce_sum, dist_rank_world, print0
 from nanochat.core_bundle import load_bundle, load_task_items
+from nanochat.gpt import GPT
 
 FEWSHOT_SEED = 1234  # few-shot examples for item i are drawn with random.Random(FEWSHOT_SEED + i)
 ORDER_SEED = 1337    # items are evaluated in this shuffled order, so --max-per-task takes a fair sample
 
 # -----------------------------------------------------------------------------
 # Prompts
+#
+# The span rule, the one of DCLM's reference harness (llm-foundry's in-context-learning evaluator): every
+# string field of a row is stripped of surrounding whitespace, the rendered context (few-shot examples + this
+# item + the delimiter) loses its trailing whitespace, and that whitespace goes onto the front of the
+# continuation, which is tokenized on its own and appended. So the scored tokens are exactly the tokens of
+# " " + answer for every CORE delimiter (" " and "\nAnswer: "), whether or not the tokenizer merges the space
+# into the answer's first token: a digit, a bracket or a rare word is scored with its space token, like a word
+# that merges. The rule depends only on the text, so every choice of a question and every context option of a
+# schema item gets the same one. (The reference puts exactly one space before the answer whatever the
+# delimiter ends in; moving the delimiter's own whitespace is the same for every CORE task and keeps the text.)
 
 def sample_fewshot(num_items, idx, k):
     """k distinct item indices other than idx, the same on every run and every rank."""
@@ -33,6 +47,16 @@ def sample_fewshot(num_items, idx, k):
         return []
     picks = random.Random(FEWSHOT_SEED + idx).sample(range(num_items - 1), k)
     return [j + (j >= idx) for j in picks]  # skip over idx itself
+
+
+def strip_fields(item):
+    """The row with every string, and every string in a list, stripped of surrounding whitespace (the
+    reference harness strips its rows on loading). Then the whitespace between a context and its
+    continuation is exactly the delimiter's, and no row adds its own (piqa's queries end in "\n",
+    bigbench_language_identification's in "Answer: ", a few jeopardy answers in " ")."""
+    def strip(v):
+        return v.strip() if isinstance(v, str) else v
+    return {k: [strip(x) for x in v] if isinstance(v, list) else strip(v) for k, v in item.items()}
 
 
 def _example_text(task, item):
@@ -45,38 +69,62 @@ def _example_text(task, item):
     return item["context"] + d + item["continuation"]
 
 
+def split_at_whitespace(context, continuation):
+    """(context without its trailing whitespace, that whitespace + continuation): the same text, split
+    where the reference harness splits it (str.rstrip: any Unicode whitespace)."""
+    kept = context.rstrip()
+    return kept, context[len(kept):] + continuation
+
+
 def render_item(task, items, idx):
-    """The prompts of item idx as (context, continuation) pairs, one per sequence to score."""
-    item, d = items[idx], task.continuation_delimiter
-    shots = [_example_text(task, items[j]) for j in sample_fewshot(len(items), idx, task.num_fewshot)]
+    """The prompts of item idx as (context, continuation) pairs, one per sequence to score; context +
+    continuation is the prompt's text: the few-shot examples (each followed by a blank line), the item, the
+    delimiter and the answer, with the span rule above (the delimiter's trailing whitespace starts the
+    continuation). multiple_choice: one pair per choice, each choice scored whole (words that all choices
+    share are scored too); schema: one pair per context option, only the shared continuation scored;
+    language_modeling: one pair."""
+    item, d = strip_fields(items[idx]), task.continuation_delimiter
+    shots = [_example_text(task, strip_fields(items[j])) for j in sample_fewshot(len(items), idx, task.num_fewshot)]
     prefix = "".join(s + "\n\n" for s in shots)
     if task.task_type == "multiple_choice":
-        return [(prefix + item["query"] + d, choice) for choice in item["choices"]]
-    if task.task_type == "schema":
-        return [(prefix + option + d, item["continuation"]) for option in item["context_options"]]
-    return [(prefix + item["context"] + d, item["continuation"])]
+        pairs = [(prefix + item["query"] + d, choice) for choice in item["choices"]]
+    elif task.task_type == "schema":
+        pairs = [(prefix + option + d, item["continuation"]) for option in item["context_options"]]
+    else:
+        pairs = [(prefix + item["context"] + d, item["continuation"])]
+    return [split_at_whitespace(c, k) for c, k in pairs]
 
 
 def tokenize_item(tokenizer, pairs):
-    """Token ids (BOS first) of each context+continuation, and the [start, end) span of the
-    continuation. The span starts where the tokens of the full prompt stop matching the tokens
-    of the context alone, so a tokenizer that merges the delimiter into the continuation
-    (" " + "Paris" -> " Paris") still gets exactly the continuation's tokens."""
+    """Token ids (BOS first) of each context+continuation, and the [start, end) span of the continuation.
+
+    The context and the continuation are encoded separately and concatenated, as the reference harness does:
+    the span is then the continuation's own tokens by construction, the same rule for every pair whatever the
+    tokenizer does at the boundary. (Encoding the joint text and taking the span where it stops matching the
+    context's tokens is what went wrong before: a space that the tokenizer kept apart from the answer stayed
+    in the context.) With a GPT-style pre-split (nanochat's, GPT-2's, GPT-4's) the two encodings agree when
+    the continuation starts with a space, as it does for every CORE delimiter: no pre-split chunk runs from a
+    non-space into a following space, so the model is fed the tokens of the plain text (on the whole CORE
+    bundle, no item differs: docs/core_eval.md)."""
     bos = tokenizer.get_bos_token_id()
-    contexts = tokenizer.encode([c for c, _ in pairs], prepend=bos)
-    fulls = tokenizer.encode([c + k for c, k in pairs], prepend=bos)
-    spans = []
-    for (c, k), ctx, full in zip(pairs, contexts, fulls):
-        start = len(os.path.commonprefix([ctx, full]))
-        if start >= len(full):
-            raise ValueError(f"the continuation {k!r} has no tokens of its own after the context {c[-80:]!r}")
-        spans.append((start, len(full)))
-    return fulls, spans
+    unique = list(dict.fromkeys(c for c, _ in pairs))  # the choices of a question share one context
+    encoded = dict(zip(unique, tokenizer.encode(unique, prepend=bos)))
+    seqs, spans = [], []
+    for (c, k), cont in zip(pairs, tokenizer.encode([k for _, k in pairs])):
+        if not cont:
+            raise ValueError(f"the continuation {k!r} has no tokens after the context {c[-80:]!r}")
+        ctx = encoded[c]
+        seqs.append(ctx + cont)
+        spans.append((len(ctx), len(ctx) + len(cont)))
+    return seqs, spans
 
 
 def crop_left(seqs, spans, max_len):
-    """Keep the last max_len tokens of each sequence, shifting its span to match. A continuation
-    that does not fit is scored from the second kept token on (the first has no prediction)."""
+    """The window fed to a model of context max_len: the last max_len tokens of each sequence (the
+    continuation is at the end, so its span stays inside the window; the context, BOS first, loses its
+    start), with the span shifted to match. The reference harness crops the same way. Only a continuation of
+    max_len tokens or more does not fit: it is scored from the window's second token on (the first has no
+    prediction), its first tokens left out, where the reference harness gives up on the whole dataset."""
     cuts = [max(0, len(seq) - max_len) for seq in seqs]
     return ([seq[cut:] for seq, cut in zip(seqs, cuts)],
             [(max(start - cut, 1), end - cut) for (start, end), cut in zip(spans, cuts)])
@@ -84,13 +132,42 @@ def crop_left(seqs, spans, max_len):
 # -----------------------------------------------------------------------------
 # Scoring
 
+@contextlib.contextmanager
+def fp32_head(model):
+    """Inside, a nanochat GPT computes its output head (the last matmul, the logits) in full fp32: outside
+    autocast, from the fp32 hidden state and weight, with fp32 matmuls at "highest" precision (no TF32).
+    The blocks keep the compute dtype. A bf16 head rounds its inputs to 8 significant bits, which moves
+    the logits enough to flip near-tied choices and argmaxes; in fp32 they do not depend on it. Other
+    models (the tests' stand-ins) are left as they are. GPT.forward itself is not changed: the override is
+    an instance attribute over GPT._head, removed on exit."""
+    if not isinstance(model, GPT):
+        yield
+        return
+
+    def head(x):
+        w = model.transformer.wte.weight if model.lm_head is None else model.lm_head.weight
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), w.float())
+
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    model._head = head
+    try:
+        yield
+    finally:
+        del model._head
+        torch.set_float32_matmul_precision(precision)
+
+
 @torch.no_grad()
 def score_sequences(model, seqs, spans, pad_id, device):
     """One forward pass over the sequences, right-padded with pad_id (causal attention, so the
-    padding never affects the real positions). Returns, per sequence, the mean cross-entropy over
-    its continuation tokens and whether every continuation token was the argmax prediction."""
+    padding never affects the real positions), with fp32 logits (fp32_head). Returns, per sequence, the
+    mean cross-entropy over its continuation tokens and whether every continuation token was the argmax
+    prediction."""
     ids = pad_sequence([torch.tensor(s) for s in seqs], batch_first=True, padding_value=pad_id).to(device)
-    logits = model(ids)
+    with fp32_head(model):
+        logits = model(ids)
     losses, exact = [], []
     for i, (start, end) in enumerate(spans):
         pred = logits[i, start - 1 : end - 1].float()  # the logits at t predict the token at t+1

@@ -76,8 +76,9 @@ LN = math.log(2 * (V - 1))  # loss of any other token (p = 1/2 / (V-1))
 
 class LastLetterModel(nn.Module):
     """Predicts the alphabet successor (z -> a) of the most recent lowercase letter with p = 1/2 and
-    spreads the other half evenly over the rest of the vocabulary; with no letter yet, uniform.
-    So every loss is LF or LN, and the argmax is the successor."""
+    spreads the other half evenly over the rest of the vocabulary; with no letter yet, uniform. Right
+    after a ':' it predicts a space the same way (so "A:" + " def" can be all argmax).
+    So every loss is LF or LN, and the argmax is the successor (or the space)."""
 
     def __init__(self, sequence_len=1024):
         super().__init__()
@@ -87,6 +88,8 @@ class LastLetterModel(nn.Module):
             nxt = chr((ord(c) - ord("a") + 1) % 26 + ord("a"))
             table[tok(c)] = math.log(0.5 / (V - 1))
             table[tok(c), tok(nxt)] = math.log(0.5)
+        table[tok(":")] = math.log(0.5 / (V - 1))
+        table[tok(":"), tok(" ")] = math.log(0.5)
         self.register_buffer("table", table)
         self.calls = []
 
@@ -102,6 +105,7 @@ class LastLetterModel(nn.Module):
         for t in range(T):
             carry = torch.where(is_letter[:, t], idx[:, t], carry)
             keys[:, t] = carry
+        keys = torch.where(idx == tok(":"), idx, keys)
         return self.table[keys]
 
 # -----------------------------------------------------------------------------
@@ -139,21 +143,23 @@ TOY_META = ("Eval Task,Task Category,Task Type,#shots,#datapoints,Random baselin
             "toy_missing,x,language modeling,0,1,0,,d\n"
             "unused_task,x,multiple choice,0,1,10,,d\n")
 
-# Each choice's first token is predicted from the last letter of the query ("a").
+# The delimiter's space is scored first (LN: the model never predicts a space after a letter); each choice's
+# first letter is predicted from the last letter of the query ("a").
 MC_ITEMS = [
-    {"query": "pick after a", "choices": ["bcd", "bzz"], "gold": 0},      # LF vs (LF+2LN)/3 -> 0, right
+    {"query": "pick after a", "choices": ["bcd", "bzz"], "gold": 0},      # (LN+3LF)/4 vs (3LN+LF)/4 -> 0, right
     {"query": "pick after a", "choices": ["bzz", "bcd"], "gold": 0},      # -> 1, wrong
-    {"query": "pick after a", "choices": ["bz", "bcdez"], "gold": 1},     # (LF+LN)/2 vs (4LF+LN)/5 -> 1, right (a sum would pick 0)
-    {"query": "pick after a", "choices": ["zz", "cd", "bc"], "gold": 1},  # LN, (LN+LF)/2, LF -> 2, wrong
-    {"query": "pick after a", "choices": ["xy", "bc"], "gold": 1},        # (LN+LF)/2 vs LF -> 1, right
+    {"query": "pick after a", "choices": ["bz", "bcdez"], "gold": 1},     # (2LN+LF)/3 vs (2LN+4LF)/6 -> 1, right (a sum: 0)
+    {"query": "pick after a", "choices": ["zz", "cd", "bc"], "gold": 1},  # LN, (2LN+LF)/3, (LN+2LF)/3 -> 2, wrong
+    {"query": "pick after a", "choices": ["xy", "bc"], "gold": 1},        # (2LN+LF)/3 vs (LN+2LF)/3 -> 1, right
 ]
-SCHEMA_ITEMS = [
-    {"context_options": ["it was a", "it was m"], "continuation": "bcd", "gold": 0},  # LF vs (LN+2LF)/3 -> 0, right
-    {"context_options": ["so a", "so b"], "continuation": "cd", "gold": 0},           # (LN+LF)/2 vs LF -> 1, wrong
-    {"context_options": ["x y", "x q"], "continuation": "rst", "gold": 1},            # (LN+2LF)/3 vs LF -> 1, right
-    {"context_options": ["no d", "no e"], "continuation": "f", "gold": 1},            # LN vs LF -> 1, right
+SCHEMA_ITEMS = [  # the scored " " + continuation adds one LN to every option
+    {"context_options": ["it was a", "it was m"], "continuation": "bcd", "gold": 0},  # (LN+3LF)/4 vs (2LN+2LF)/4: 0, right
+    {"context_options": ["so a", "so b"], "continuation": "cd", "gold": 0},           # (2LN+LF)/3 vs (LN+2LF)/3: 1, wrong
+    {"context_options": ["x y", "x q"], "continuation": "rst", "gold": 1},            # (2LN+2LF)/4 vs (LN+3LF)/4: 1, right
+    {"context_options": ["no d", "no e"], "continuation": "f", "gold": 1},            # LN vs (LN+LF)/2: 1, right
 ]
-# The delimiter "\nA: " has no lowercase letter, so the first token is predicted from the context's last letter.
+# The delimiter "\nA: " ends the context at ':', so its space is the first scored token (the argmax after
+# ':'); the continuation's first letter is predicted from the context's last letter.
 LM_ITEMS = [
     {"context": "abc", "continuation": "def"},     # right
     {"context": "abc", "continuation": "dez"},     # wrong at z
@@ -261,28 +267,44 @@ def test_bundle_errors_are_clear(toy_bundle, tmp_path):
 def test_render_multiple_choice():
     items = [{"query": "Q1", "choices": ["x", "y"], "gold": 1}, {"query": "Q2", "choices": ["u", "v", "w"], "gold": 0}]
     t = task("multiple_choice", shots=1, delimiter="\nAnswer: ")
-    ctx = "Q1\nAnswer: y\n\nQ2\nAnswer: "
-    assert ce.render_item(t, items, 1) == [(ctx, "u"), (ctx, "v"), (ctx, "w")]
-    assert ce.render_item(task("multiple_choice"), items, 0) == [("Q1 ", "x"), ("Q1 ", "y")]
+    ctx = "Q1\nAnswer: y\n\nQ2\nAnswer:"  # the delimiter's space moves onto every choice
+    assert ce.render_item(t, items, 1) == [(ctx, " u"), (ctx, " v"), (ctx, " w")]
+    assert ce.render_item(task("multiple_choice"), items, 0) == [("Q1", " x"), ("Q1", " y")]
 
 
 def test_render_schema():
     items = [{"context_options": ["A1", "A2"], "continuation": "c1", "gold": 1},
              {"context_options": ["B1", "B2"], "continuation": "c2", "gold": 0}]
-    assert ce.render_item(task("schema", shots=1), items, 0) == [("B1 c2\n\nA1 ", "c1"), ("B1 c2\n\nA2 ", "c1")]
-    assert ce.render_item(task("schema"), items, 1) == [("B1 ", "c2"), ("B2 ", "c2")]
+    assert ce.render_item(task("schema", shots=1), items, 0) == [("B1 c2\n\nA1", " c1"), ("B1 c2\n\nA2", " c1")]
+    assert ce.render_item(task("schema"), items, 1) == [("B1", " c2"), ("B2", " c2")]
 
 
 def test_render_language_modeling():
     items = [{"context": "C1", "continuation": "k1"}, {"context": "C2", "continuation": "k2"}]
-    assert ce.render_item(task("language_modeling", shots=1, delimiter=" = "), items, 1) == [("C1 = k1\n\nC2 = ", "k2")]
-    assert ce.render_item(task("language_modeling"), items, 0) == [("C1 ", "k1")]
+    assert ce.render_item(task("language_modeling", shots=1, delimiter=" = "), items, 1) == [("C1 = k1\n\nC2 =", " k2")]
+    assert ce.render_item(task("language_modeling"), items, 0) == [("C1", " k1")]
+    assert ce.render_item(task("language_modeling", delimiter=""), items, 0) == [("C1", "k1")]  # nothing to move
+    assert ce.render_item(task("language_modeling", delimiter=":\n "), items, 0) == [("C1:", "\n k1")]
     # with k shots, the prompt holds k solved examples, none of them the item itself
     items = [{"context": f"C{i}", "continuation": f"k{i}"} for i in range(20)]
     (ctx, cont), = ce.render_item(task("language_modeling", shots=5), items, 7)
     shots = ctx.split("\n\n")
-    assert cont == "k7" and shots[-1] == "C7 " and len(shots) == 6
+    assert cont == " k7" and shots[-1] == "C7" and len(shots) == 6
     assert all(s in {f"C{i} k{i}" for i in range(20) if i != 7} for s in shots[:-1])
+
+
+def test_render_strips_every_field_first():
+    """The reference harness strips each row's strings on loading: a query ending in "\n" or "Answer: " and an
+    answer ending in " " add no whitespace of their own, in the item and in the few-shot examples alike."""
+    mc = [{"query": "Is it?\n", "choices": [" yes ", "no\n"], "gold": 0},
+          {"query": "  Why?\nAnswer: ", "choices": ["3", "4"], "gold": 1}]
+    ctx = "Why?\nAnswer:\nAnswer: 4\n\nIs it?\nAnswer:"
+    t = task("multiple_choice", shots=1, delimiter="\nAnswer: ")
+    assert ce.render_item(t, mc, 0) == [(ctx, " yes"), (ctx, " no")]
+    lm = [{"context": "The answer is ", "continuation": "\n\nrecorder "}]
+    assert ce.render_item(task("language_modeling"), lm, 0) == [("The answer is", " recorder")]
+    assert lm[0]["continuation"] == "\n\nrecorder "  # the rows themselves are left as they are
+    assert ce.strip_fields({"a": " x ", "b": [" y", 3], "gold": 1}) == {"a": "x", "b": ["y", 3], "gold": 1}
 
 
 def test_fewshot_deterministic_and_excludes_item():
@@ -299,17 +321,99 @@ def test_fewshot_deterministic_and_excludes_item():
 # -----------------------------------------------------------------------------
 # Tokenization, cropping, scoring
 
-def test_tokenize_spans_bytes_and_merges():
-    pairs = [("ab ", "cd"), ("ab ", "x")]
-    seqs, spans = ce.tokenize_item(ByteTokenizer(), pairs)
-    assert seqs[0] == [0, tok("a"), tok("b"), tok(" "), tok("c"), tok("d")] and spans == [(4, 6), (4, 5)]
-    # the space merges into the continuation's first token: the span starts one token earlier
+def test_tokenize_encodes_context_and_continuation_apart():
+    seqs, spans = ce.tokenize_item(ByteTokenizer(), [("ab", " cd"), ("ab", " x")])
+    assert seqs[0] == [0, tok("a"), tok("b"), tok(" "), tok("c"), tok("d")] and spans == [(3, 6), (3, 5)]
+    # whether the space merges into the next token or not, the span is the continuation's own tokens
     m = MergingTokenizer()
-    seqs, spans = ce.tokenize_item(m, pairs)
-    assert seqs[0] == [0, tok("a"), tok("b"), 257 + 2, tok("d")] and spans == [(3, 5), (3, 4)]
-    assert [seq[s:e] for seq, (s, e) in zip(seqs, spans)] == [m.encode(" cd"), m.encode(" x")]
-    with pytest.raises(ValueError, match="no tokens of its own"):
+    seqs, spans = ce.tokenize_item(m, [("ab", " cd"), ("ab", " 3")])
+    assert seqs == [[0, tok("a"), tok("b"), 257 + 2, tok("d")], [0, tok("a"), tok("b"), tok(" "), tok("3")]]
+    assert spans == [(3, 5), (3, 5)]
+    with pytest.raises(ValueError, match="no tokens after the context"):
         ce.tokenize_item(ByteTokenizer(), [("ab", "")])
+
+# The span rule with a real BPE (the session tokenizer, trained on tests/fixtures). Byte tokens have their byte
+# value as id: 32 ' ', 51 '3', 41 ')', 93 ']'. With this tokenizer ' the', ' Paris' and ' (' are single tokens,
+# while a space stays its own token before a digit, a closing bracket and 'X'.
+SPACE = 32
+
+
+def scored_spans(tokenizer, t, items, idx):
+    """(sequences, spans, the scored ids of each sequence) for item idx, as evaluate_item builds them."""
+    seqs, spans = ce.tokenize_item(tokenizer, ce.render_item(t, items, idx))
+    return seqs, spans, [seq[s:e] for seq, (s, e) in zip(seqs, spans)]
+
+
+def check_plain_text_tokens(tokenizer, seqs):
+    """The sequences are BOS + the tokens of their plain text: encoding the pieces apart changed nothing."""
+    bos = tokenizer.get_bos_token_id()
+    assert all(seq[0] == bos and tokenizer.encode(tokenizer.decode(seq[1:])) == seq[1:] for seq in seqs)
+
+
+def test_span_language_modeling(tokenizer):
+    """The issue's reproduction and its relatives: the delimiter's space is scored with the answer, whether
+    or not it merges into the answer's first token (the old rule left an unmerged space in the context and
+    scored only ['3'])."""
+    rows = [{"context": "Find the length of the longest common subsequence:", "continuation": "3"},
+            {"context": "Close the brackets: ( [", "continuation": "] )"},
+            {"context": "Open a bracket:", "continuation": "("},
+            {"context": "The capital of France is", "continuation": "Paris"},
+            {"context": "She played the", "continuation": "Xylophone"}]
+    first = [[SPACE, 51], [SPACE, 93, SPACE, 41], tokenizer.encode(" ("), tokenizer.encode(" Paris"), [SPACE, 88]]
+    assert [len(f) for f in first] == [2, 4, 1, 1, 2]  # the fixture tokenizer merges ' (' and ' Paris', not the rest
+    for t in (task("language_modeling"), task("language_modeling", shots=2, delimiter="\nAnswer: ")):
+        for idx, row in enumerate(rows):
+            seqs, spans, (got,) = scored_spans(tokenizer, t, rows, idx)
+            assert got == tokenizer.encode(" " + row["continuation"]) and got[:len(first[idx])] == first[idx]
+            assert tokenizer.decode(got) == " " + row["continuation"] and spans[0][1] == len(seqs[0])
+            ctx = tokenizer.decode(seqs[0][1:spans[0][0]])  # the context keeps none of the delimiter's space
+            assert ctx.endswith(row["context"] + t.continuation_delimiter.rstrip()) and not ctx[-1].isspace()
+            check_plain_text_tokens(tokenizer, seqs)
+
+
+def test_span_multiple_choice_same_rule_every_choice(tokenizer):
+    """Every choice is scored whole, with the delimiter's space, after the same context tokens; a choice that
+    is a token-prefix of another (' 34' of ' 345', ' the' of ' theory', ' in' of ' inn') is scored as it is."""
+    choices = ["3", "34", "345", "the", "theory", "in", "inn", ")", "(a)", "Xylophone"]
+    rows = [{"query": "Question: How many legs does a tripod have?", "choices": choices, "gold": 0},
+            {"query": "Question: Pick one.", "choices": ["the", "theory"], "gold": 1}]
+    for t in (task("multiple_choice", delimiter="\nAnswer: "), task("multiple_choice", shots=1)):
+        seqs, spans, got = scored_spans(tokenizer, t, rows, 0)
+        start = spans[0][0]
+        assert all(s == start and e == len(seq) and seq[:start] == seqs[0][:start] for seq, (s, e) in zip(seqs, spans))
+        assert got == [tokenizer.encode(" " + c) for c in choices]
+        assert [tokenizer.decode(g) for g in got] == [" " + c for c in choices]
+        assert got[0] == [SPACE, 51] and got[7] == [SPACE, 41] and got[9][:2] == [SPACE, 88]
+        assert got[3] == tokenizer.encode(" the") and len(got[3]) == 1 and got[8][0] == tokenizer.encode(" (")[0]
+        for short, long in [(1, 2), (3, 4), (5, 6)]:
+            assert got[long][:len(got[short])] == got[short] and len(got[long]) > len(got[short])
+        check_plain_text_tokens(tokenizer, seqs)
+
+
+def test_span_schema_scores_only_the_continuation(tokenizer):
+    rows = [{"context_options": ["The trophy did not fit in the suitcase because the trophy",
+                                 "The trophy did not fit in the suitcase because the suitcase"],
+             "continuation": "was too big.", "gold": 0},
+            {"context_options": ["Tom had 2 apples and Ann", "Tom had 2 apples and Ben"],
+             "continuation": "3 more.", "gold": 1}]
+    for t in (task("schema"), task("schema", shots=1)):
+        for idx, row in enumerate(rows):
+            seqs, spans, got = scored_spans(tokenizer, t, rows, idx)
+            assert got == [tokenizer.encode(" " + row["continuation"])] * 2
+            assert seqs[0][:spans[0][0]] != seqs[1][:spans[1][0]]  # the options differ, the scored tokens do not
+            assert all(e == len(seq) for seq, (_, e) in zip(seqs, spans))
+            check_plain_text_tokens(tokenizer, seqs)
+        assert got[0][:2] == [SPACE, 51]
+
+
+def test_crop_keeps_the_scored_span_in_the_window(tokenizer):
+    """A prompt longer than the model's context loses its start; the span, space token first, stays whole at
+    the end of a window of exactly sequence_len tokens."""
+    rows = [{"context": f"Item {i}: " + "words " * 40 + "subsequence:", "continuation": str(i % 10)} for i in range(12)]
+    seqs, spans, (got,) = scored_spans(tokenizer, task("language_modeling", shots=10), rows, 3)
+    assert len(seqs[0]) > 200 and got == [SPACE, 51]
+    (window,), ((s, e),) = ce.crop_left(seqs, spans, 64)
+    assert len(window) == 64 and window == seqs[0][-64:] and window[s:e] == [SPACE, 51] and e == 64
 
 
 def test_crop_left_keeps_continuation_span():
@@ -342,6 +446,32 @@ def test_score_sequences_hand_computed_and_padding_free():
     assert model.calls == [(3, max(len(s) for s in seqs))]  # one padded batch
     alone = ce.score_sequences(model, seqs[:1], spans[:1], 0, "cpu")
     assert alone[0][0] == pytest.approx(losses[0], rel=1e-6)
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_scoring_head_runs_in_fp32_under_bf16_autocast(tied):
+    """Freshly initialized, a GPT's blocks are the identity (zero output projections), so its hidden states are
+    fp32 even under bf16 autocast and only the head's precision differs: scoring under autocast must give the
+    fp32 losses, while the model's own forward keeps its bf16 head outside the scoring."""
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=32, vocab_size=512, n_layer=1, n_head=2, n_kv_head=2, n_embd=64, tie_embeddings=tied))
+    model.init_weights()
+    with torch.no_grad():
+        (model.transformer.wte.weight if tied else model.lm_head.weight).normal_(0.0, 0.5)
+    seqs, spans = [list(range(1, 20)), list(range(40, 65))], [(3, 19), (10, 25)]
+    ids = torch.tensor([seqs[0]])
+    ref, fp32_logits = ce.score_sequences(model, seqs, spans, 0, "cpu"), model(ids)
+    precision = torch.get_float32_matmul_precision()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ce.score_sequences(model, seqs, spans, 0, "cpu")
+        with ce.fp32_head(model):
+            assert (model(ids) - fp32_logits).abs().max() < 1e-4
+        bf16_logits = model(ids)
+    assert got[0] == pytest.approx(ref[0], abs=1e-5) and got[1] == ref[1]
+    assert (bf16_logits - fp32_logits).abs().max() > 1e-3  # the plain forward's head is bf16: what fp32_head avoids
+    assert "_head" not in vars(model) and torch.get_float32_matmul_precision() == precision
+    assert ce.fp32_head(LastLetterModel()).__enter__() is None  # other models: untouched
+
 
 # -----------------------------------------------------------------------------
 # End to end on the toy bundle
@@ -472,19 +602,22 @@ def test_real_bundle_tasks_and_prompts():
         assert len(pairs) == len(items[-1].get("choices", items[-1].get("context_options", [0])))
 
     copa = cb.load_task_items(eval_dir, by_label["copa"])
-    ctx = "The man turned on the faucet, therefore "
-    assert ce.render_item(by_label["copa"], copa, 0) == [(ctx, "the toilet filled with water."), (ctx, "water flowed from the spout.")]
+    ctx = "The man turned on the faucet, therefore"
+    assert ce.render_item(by_label["copa"], copa, 0) == [(ctx, " the toilet filled with water."), (ctx, " water flowed from the spout.")]
 
     wsc = cb.load_task_items(eval_dir, by_label["winograd"])
     start = "The city councilmen refused the demonstrators a permit because the "
-    assert ce.render_item(by_label["winograd"], wsc, 0) == [(start + "city councilmen ", "feared violence."),
-                                                             (start + "demonstrators ", "feared violence.")]
+    assert ce.render_item(by_label["winograd"], wsc, 0) == [(start + "city councilmen", " feared violence."),
+                                                             (start + "demonstrators", " feared violence.")]
 
     jeopardy = cb.load_task_items(eval_dir, by_label["jeopardy"])
     (ctx, cont), = ce.render_item(by_label["jeopardy"], jeopardy, 0)
     item = "WORLD HISTORY: This Navy commander flew from a base at Little America to the South Pole & back Nov. 28-29, 1929"
-    assert cont == "Admiral Richard Byrd" and ctx.endswith("\n\n" + item + "\nAnswer: ")
-    assert ctx.count("\nAnswer: ") == 11 and not ctx.startswith(item)
+    assert cont == " Admiral Richard Byrd" and ctx.endswith("\n\n" + item + "\nAnswer:")
+    assert ctx.count("\nAnswer: ") == 10 and not ctx.startswith(item)
+
+    piqa = cb.load_task_items(eval_dir, by_label["piqa"])  # every query ends in "\n": stripped, as the reference does
+    assert piqa[0]["query"].endswith("?\n") and ce.render_item(by_label["piqa"], piqa, 0)[0][0].endswith("?\nAnswer:")
 
     # with the real GPT-2 BPE the spans hold exactly the continuation (the space merged into it)
     tk = TiktokenGPT2(require_shared_data("tokenizers", "tiktoken", "r50k_base.tiktoken"))
