@@ -9,6 +9,7 @@ import os
 import tempfile
 
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = (os.environ.get("NANOCHAT_DATA_DIR") or os.environ.get("NANOCHAT_SHARED_DATA")
@@ -26,6 +27,16 @@ def require_shared_data(*parts):
     if not os.path.exists(path):
         pytest.skip(f"shared data missing: {path} (tests that read real text need ../shared/data; see README)")
     return path
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread (two spinning OpenMP threads crawl on a shared machine); a module
+    opts in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

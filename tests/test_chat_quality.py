@@ -26,13 +26,8 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 QUESTIONS, TASKS = os.path.join(FIXTURE_CHAT, "questions.jsonl"), os.path.join(FIXTURE_CHAT, "tasks.jsonl")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and two spinning OpenMP threads on a shared machine are slow)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_conversations():

@@ -17,13 +17,8 @@ TOY = ["--task=toy", "--source=base", "--model-tag=tiny", "--prompts-per-step=4"
        "--device-batch-size=8", "--max-new-tokens=8", "--eval-problems=16", "--init-lr-frac=0.5"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are fastest on one thread (and two spinning OpenMP threads crawl on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _log(ckpt_dir):

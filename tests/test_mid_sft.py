@@ -28,10 +28,8 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with single_thread():
-        yield
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chat_file(name):
