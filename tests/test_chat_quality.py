@@ -26,7 +26,6 @@ from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 QUESTIONS, TASKS = os.path.join(FIXTURE_CHAT, "questions.jsonl"), os.path.join(FIXTURE_CHAT, "tasks.jsonl")
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -17,7 +17,6 @@ TOY = ["--task=toy", "--source=base", "--model-tag=tiny", "--prompts-per-step=4"
        "--device-batch-size=8", "--max-new-tokens=8", "--eval-problems=16", "--init-lr-frac=0.5"]
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

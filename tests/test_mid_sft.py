@@ -28,7 +28,6 @@ def single_thread():
         torch.set_num_threads(n)
 
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
