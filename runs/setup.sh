@@ -5,6 +5,21 @@
 # to several GB of CUDA wheels. Override the pin with NANOCHAT_TORCH_SPEC (e.g. "torch==2.9.1").
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The sandbox for model-written code (nanochat/sandbox.py, docs/sandbox.md) needs bubblewrap, util-linux's
+# prlimit/setpriv and a system python3 readable by an unprivileged user. Installed here when we are root
+# with apt-get; otherwise we say what to install (without them, running model code is refused).
+need=()
+command -v bwrap >/dev/null 2>&1 || need+=(bubblewrap)
+{ command -v prlimit >/dev/null 2>&1 && command -v setpriv >/dev/null 2>&1; } || need+=(util-linux)
+[ -x /usr/bin/python3 ] || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null) \
+            || echo "setup: could not install ${need[*]}; sandboxed code execution will be refused" >&2
+    else
+        echo "setup: the code sandbox needs ${need[*]}: install them as root (apt-get install ${need[*]})" >&2
+    fi
+fi
 PY=${PYTHON:-python3}
 VENV=${NANOCHAT_VENV:-.venv}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"

@@ -51,7 +51,7 @@ def main(argv=None):
     model, tokenizer, _, step = load_model_or_exit("chat_eval", args, device)
     try:
         tasks = load_tasks(names)
-    except FileNotFoundError as e:
+    except OSError as e:  # missing data, or no sandbox to score HumanEval in (nanochat.sandbox.SandboxUnavailable)
         stage_error(f"chat_eval: {e}")
     engine = Engine(model, tokenizer, compile=args.compile)  # cheap: compiles on first use, if ever
     with autocast_context(device.type, get_compute_dtype(device.type)):

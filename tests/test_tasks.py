@@ -225,15 +225,15 @@ def test_humaneval_completion_extraction():
     assert extract_code("```python\ndef h():\n    return 2") == "def h():\n    return 2"  # unterminated fence
     prompt = 'def add(a, b):\n    """Add."""\n'
     test = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
-    full = build_program(prompt, "```python\ndef add(a, b):\n    return a + b\n```", test, "add")
-    body = build_program(prompt, "    return a + b\n", test, "add")
-    from nanochat.execution import execute_code
-    assert execute_code(full).success and execute_code(body).success
-    assert not execute_code(build_program(prompt, "    return a - b\n", test, "add")).success
+    full = build_program(prompt, "```python\ndef add(a, b):\n    return a + b\n```")
+    body = build_program(prompt, "    return a + b\n")
+    from nanochat.execution import check_function
+    assert check_function(full, "add", test, setup=prompt).passed and check_function(body, "add", test).passed
+    assert not check_function(build_program(prompt, "    return a - b\n"), "add", test).passed
     task = _humaneval()
     conv = task[0]
-    cheat = "import os\nos._exit(0)\n"  # exiting before the tests run is not a pass
-    assert not task.evaluate(conv, cheat)
+    for cheat in ("import os\nos._exit(0)\n", "import sys\nsys.exit(0)\n", "print('passed')\n"):
+        assert not task.evaluate(conv, cheat)  # exiting or printing before the tests run is not a pass
 
 
 @pytest.mark.slow
