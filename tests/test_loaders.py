@@ -281,3 +281,36 @@ def test_fuzz_request_parser(raw):
         assert 400 <= e.status < 500 and e.message
     else:
         assert isinstance(req, ChatRequest) and req.messages[-1]["role"] == "user"
+
+# -----------------------------------------------------------------------------
+# The CORE bundle's core.yaml and pretraining text files
+
+
+@FUZZ
+@given(text=st.one_of(st.text(max_size=300), st.builds(
+    lambda items: "icl_tasks:\n" + "".join(f"- {k}: {v}\n" for k, v in items),
+    st.lists(st.tuples(st.sampled_from(["label", "dataset_uri", "num_fewshot", "icl_task_type", "x"]),
+                       st.text(alphabet="ab0[]{}:-'\" \t", max_size=8)), max_size=6))))
+def test_fuzz_core_yaml(text):
+    from nanochat.core_bundle import parse_core_yaml
+    try:
+        tasks = parse_core_yaml(text)
+    except ValueError as e:
+        assert str(e).startswith("core.yaml")
+    else:
+        assert isinstance(tasks, list)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300), suffix=st.sampled_from([".jsonl", ".jsonl.gz", ".txt", ".parquet"]))
+def test_fuzz_text_files(tmp_path_factory, data, suffix):
+    from nanochat.dataset import DataError, iter_file_documents
+    path = str(tmp_path_factory.mktemp("text") / f"docs{suffix}")
+    with open(path, "wb") as f:
+        f.write(data)
+    try:
+        docs = list(iter_file_documents(path, on_bad_line="fail"))
+    except (DataError, ValueError) as e:
+        assert path in str(e) or "docs" in str(e), str(e)
+    else:
+        assert all(isinstance(d, str) and d for d in docs)
