@@ -1,20 +1,35 @@
 """
-Ablation of the planned architecture changes at equal training FLOPs, tiny scale, on CPU.
+Ablation of the planned architecture changes at equal training FLOPs, over several seeds, tiny scale, on CPU.
 
-Trains the reference architecture, each change alone and all of them together, every run with the
-same FLOPs budget (so a cheaper architecture gets more steps), then compares validation bits per
-byte on held-out text. Writes a table and a bar chart into the report: the evidence to look at
-before spending a real budget on the changes. The changes are nanochat.gpt.PLANNED_CHANGES, the list
-scripts.plan prices; the reference takes base_train's architecture flags, at tiny-scale defaults.
+Trains the reference architecture, each change alone and all of them together, --seeds times each (seeds
+--seed, --seed + 1, ...; the seed sets the initialization and the data order), every run with the same FLOPs
+budget (so a cheaper architecture gets more steps). Each run is then finetuned for a short fixed SFT on
+--sft-mixture and scored on held-out conversations. Per variant: mean and standard deviation over seeds of the
+validation bits per byte on held-out text (base_train) and of the assistant-turn bits per byte on held-out
+conversations (nanochat/chat_quality.py), each difference from the reference marked beyond seed noise or not
+(paired t-test over the seeds, p < 0.05: nanochat/ablation.py), and the compute multiplier read off the
+reference's own validation curve. Writes a table and a plot into the report (section "Ablation"). The changes are
+nanochat.gpt.PLANNED_CHANGES, the list scripts.plan prices; the reference takes base_train's architecture flags,
+at tiny-scale defaults. docs/ablation.md has the rules and a recorded run.
 
-    python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=2e13
+    python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=1.4e13 --seeds=3
+    python -m scripts.ablate --only="MLP 3x|SiLU" --seeds=2 --sft-steps=0        # text bpb only, two changes
+    python -m scripts.ablate --from-runs=$NANOCHAT_BASE_DIR/report/_ablation-runs.json   # re-tabulate, no training
+
+Checkpoints go to base/sft tags ablate-<variant>-s<seed>; the report sections the runs write on the way
+("Base model training", "Chat SFT") are put back as they were. Single process; no resume.
 """
+import contextlib
+import math
 import os
+import sys
 
-from nanochat.common import make_parser, positive_int, print0
+from nanochat.ablation import NOISE_P, compute_multiplier, mean_curve, mean_std, paired_test, welch_test
+from nanochat.common import make_parser, non_negative_int, positive_float, positive_int, print0
 from nanochat.gpt import MODEL_FLAGS, add_model_flags, model_flags, planned_changes
 
 TINY_SCALE = dict(depth=4, head_dim=64, max_seq_len=256)  # the ablation's reference architecture flags
+SUB_RUN_SECTIONS = ("Base model training", "Chat SFT")  # report sections each run rewrites; restored after
 
 
 def flag(dest, v):
@@ -34,78 +49,323 @@ def variants(seq_len, reference=None):
         for label, change in planned_changes(seq_len)]
 
 
+def run_tag(label, seed):
+    from nanochat.report import slugify
+    return f"ablate-{slugify(label)}-s{seed}"
+
+
 def get_args(argv=None):
+    from tasks.mixtures import MIXTURES
     p = make_parser(__doc__)
-    p.add_argument("--data", default=None, help="data spec PATH[:WEIGHT],... (default: the reference shards)")
+    p.add_argument("--data", default=None, help="pretraining data spec PATH[:WEIGHT],... (default: the reference shards)")
+    p.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")
     add_model_flags(p.add_argument_group("reference architecture (the flags of scripts.base_train, at tiny scale)"),
                     **TINY_SCALE)
-    p.add_argument("--target-flops", type=float, default=2e13, help="training FLOPs of every run (about 100 steps of the reference)")
-    p.add_argument("--total-batch-size", type=positive_int, default=8192)
-    p.add_argument("--device-batch-size", type=positive_int, default=8)
-    p.add_argument("--eval-tokens", type=positive_int, default=65536)
-    p.add_argument("--only", default="", help="'|'-separated labels to run (default: all)")
-    return p.parse_args(argv)
+    g = p.add_argument_group("pretraining (every run)")
+    g.add_argument("--target-flops", type=positive_float, default=1.4e13,
+                   help="training FLOPs of every run (60 steps of 8192 tokens for the tiny-scale reference)")
+    g.add_argument("--total-batch-size", type=positive_int, default=8192, help="tokens per optimizer step")
+    g.add_argument("--device-batch-size", type=positive_int, default=8, help="rows per forward pass at the reference context")
+    g.add_argument("--eval-every", type=int, default=8,
+                   help="validation bpb every N steps: the curves and the reference curve the multiplier reads")
+    g.add_argument("--eval-tokens", type=positive_int, default=32768, help="held-out text tokens per validation")
+    g = p.add_argument_group("seeds and variants")
+    g.add_argument("--seeds", type=positive_int, default=3, help="runs per variant (>= 2; seed noise needs several)")
+    g.add_argument("--seed", type=int, default=42, help="first seed; the runs use seed, seed + 1, ...")
+    g.add_argument("--only", default="", help="'|'-separated variant labels to run besides the reference (default: all)")
+    g.add_argument("--from-runs", default="", help="no training: rebuild the table, plot and report section from the "
+                   "_ablation-runs.json of an earlier ablation (the other flags describe it)")
+    g = p.add_argument_group("conversation metric (short fixed SFT, then assistant-turn bpb)")
+    g.add_argument("--sft-steps", type=non_negative_int, default=20, help="SFT steps per run (0 = skip the conversation metric)")
+    g.add_argument("--sft-mixture", default="english-chat", choices=list(MIXTURES), help="SFT mixture (tasks/mixtures.py)")
+    g.add_argument("--sft-examples-per-step", type=positive_int, default=8, help="conversations per SFT step")
+    g.add_argument("--sft-device-batch-size", type=positive_int, default=4, help="conversations per SFT forward pass")
+    g.add_argument("--sft-init-lr-frac", type=positive_float, default=0.5, help="SFT learning rates x this")
+    g.add_argument("--chat-data", default="",
+                   help="held-out {'messages': [...]} JSONL(.gz) (default: --sft-mixture's decontaminated held-out slices)")
+    g.add_argument("--chat-conversations", type=positive_int, default=200, help="held-out conversations scored (the first N)")
+    args = p.parse_args(argv)
+    if args.seeds < 2:
+        p.error(f"argument --seeds: at least 2 runs per variant are needed to measure seed noise (3 or more "
+                f"recommended), got {args.seeds}")
+    if args.eval_every <= 0:
+        p.error(f"argument --eval-every: must be positive (the compute multiplier reads the reference's validation "
+                f"curve), got {args.eval_every}")
+    if args.sft_examples_per_step % args.sft_device_batch_size:
+        p.error(f"argument --sft-examples-per-step: {args.sft_examples_per_step} is not a multiple of "
+                f"--sft-device-batch-size={args.sft_device_batch_size}")
+    labels = [label for label, _ in variants(args.max_seq_len, reference_flags(args))]
+    args.only = [s.strip() for s in args.only.split("|") if s.strip()]
+    unknown = [s for s in args.only if s not in labels]
+    if unknown:
+        p.error(f"argument --only: no variant named {', '.join(map(repr, unknown))}; the variants are: " + " | ".join(labels))
+    return args
 
 
-def plot(rows, ref, path):
-    """A bar per variant, the reference's value as a dashed line; None without matplotlib."""
+def reference_flags(args):
+    return {k: getattr(args, k) for k in MODEL_FLAGS}
+
+
+@contextlib.contextmanager
+def kept_report_sections(titles):
+    """Put the report sections `titles` (their .md and .json files) back as they were on exit: every ablation run
+    goes through base_train and chat_sft, which write them, and the report card must keep the user's own runs."""
+    from nanochat.common import atomic_write_bytes
+    from nanochat.report import get_report_dir, slugify
+    paths = [os.path.join(get_report_dir(), slugify(t) + ext) for t in titles for ext in (".md", ".json")]
+    saved = {}
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                saved[path] = f.read()
+        except FileNotFoundError:
+            saved[path] = None
     try:
+        yield
+    finally:
+        for path, data in saved.items():
+            if data is not None:
+                atomic_write_bytes(path, data)
+            elif os.path.exists(path):
+                os.remove(path)
+
+
+def load_heldout(args):
+    """(conversations, sources, note) scored by the conversation metric; exits naming the flag when unreadable."""
+    from nanochat.chat_quality import load_conversations
+    from .chat_quality import heldout_from_mixture
+    try:
+        if args.chat_data:
+            conversations, sources = load_conversations(args.chat_data)
+            note = f"{args.chat_data}"
+        else:
+            conversations, sources, note = heldout_from_mixture(args.sft_mixture)
+    except (OSError, ValueError) as e:
+        which = f"--chat-data={args.chat_data}" if args.chat_data else f"--sft-mixture={args.sft_mixture}"
+        raise SystemExit(f"ablate: {which}: {e} (--sft-steps=0 skips the conversation metric)")
+    if not conversations:
+        raise SystemExit(f"ablate: no held-out conversations in {note} (--chat-data)")
+    n = min(args.chat_conversations, len(conversations))
+    return conversations[:n], sources[:n], f"the first {n} of {note}"
+
+
+def read_curve(tag):
+    """[(training FLOPs, validation bpb)] of base run `tag`, from its log.jsonl (training.StepLogger)."""
+    from nanochat.checkpoint import checkpoints_root
+    from nanochat.common import read_jsonl
+    path = os.path.join(checkpoints_root("base"), tag, "log.jsonl")
+    return [(r["total_training_flops"], r["val_bpb"]) for r in read_jsonl(path) if "val_bpb" in r]
+
+
+def conversation_bpb(tag, seed, args, heldout):
+    """Finetune base run `tag` for --sft-steps on --sft-mixture (sft tag `tag`), then its assistant-turn bpb."""
+    import torch
+    from nanochat.chat_quality import assistant_bpb
+    from nanochat.checkpoint import load_model
+    from nanochat.common import autocast_context, autodetect_device_type, get_compute_dtype
+    from . import chat_sft
+    chat_sft.main([f"--model-tag={tag}", "--source=base", f"--output-tag={tag}", f"--mixture={args.sft_mixture}",
+                   f"--num-iterations={args.sft_steps}", f"--examples-per-step={args.sft_examples_per_step}",
+                   f"--device-batch-size={args.sft_device_batch_size}", f"--init-lr-frac={args.sft_init_lr_frac}",
+                   "--eval-tasks=none", "--eval-every=-1", "--eval-conversations=8", f"--seed={seed}"]
+                  + ([f"--device-type={args.device_type}"] if args.device_type else []))
+    device_type = autodetect_device_type(args.device_type or None)
+    model, tokenizer, _ = load_model("sft", torch.device(device_type), model_tag=tag)
+    conversations, sources, _ = heldout
+    with autocast_context(device_type, get_compute_dtype(device_type)):
+        return assistant_bpb(model, tokenizer, conversations, sources)["bpb"]
+
+
+def run_variant(label, flags, args, heldout):
+    """One variant's runs, one per seed: [{"seed", "tag", "steps", "flops", "text_bpb", "curve", "chat_bpb"}]."""
+    from . import base_train
+    common = [flag(k, v) for k, v in reference_flags(args).items()]
+    common += [f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
+               f"--eval-tokens={args.eval_tokens}", f"--eval-every={args.eval_every}", "--sample-every=-1",
+               "--core-metric-every=-1"]
+    common += [f"--data={args.data}"] if args.data else []
+    common += [f"--device-type={args.device_type}"] if args.device_type else []
+    # a shorter context keeps the tokens per forward pass: more rows per batch
+    seq = next((int(f.split("=")[1]) for f in flags if f.startswith("--max-seq-len=")), args.max_seq_len)
+    rows = max(1, args.device_batch_size * args.max_seq_len // seq)
+    runs = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        tag = run_tag(label, seed)
+        print0(f"=== {label} seed {seed}: {' '.join(flags) or '(reference)'} -> {tag}")
+        out = base_train.main(common + [f"--model-tag={tag}", f"--seed={seed}"] + flags + [f"--device-batch-size={rows}"])
+        curve = read_curve(tag)
+        run = {"label": label, "seed": seed, "tag": tag, "steps": out["steps"], "flops": curve[-1][0],
+               "text_bpb": out["val_bpb"], "curve": curve, "chat_bpb": None}
+        if args.sft_steps > 0:
+            run["chat_bpb"] = conversation_bpb(tag, seed, args, heldout)
+        print0(f"=== {label} seed {seed}: text bpb {run['text_bpb']:.4f}"
+               + (f", assistant bpb {run['chat_bpb']:.4f}" if run["chat_bpb"] is not None else ""))
+        runs.append(run)
+    return runs
+
+
+def summarize(runs_by_label):
+    """Per variant (in order, the reference first): its steps, FLOPs, mean/std of text and conversation bpb, the
+    paired test of each against the reference's run of the same seed (and Welch's p, unpaired), the mean
+    validation curve and the compute multiplier. ValueError when a variant's seeds are not the reference's."""
+    ref_runs = runs_by_label["reference"]
+    ref_seeds = [r["seed"] for r in ref_runs]
+    ref_curve = mean_curve([r["curve"] for r in ref_runs])
+    rows = []
+    for label, runs in runs_by_label.items():
+        if [r["seed"] for r in runs] != ref_seeds:
+            raise ValueError(f"variant {label!r} ran seeds {[r['seed'] for r in runs]}, the reference {ref_seeds}")
+        row = {"label": label, "steps": runs[0]["steps"], "flops": runs[0]["flops"], "seeds": ref_seeds,
+               "curve": mean_curve([r["curve"] for r in runs])}
+        for metric in ("text_bpb", "chat_bpb"):
+            values = [r[metric] for r in runs]
+            if None in values:
+                continue
+            row[metric] = dict(zip(("mean", "std"), mean_std(values)), values=values)
+            if label != "reference":
+                ref_values = [r[metric] for r in ref_runs]
+                row[metric] |= paired_test(ref_values, values) | {"welch_p": welch_test(ref_values, values)["p"]}
+        row["multiplier"], row["multiplier_how"] = compute_multiplier(ref_curve, row["text_bpb"]["mean"], row["flops"])
+        rows.append(row)
+    return rows
+
+
+def _verdict(m):
+    if "p" not in m:
+        return "-"
+    if not m["beyond_noise"]:
+        return "no"
+    return "**yes, better**" if m["diff"] < 0 else "**yes, worse**"
+
+
+def table_markdown(rows, flags_by_label):
+    """The results table: mean/std over seeds per metric, the paired difference from the reference (mean +- std over
+    seeds), its p and the seed-noise verdict, and the compute multiplier."""
+    lines = ["| variant | flags | steps | text bpb mean | text bpb std | text Δ vs ref | text p | text beyond noise "
+             "| chat bpb mean | chat bpb std | chat Δ vs ref | chat p | chat beyond noise | compute multiplier |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["label"], f"`{' '.join(flags_by_label[r['label']]) or '-'}`", str(r["steps"])]
+        for metric in ("text_bpb", "chat_bpb"):
+            m = r.get(metric)
+            if m is None:
+                cells += ["-"] * 5
+                continue
+            cells += [f"{m['mean']:.4f}", f"{m['std']:.4f}", f"{m['diff']:+.4f} ± {m['diff_std']:.4f}" if "diff" in m else "-",
+                      f"{m['p']:.3f}" if "p" in m else "-", _verdict(m)]
+        mult = r["multiplier"]
+        cells.append("not reached" if math.isinf(mult) else f"{mult:.2f}"
+                     + (" (extrapolated)" if r["multiplier_how"] == "extrapolated" else ""))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Left: mean validation bpb against training FLOPs (log scale) per variant; right: each variant's paired
+    difference from the reference (text and conversation bpb) with its 95% confidence interval, filled when beyond
+    seed noise (the interval excludes 0).
+    None without matplotlib."""
+    try:
+        from matplotlib import colormaps
         from matplotlib.figure import Figure  # the object API draws with Agg and touches no global state
     except ImportError:
         return None
-    fig = Figure(figsize=(8, 0.45 * len(rows) + 1.2))
-    ax = fig.add_subplot()
-    labels = [r["label"] for r in rows][::-1]
-    values = [r["val_bpb"] for r in rows][::-1]
-    ax.barh(labels, values, color=["#4a7" if l != "reference" else "#888" for l in labels])
-    if ref is not None:
-        ax.axvline(ref, color="k", lw=0.8, ls="--")
-    lo = min(values)
-    ax.set_xlim(lo - 0.05 * abs(lo), max(values) + 0.02 * abs(lo))
-    ax.set_xlabel("validation bits per byte at equal training FLOPs (lower is better)")
-    fig.tight_layout()
+    fig = Figure(figsize=(15, 0.3 * len(rows) + 5), layout="constrained")
+    curves, diffs = fig.subplots(1, 2, width_ratios=(3, 2))
+    palette = colormaps["tab20"]
+    colors = [palette(j) for j in (*range(0, 20, 2), *range(1, 20, 2))]  # the strong shades first
+    for i, r in enumerate(rows):
+        pts = [(f, b) for f, b in r["curve"] if f > 0]
+        ref = r["label"] == "reference"
+        curves.plot([f for f, _ in pts], [b for _, b in pts], marker="." if not ref else "o", ms=3 if not ref else 4,
+                    lw=2.2 if ref else 1.0, color="k" if ref else colors[i % 20], label=r["label"], zorder=3 if ref else 2)
+    curves.set_xscale("log")
+    curves.set_xlabel("training FLOPs")
+    curves.set_ylabel("validation bpb on held-out text (mean over seeds; lower is better)")
+    curves.legend(fontsize=8)
+    curves.grid(True, which="both", alpha=0.3)
+    others = [r for r in rows if r["label"] != "reference"]
+    spread = 0.3 if any(r.get("chat_bpb") for r in others) else 0.0  # two markers per variant: side by side
+    for k, (metric, marker, color, name) in enumerate((("text_bpb", "o", "tab:blue", "text bpb"),
+                                                       ("chat_bpb", "s", "tab:orange", "assistant bpb"))):
+        pts = [(i, r[metric]) for i, r in enumerate(others) if r.get(metric)]
+        for i, m in pts:
+            y = i + (k - 0.5) * spread
+            diffs.errorbar(m["diff"], y, xerr=m["ci"], fmt=marker, color=color, capsize=2,
+                           mfc=color if m["beyond_noise"] else "white", label=name if i == pts[0][0] else None)
+    diffs.axvline(0, color="k", lw=0.8)
+    diffs.set_yticks(range(len(others)), [r["label"] for r in others])
+    diffs.set_ylim(len(others) - 0.5, -0.5)  # first variant on top
+    diffs.set_xlabel("variant - reference (same seed), bpb\n95% CI; filled = beyond seed noise; left = better")
+    diffs.legend(fontsize=8)
+    diffs.grid(True, axis="x", alpha=0.3)
     fig.savefig(path, dpi=110)
     return path
 
 
+def load_runs(path):
+    """(runs by variant, held-out note) from a _ablation-runs.json an earlier ablation wrote (--from-runs)."""
+    import json
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+        runs = record["runs"]
+        if "reference" not in runs or not all(isinstance(v, list) and v for v in runs.values()):
+            raise ValueError("its 'runs' has no reference or an empty variant")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"ablate: --from-runs={path}: not a readable _ablation-runs.json ({e})")
+    return runs, record.get("heldout")
+
+
 def main(argv=None):
     args = get_args(argv)
+    import json
+    from nanochat.common import atomic_write_text
     from nanochat.report import get_report_dir, write_section
-    from . import base_train  # the entry point, run in-process once per variant
-    only = set(args.only.split("|")) if args.only else None
-    rows = []
-    reference = {k: getattr(args, k) for k in MODEL_FLAGS}
-    common = [flag(k, v) for k, v in reference.items()]
-    common += [f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
-               f"--eval-tokens={args.eval_tokens}", "--eval-every=-1", "--sample-every=-1", "--core-metric-every=-1"]
-    if args.data:
-        common.append(f"--data={args.data}")
-    for label, flags in variants(args.max_seq_len, reference):
-        if only and label not in only:
-            continue
-        print0(f"=== {label}: {' '.join(flags) or '(reference)'}")
-        tag = "ablate-" + "".join(c if c.isalnum() else "-" for c in label.lower())
-        # a shorter context keeps the tokens per step: more rows per batch
-        seq = next((int(f.split("=")[1]) for f in flags if f.startswith("--max-seq-len=")), args.max_seq_len)
-        rows_per_batch = args.device_batch_size * args.max_seq_len // seq
-        out = base_train.main(common + [f"--model-tag={tag}"] + flags + [f"--device-batch-size={rows_per_batch}"])
-        rows.append({"label": label, "flags": " ".join(flags), "val_bpb": out["val_bpb"], "steps": out["steps"]})
-    if not rows:
-        raise SystemExit(f"--only={args.only!r} matches no variant")
-    ref = next((r["val_bpb"] for r in rows if r["label"] == "reference"), None)
-    lines = ["| variant | flags | steps | val bpb | vs reference |", "|---|---|---|---|---|"]
-    for r in rows:
-        delta = "-" if ref is None or r["label"] == "reference" else f"{r['val_bpb'] - ref:+.4f}"
-        lines.append(f"| {r['label']} | `{r['flags'] or '-'}` | {r['steps']} | {r['val_bpb']:.4f} | {delta} |")
-    table = "\n".join(lines)
+    all_flags = dict(variants(args.max_seq_len, reference_flags(args)))
+    if args.from_runs:
+        runs_by_label, note = load_runs(args.from_runs)
+        if any(r.get("chat_bpb") is not None for runs in runs_by_label.values() for r in runs) and not note:
+            note = load_heldout(args)[2]  # an older record without its note: the flags describe it
+    else:
+        heldout = load_heldout(args) if args.sft_steps > 0 else None  # a bad --chat-data fails before any training
+        note = heldout[2] if heldout else None
+        runs_by_label = {}
+        with kept_report_sections(SUB_RUN_SECTIONS):
+            for label, flags in all_flags.items():
+                if label == "reference" or not args.only or label in args.only:
+                    runs_by_label[label] = run_variant(label, flags, args, heldout)
+    try:
+        rows = summarize(runs_by_label)
+    except ValueError as e:  # e.g. a run too short for a curve, or seeds that do not pair
+        raise SystemExit(f"ablate: {e}")
+    table = table_markdown(rows, {label: all_flags.get(label, ["?"]) for label in runs_by_label})
     print0(table)
-    png = plot(rows, ref, os.path.join(get_report_dir(), "ablation.png"))
-    body = (f"Equal training FLOPs ({args.target_flops:.2e}) per run, depth {args.depth}, reference context "
-            f"{args.max_seq_len}, data `{args.data or 'reference shards'}`. Validation bpb on held-out text.\n\n{table}")
+    report_dir = get_report_dir()
+    record = {"argv": sys.argv[1:] if argv is None else argv, "heldout": note, "runs": runs_by_label, "variants": rows}
+    atomic_write_text(os.path.join(report_dir, "_ablation-runs.json"), json.dumps(record, indent=1) + "\n")  # "_": no section
+    png = plot(rows, os.path.join(report_dir, "ablation.png"))
+    ref = rows[0]
+    body = (f"Equal training FLOPs ({ref['flops']:.2e} for the reference) per run, {len(ref['seeds'])} seeds per variant "
+            f"({', '.join(map(str, ref['seeds']))}), depth {args.depth}, reference context {args.max_seq_len}, data "
+            f"`{args.data or 'reference shards'}`. Text bpb: validation bits per byte on held-out text at the end of "
+            f"pretraining ({args.eval_tokens:,} tokens). "
+            + (f"Chat bpb: assistant-turn bits per byte after {args.sft_steps} SFT steps on {args.sft_mixture} "
+               f"({args.sft_examples_per_step} conversations per step), on {note}. " if note else "")
+            + f"Δ vs ref: mean ± std over seeds of (variant - reference at the same seed). Beyond noise: paired t-test "
+            f"on those differences, p < {NOISE_P}. Compute multiplier: reference FLOPs needed to reach the variant's mean "
+            f"final text bpb on the reference's mean validation curve (log-log, {len(ref['curve'])} points to "
+            f"{ref['flops']:.2e} FLOPs), over the variant's FLOPs; beyond the curve's end it is extrapolated.\n\n{table}")
     if png:
         body += "\n\n![ablation](ablation.png)"
-    write_section("Ablation", body, metrics={r["label"]: r["val_bpb"] for r in rows})
-    return rows
+    metrics = {}
+    for r in rows:
+        metrics[r["label"]] = r["text_bpb"]["mean"]
+        if r.get("chat_bpb"):
+            metrics[f"{r['label']} chat"] = r["chat_bpb"]["mean"]
+        metrics[f"{r['label']} multiplier"] = r["multiplier"] if math.isfinite(r["multiplier"]) else None
+    write_section("Ablation", body, metrics=metrics)
+    return {"variants": rows, "runs": runs_by_label, "table": table}
 
 
 if __name__ == "__main__":
