@@ -132,14 +132,9 @@ def kept_report_sections(titles):
 
 def load_heldout(args):
     """(conversations, sources, note) scored by the conversation metric; exits naming the flag when unreadable."""
-    from nanochat.chat_quality import load_conversations
-    from .chat_quality import heldout_from_mixture
+    from .chat_quality import load_heldout
     try:
-        if args.chat_data:
-            conversations, sources = load_conversations(args.chat_data)
-            note = f"{args.chat_data}"
-        else:
-            conversations, sources, note = heldout_from_mixture(args.sft_mixture)
+        conversations, sources, note = load_heldout(args.chat_data, args.sft_mixture)
     except (OSError, ValueError) as e:
         which = f"--chat-data={args.chat_data}" if args.chat_data else f"--sft-mixture={args.sft_mixture}"
         raise SystemExit(f"ablate: {which}: {e} (--sft-steps=0 skips the conversation metric)")

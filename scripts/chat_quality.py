@@ -59,15 +59,20 @@ def heldout_from_mixture(name):
     return [heldout[i] for i in keep], [mixture.names[refs[i][0]] for i in keep], note
 
 
+def load_heldout(data, mixture):
+    """(conversations, sources, note): the {"messages": [...]} JSONL file `data`, else the mixture's
+    decontaminated held-out conversations."""
+    if data:
+        conversations, sources = load_conversations(data)
+        return conversations, sources, f"{data} ({len(conversations)} conversations)"
+    return heldout_from_mixture(mixture)
+
+
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
     try:  # the data before the model: a bad file fails in a second, not after loading a checkpoint
-        if args.data:
-            conversations, sources = load_conversations(args.data)
-            note = f"{args.data} ({len(conversations)} conversations)"
-        else:
-            conversations, sources, note = heldout_from_mixture(args.mixture)
+        conversations, sources, note = load_heldout(args.data, args.mixture)
     except (OSError, ValueError) as e:
         stage_error(f"chat_quality: {'--data' if args.data else '--mixture ' + args.mixture}: {e}")
     conversations, sources = conversations[:args.max_conversations], sources[:args.max_conversations]
