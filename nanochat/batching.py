@@ -8,12 +8,12 @@ Continuous batching: one model replica decodes all of its active requests togeth
             ...                             # event.request, event.token, event.sampled, event.logprob
     request.finish_reason                   # "stop", "length" or "cancelled"
 
-Each step: cancelled requests leave (their cache row is reused at once); waiting requests are admitted in
-FIFO order while they fit (each prompt is prefilled alone at batch 1, exactly as Engine.generate does, and
-copied into a free row); every active request takes its next token from its own logits, with its own
+Each step: cancelled requests leave (their cache row is reused at once); one forward feeds every remaining
+request's newest token; waiting requests are admitted in FIFO order while they fit (each prompt is prefilled
+alone at batch 1, exactly as Engine.generate does, and copied into a free row); every active request takes its next token from its own logits, with its own
 sampling settings and random generator (so its tokens are what Engine.generate gives it alone, with the
-same seed) and its own calculator state machine (Engine's RowState); finished requests leave; then one
-forward feeds every remaining request's last token.
+same seed) and its own calculator state machine (Engine's RowState); finished requests leave, and the
+tokens are returned at once (the forward that feeds them is the next step's first act).
 
 The cache (RowKVCache) is one tensor with a row per active request and a length per row: row b attends to
 its own first lengths[b] positions through a boolean mask, and its rotary positions start at lengths[b].
@@ -165,6 +165,7 @@ class BatchScheduler:
         self.new_prompt_cache = lambda length: KVCache(1, config.n_kv_head, length, config.head_dim, config.n_layer,
                                                        dtype=cache_dtype, device=self.device)
         self.waiting, self.active = deque(), []  # active[b] holds cache row b
+        self._unfed = False  # the active rows' newest tokens still have to go through the model
         if engine.compile:
             log.info("continuous batching decodes eagerly: Engine(compile=True)'s compiled step serves one batch layout")
 
@@ -226,9 +227,17 @@ class BatchScheduler:
 
     @torch.no_grad()
     def step(self):
-        """One scheduling step; returns the tokens it produced, as Events (one per active request)."""
+        """One scheduling step; returns the tokens it produced, as Events (one per active request). The
+        batched forward that feeds the previous step's tokens runs at the start of this one, so a step's
+        tokens (a new request's first one included) are handed out as soon as they are sampled."""
         for request in [r for r in self.active if r.cancelled]:
             self._leave(request, "cancelled")
+        if self.active and self._unfed:
+            self.cache.begin(len(self.active), 1)
+            ids = torch.tensor([[r.row.last] for r in self.active], device=self.device)  # each row's newest token
+            logits = self._forward(ids, self.cache)
+            for b, request in enumerate(self.active):
+                request.logits = logits[b:b + 1]
         self._admit()
         events = []
         for request in list(self.active):
@@ -250,11 +259,5 @@ class BatchScheduler:
             request.generated += 1
             if request.row.done or request.generated >= request.max_tokens:
                 self._leave(request, "stop" if request.row.done else "length")
-        if self.active:
-            n = len(self.active)
-            self.cache.begin(n, 1)
-            ids = torch.tensor([[r.row.last] for r in self.active], device=self.device)  # each row's newest token
-            logits = self._forward(ids, self.cache)
-            for b, request in enumerate(self.active):
-                request.logits = logits[b:b + 1]
+        self._unfed = bool(self.active)
         return events

@@ -241,7 +241,7 @@ def get_parser():
     p.add_argument("--temperature", type=non_negative_float, default=d.temperature, help="default sampling temperature")
     p.add_argument("--top-k", type=non_negative_int, default=d.top_k, help="default top-k (0 = off)")
     p.add_argument("--max-tokens", type=positive_int, default=d.max_tokens, help="default reply length limit in tokens")
-    p.add_argument("--max-batch", type=positive_int, default=8,
+    p.add_argument("--max-batch", type=positive_int, default=16,  # bench/serve.py's sweep (docs/benchmarks.md)
                    help="requests each replica decodes together (continuous batching); more wait in the queue")
     p.add_argument("--max-cached-tokens", type=positive_int, default=None,
                    help="KV-cache budget per replica in tokens (a request reserves prompt + max_tokens); "

@@ -184,7 +184,7 @@ def client_for(engine, tokenizer, **overrides):
 def live_server(app):
     """uvicorn serving `app` in a thread on 127.0.0.1 (a free port); yields the base URL."""
     import uvicorn
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio turns Nagle off
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn_config(app, app.state.config, log_level="warning", access_log=False,
                                            timeout_graceful_shutdown=2))
