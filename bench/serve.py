@@ -43,19 +43,18 @@ import logging
 import math
 import multiprocessing
 import os
-import socket
 import sys
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import ExitStack, contextmanager, redirect_stdout
+from contextlib import ExitStack, redirect_stdout
 from functools import partial
 
 import torch
 
 from nanochat.common import make_parser, non_negative_int, positive_float, positive_int, str2bool
 from nanochat.conversation import content_text, validate_conversation
+from nanochat.serve import serve_in_thread
 from scripts._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -158,33 +157,6 @@ def make_app(model, tokenizer, model_id, max_batch, args, device):
     make_scheduler = partial(BatchScheduler, Engine(model, tokenizer, compile=args.compile), max_batch)
     worker = Worker(make_scheduler, tokenizer, device, context_len=model.config.sequence_len)
     return create_app(WorkerPool([worker], config.max_queue), config, f"nanochat-{model_id}")
-
-
-@contextmanager
-def serving(app):
-    """uvicorn serving `app` from a thread on 127.0.0.1 (a free port), as chat_web does; yields the base URL."""
-    import uvicorn
-
-    from nanochat.serve import uvicorn_config
-    # proto IPPROTO_TCP, as uvicorn's own socket: asyncio then sets TCP_NODELAY on each connection (with a plain
-    # socket.socket() it does not, and Nagle holds each stream's second chunk until the client's delayed ACK, ~40 ms)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, app.state.config, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        if not thread.is_alive() or time.time() > deadline:
-            raise RuntimeError("bench.serve: uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
-        sock.close()
 
 
 async def one_request(client, messages, seed, args):
@@ -380,7 +352,7 @@ def measure(model, tokenizer, model_id, prompts, args, device):
     results = {}
     # the servers print a line per request (nanochat.serve.RequestLog): sent nowhere, as they would be to a log file
     with open(os.devnull, "w") as devnull, redirect_stdout(devnull), ExitStack() as stack:
-        bases = {b: stack.enter_context(serving(make_app(model, tokenizer, model_id, b, args, device))) for b in batches}
+        bases = {b: stack.enter_context(serve_in_thread(make_app(model, tokenizer, model_id, b, args, device))) for b in batches}
         if args.client_process:  # spawned: a fork would copy torch's thread state
             pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
             clients = partial(client_process, pool)

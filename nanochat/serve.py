@@ -10,6 +10,7 @@ uvicorn's configuration (deadlines for slow clients, a connection cap). The mode
 are nanochat/workers.py.
 """
 import asyncio
+import contextlib
 import json
 import secrets
 import time
@@ -36,10 +37,8 @@ class ServeConfig:
     max_body_bytes: int = 1_000_000
     max_queue: int = 32  # requests waiting for a worker; more get 429
     queue_timeout: float = 60.0  # seconds a request may wait for a worker before a 503
-    # slow or too many clients: a connection whose request headers take longer than header_timeout is closed
-    # (with a 408), a body not received within body_timeout gets a 408, connections beyond max_connections a 503
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
+    header_timeout: float = 10.0  # seconds for a request's headers, then 408 and the connection closed
+    body_timeout: float = 30.0  # seconds for its body, then 408; connections beyond max_connections get 503
     max_connections: int = 128
 
 # -----------------------------------------------------------------------------
@@ -287,11 +286,9 @@ async def wait_for_disconnect(request):
 # The HTTP server: uvicorn, with a deadline for request headers
 
 def uvicorn_config(app, config, host="127.0.0.1", port=8000, **kwargs):
-    """uvicorn's Config for `app`: at most config.max_connections connections (uvicorn answers a request
-    beyond them with a 503), and a connection whose next request's headers are not complete within
-    config.header_timeout seconds of it opening (or of the previous response) is sent a 408 and closed.
-    uvicorn itself has no such deadline, so a client trickling headers byte by byte would hold a connection
-    for ever; the body's deadline is read_body's."""
+    """uvicorn's Config for `app`: at most config.max_connections connections (a 503 beyond), and a 408 and
+    close for a connection whose next request's headers are not in within config.header_timeout seconds
+    (uvicorn has no such deadline: a client trickling headers would hold a connection for ever)."""
     import uvicorn
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
@@ -334,6 +331,32 @@ def uvicorn_config(app, config, host="127.0.0.1", port=8000, **kwargs):
 
     return uvicorn.Config(app, host=host, port=port, http=HeaderDeadlineProtocol,
                           limit_concurrency=config.max_connections, **kwargs)
+
+
+@contextlib.contextmanager
+def serve_in_thread(app, **kwargs):
+    """uvicorn serving chat_web's `app` from a thread on a free port of 127.0.0.1; yields the base URL (tests,
+    bench/serve.py). Proto IPPROTO_TCP, as uvicorn's own socket: asyncio then turns Nagle off (with a plain
+    socket() each stream's second chunk waits ~40 ms for the client's delayed ACK)."""
+    import socket, threading, uvicorn  # noqa: E401
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    kwargs = {"log_level": "warning", "access_log": False, "timeout_graceful_shutdown": 2, **kwargs}
+    server = uvicorn.Server(uvicorn_config(app, app.state.config, **kwargs))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.02)
+    if not server.started:
+        raise RuntimeError("uvicorn did not start")
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
 
 # -----------------------------------------------------------------------------
 # Replies: the page's events {"token"}... {"done"}; OpenAI's chat.completion and its chunks

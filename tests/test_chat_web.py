@@ -32,7 +32,7 @@ from hypothesis import strategies as st
 
 from nanochat.batching import BatchScheduler
 from nanochat.engine import Engine
-from nanochat.serve import RequestError, ServeConfig, parse_request, uvicorn_config
+from nanochat.serve import RequestError, ServeConfig, parse_request, serve_in_thread
 from nanochat.workers import Worker, WorkerPool
 from nanochat.tokenizer import StreamDecoder
 from scripts.chat_web import create_app, get_parser, main
@@ -180,26 +180,7 @@ def client_for(engine, tokenizer, **overrides):
     return client_for_app(make_app(engine, tokenizer, **overrides))
 
 
-@contextlib.contextmanager
-def live_server(app):
-    """uvicorn serving `app` in a thread on 127.0.0.1 (a free port); yields the base URL."""
-    import uvicorn
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio turns Nagle off
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn_config(app, app.state.config, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=2))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 20
-    while not server.started:
-        assert thread.is_alive() and time.time() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+live_server = serve_in_thread  # uvicorn in a thread on 127.0.0.1, as chat_web serves
 
 
 def sse_data(text):
