@@ -105,3 +105,15 @@ def mix_tokenizer():
     from scripts.tok_train import training_texts
     texts = training_texts(iter_documents(mix_spec(), split="train", infinite=False), max_chars=3_000_000, doc_cap=10_000)
     return Tokenizer.train_from_iterator(texts, TEST_VOCAB_SIZE)
+
+
+def markdown_rows(out, header_start):
+    """Rows (lists of cells) of the markdown table in `out` whose header begins with `header_start`."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows

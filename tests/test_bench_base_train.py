@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import FIXTURE_TEXT, REPO_ROOT
+from conftest import FIXTURE_TEXT, REPO_ROOT, markdown_rows
 
 TINY = ["--depth=1", "--seq-len=32", "--device-batch-size=2", "--accum=2", "--steps=3", "--skip=1", "--rounds=1",
         "--compile=false"]
@@ -17,18 +17,6 @@ def _bench(*flags, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def _table(out, header_start):
-    """Rows (lists of cells) of the markdown table whose header begins with `header_start`."""
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
-
-
 def _number(cell):
     return float(cell.replace(",", "").rstrip("%"))
 
@@ -38,7 +26,7 @@ def test_tiny_bench_prints_finite_tables(tokenizer, base_dir):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out = r.stdout
     assert "load average" in out
-    steady = _table(out, "| compile | stat |")
+    steady = markdown_rows(out, "| compile | stat |")
     assert [row[:2] for row in steady] == [["false", "median"], ["false", "best"]]
     for row in steady:
         assert _number(row[2]) == 2 * 32 * 2  # tokens per optimizer step
@@ -47,12 +35,12 @@ def test_tiny_bench_prints_finite_tables(tokenizer, base_dir):
         for cell in row[6:8]:  # overheads may be either sign
             assert math.isfinite(_number(cell)), row
     assert "compile=false: overhead (line to line) round by round" in out and "median of the rounds" in out
-    process = _table(out, "| compile | round |")
+    process = markdown_rows(out, "| compile | round |")
     assert len(process) == 1 and all(math.isfinite(_number(c)) and _number(c) >= 0 for c in process[0][2:])
-    pieces = dict((row[0], row[1:]) for row in _table(out, "| piece |"))
+    pieces = dict((row[0], row[1:]) for row in markdown_rows(out, "| piece |"))
     assert any(k.startswith("data loader") for k in pieces) and "sum" in pieces
     assert _number(pieces["sum"][0]) > 0
-    costs = {row[0]: row[1] for row in _table(out, "| cost |")}
+    costs = {row[0]: row[1] for row in markdown_rows(out, "| cost |")}
     assert _number(costs["process start + imports"]) > 0
     assert _number(costs["total wall"]) >= _number(costs["one-off total"]) > 0
     assert int(costs["steps until one-offs < 5% of the wall"].replace(",", "")) > 0

@@ -6,20 +6,9 @@ import math
 import os
 
 import pytest
-from conftest import FIXTURE_CHAT
+from conftest import FIXTURE_CHAT, markdown_rows
 
 from bench.serve import main, percentile
-
-
-def _table(out, header_start):
-    lines = out.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append([c.strip() for c in line.strip("|").split("|")])
-    return rows
 
 
 def _tiny(base_dir, *flags):
@@ -46,12 +35,12 @@ def test_tiny_serving_bench(tokenizer, base_dir, capsys):
         assert len({c["tokens"] for (b, m), c in cells.items() if m == n}) == 1
     assert result["stagger_s"] > 0 and result["recommended_max_batch"] in (2, 3)
 
-    main_rows = _table(out, "| streams |")
+    main_rows = markdown_rows(out, "| streams |")
     assert [r[0] for r in main_rows] == ["1", "3"]
     for row in main_rows:
         batched, single = (float(x.replace(",", "")) for x in row[1:3])
         assert float(row[3].rstrip("x")) == pytest.approx(batched / single, rel=0.02, abs=0.01)  # from unrounded figures
-    assert [r[:2] for r in _table(out, "| max-batch |")] == [["2", "3"], ["3", "3"]]
+    assert [r[:2] for r in markdown_rows(out, "| max-batch |")] == [["2", "3"], ["3", "3"]]
     assert f"recommended --max-batch: {result['recommended_max_batch']}" in out
 
 
