@@ -8,12 +8,15 @@ Continuous batching: one model replica decodes all of its active requests togeth
             ...                             # event.request, event.token, event.sampled, event.logprob
     request.finish_reason                   # "stop", "length" or "cancelled"
 
-Each step: cancelled requests leave (their cache row is reused at once); one forward feeds every remaining
-request's newest token; waiting requests are admitted in FIFO order while they fit (each prompt is prefilled
-alone at batch 1, exactly as Engine.generate does, and copied into a free row); every active request takes its next token from its own logits, with its own
-sampling settings and random generator (so its tokens are what Engine.generate gives it alone, with the
-same seed) and its own calculator state machine (Engine's RowState); finished requests leave, and the
-tokens are returned at once (the forward that feeds them is the next step's first act).
+Each step: cancelled requests leave (their cache row is reused at once); waiting requests are admitted in
+FIFO order while they fit (each prompt is prefilled alone at batch 1, exactly as Engine.generate does, and
+copied into a free row) and take their first token; then one forward feeds every other request's newest
+token and they take their next. Every request samples from its own logits, with its own sampling settings
+and random generator (so its tokens are what Engine.generate gives it alone, with the same seed) and its own
+calculator state machine (Engine's RowState); finished requests leave, and the tokens are returned at once
+(the forward that feeds them is the next step's). The new requests' first tokens can be handed out before
+the batch's forward (on_first_tokens), so that a request arriving at a full batch waits for its own prefill,
+not for a decode step as well.
 
 The cache (RowKVCache) is one tensor with a row per active request and a length per row: row b attends to
 its own first lengths[b] positions through a boolean mask, and its rotary positions start at lengths[b].
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_context, get_compute_dtype
-from nanochat.engine import KVCache, RowState, sample_next_token
+from nanochat.engine import GREEDY_BELOW_TEMPERATURE, KVCache, RowState, filtered_probs
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ class RowKVCache:
     def __init__(self, num_kv_heads, head_dim, num_layers, dtype, device):
         self.shape = (num_layers, 2, num_kv_heads, head_dim)
         self.dtype, self.device = dtype, device
-        self.kv = torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device)
+        self._set_buffer(torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device))
         self.lengths = []
         self.row_mask = None
         self._n = self._t = 0
@@ -69,8 +72,15 @@ class RowKVCache:
         bigger = torch.zeros(L, two, rows, H, length, D, dtype=self.dtype, device=self.device)
         keep_rows, keep_len = min(rows, self.rows), min(length, self.capacity)
         bigger[:, :, :keep_rows, :, :keep_len] = self.kv[:, :, :keep_rows, :, :keep_len]
-        self.kv = bigger
+        self._set_buffer(bigger)
         self.lengths = (self.lengths + [0] * rows)[:rows]
+
+    def _set_buffer(self, kv):
+        # per layer: keys and values as (rows, H, capacity, D), and as (rows * H * capacity, D) for insert_kv's
+        # one index_copy_ (a view: each layer's keys are contiguous)
+        self.kv = kv
+        self.layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.size(0))]
+        self.flat = [(k.view(-1, k.size(-1)), v.view(-1, v.size(-1))) for k, v in self.layers]
 
     def load_row(self, row, cache):
         """Copy a batch-1 KVCache (a prefilled prompt) into `row` (reserved already)."""
@@ -83,16 +93,20 @@ class RowKVCache:
         self.lengths[dst], self.lengths[src] = n, 0
 
     def begin(self, n, t):
-        """Rows [0, n) get t tokens in the next forward: their positions, and the mask letting row b's query i
-        see keys [0, lengths[b] + i]."""
+        """Rows [0, n) get t tokens in the next forward: their positions, where their keys go, and the mask
+        letting row b's query i see keys [0, lengths[b] + i]."""
         self._n, self._t = n, t
         if n > self.rows or max(self.lengths[:n]) + t > self.capacity:
             raise RuntimeError("RowKVCache.begin: the rows outgrew their reservation")
+        H, T = self.shape[2], self.capacity
         self._pos = torch.tensor(self.lengths[:n], device=self.device)
-        self._write = self._pos[:, None] + torch.arange(t, device=self.device)  # (n, t) positions written
+        write = self._pos[:, None] + torch.arange(t, device=self.device)  # (n, t) positions written
+        # row b, head h, token i goes to flat row (b * H + h) * T + write[b, i] of a layer's (rows * H * T, D)
+        base = (torch.arange(n, device=self.device)[:, None] * H + torch.arange(H, device=self.device)) * T
+        self._index = (base[:, :, None] + write[:, None, :]).reshape(-1)
         self._end = max(self.lengths[:n]) + t
         keys = torch.arange(self._end, device=self.device)
-        self.row_mask = keys[None, None, None, :] <= self._write[:, None, :, None]  # (n, 1, t, end)
+        self.row_mask = keys[None, None, None, :] <= write[:, None, :, None]  # (n, 1, t, end)
 
     def get_pos(self):
         return self._pos
@@ -100,15 +114,15 @@ class RowKVCache:
     def insert_kv(self, layer_idx, k, v):
         """k, v: (n, H, t, D) for rows [0, n); returns (n, H, end, D) views over every row's positions so far
         (beyond a row's length: stale values, masked out)."""
-        n, t = self._n, self._t
-        rows = torch.arange(n, device=self.device)[:, None]
-        keys, values = self.kv[layer_idx, 0, :n], self.kv[layer_idx, 1, :n]
-        keys[rows, :, self._write] = k.transpose(1, 2).to(self.dtype)  # indexed (n, t, H, D)
-        values[rows, :, self._write] = v.transpose(1, 2).to(self.dtype)
+        n, D = self._n, self.shape[3]
+        flat_keys, flat_values = self.flat[layer_idx]
+        flat_keys.index_copy_(0, self._index, k.reshape(-1, D).to(self.dtype))
+        flat_values.index_copy_(0, self._index, v.reshape(-1, D).to(self.dtype))
         if layer_idx == self.shape[0] - 1:
             for b in range(n):
-                self.lengths[b] += t
-        return keys[:, :, :self._end], values[:, :, :self._end]
+                self.lengths[b] += self._t
+        keys, values = self.layers[layer_idx]
+        return keys[:n, :, :self._end], values[:n, :, :self._end]
 
 
 @dataclass(eq=False)
@@ -165,7 +179,7 @@ class BatchScheduler:
         self.new_prompt_cache = lambda length: KVCache(1, config.n_kv_head, length, config.head_dim, config.n_layer,
                                                        dtype=cache_dtype, device=self.device)
         self.waiting, self.active = deque(), []  # active[b] holds cache row b
-        self._unfed = False  # the active rows' newest tokens still have to go through the model
+        self.on_first_tokens = None  # see step()
         if engine.compile:
             log.info("continuous batching decodes eagerly: Engine(compile=True)'s compiled step serves one batch layout")
 
@@ -225,31 +239,43 @@ class BatchScheduler:
             self.cache.load_row(len(self.active), prompt_cache)
             self.active.append(request)
 
-    @torch.no_grad()
-    def step(self):
-        """One scheduling step; returns the tokens it produced, as Events (one per active request). The
-        batched forward that feeds the previous step's tokens runs at the start of this one, so a step's
-        tokens (a new request's first one included) are handed out as soon as they are sampled."""
-        for request in [r for r in self.active if r.cancelled]:
-            self._leave(request, "cancelled")
-        if self.active and self._unfed:
-            self.cache.begin(len(self.active), 1)
-            ids = torch.tensor([[r.row.last] for r in self.active], device=self.device)  # each row's newest token
-            logits = self._forward(ids, self.cache)
-            for b, request in enumerate(self.active):
-                request.logits = logits[b:b + 1]
-        self._admit()
-        events = []
-        for request in list(self.active):
-            # sample even when a calculator answer is forced, as Engine.generate does: the generator advances alike
-            logits = request.logits
-            token = int(sample_next_token(logits, request.rng, request.temperature, request.top_k, request.top_p))
+    @staticmethod
+    def _next_tokens(requests):
+        """Each request's next token from its own logits, requests with the same sampling settings sampled
+        together (a handful of tensor ops per step instead of a dozen per request). Each row draws with its
+        own generator exactly what Engine.generate's sample_next_token draws alone: torch.multinomial(probs,
+        1, generator) is argmax(probs / q), q ~ Exp(1) drawn from the generator in probs' shape (torch's
+        one-sample path; tests/test_batching.py checks the two agree)."""
+        groups = {}
+        for i, r in enumerate(requests):
+            greedy = r.temperature < GREEDY_BELOW_TEMPERATURE
+            groups.setdefault(None if greedy else (r.temperature, r.top_k, r.top_p), []).append(i)
+        tokens = [0] * len(requests)
+        for key, rows in groups.items():
+            logits = torch.cat([requests[i].logits for i in rows])
+            if key is None:
+                picked = logits.argmax(dim=-1)
+            else:
+                probs, idx = filtered_probs(logits, *key)
+                q = torch.cat([torch.empty_like(probs[:1]).exponential_(generator=requests[i].rng) for i in rows])
+                choice = (probs / q).argmax(dim=-1, keepdim=True)
+                picked = choice.squeeze(-1) if idx is None else idx.gather(-1, choice).squeeze(-1)
+            for i, token in zip(rows, picked.tolist()):
+                tokens[i] = token
+        return tokens
+
+    def _sample(self, requests):
+        """Each request's next token (Events); finished requests are returned too, to leave once no forward
+        needs the rows in place."""
+        events, done = [], []
+        for request, token in zip(requests, self._next_tokens(requests)):
+            # sampled even when a calculator answer is forced, as Engine.generate does: the generator advances alike
             sampled = not request.row.forced
             if not sampled:
                 token = request.row.forced.popleft()
             event = Event(request, token, sampled)
             if request.logprobs is not None:
-                logp = F.log_softmax(logits[0].float(), dim=-1)
+                logp = F.log_softmax(request.logits[0].float(), dim=-1)
                 event.logprob = float(logp[token])
                 if request.logprobs:
                     top = torch.topk(logp, request.logprobs)
@@ -258,6 +284,34 @@ class BatchScheduler:
             self.engine._advance(request.row, token)
             request.generated += 1
             if request.row.done or request.generated >= request.max_tokens:
-                self._leave(request, "stop" if request.row.done else "length")
-        self._unfed = bool(self.active)
+                done.append(request)
+        return events, done
+
+    @torch.no_grad()
+    def step(self):
+        """One scheduling step; returns the tokens it produced, as Events (one per active request). Newly
+        admitted requests are prefilled and sampled first, then one batched forward feeds the other requests'
+        previous tokens and they are sampled: a step's tokens are handed out as soon as they are sampled (the
+        forward that feeds them is the next step's). With on_first_tokens set (a callable), the new requests'
+        events go to it before that forward, and are not in the list returned: a new request's first token
+        then waits for its own prefill only, not for the decode forward of the whole batch (time to first
+        token under load)."""
+        for request in [r for r in self.active if r.cancelled]:
+            self._leave(request, "cancelled")
+        old = len(self.active)  # rows [0, old) hold a token that the model has not seen yet
+        self._admit()
+        events, done = self._sample(self.active[old:])
+        if events and self.on_first_tokens is not None:
+            self.on_first_tokens(events)
+            events = []
+        if old:
+            self.cache.begin(old, 1)
+            ids = torch.tensor([[r.row.last] for r in self.active[:old]], device=self.device)  # each row's newest token
+            logits = self._forward(ids, self.cache)
+            for b, request in enumerate(self.active[:old]):
+                request.logits = logits[b:b + 1]
+            more, more_done = self._sample(self.active[:old])
+            events, done = events + more, done + more_done
+        for request in done:
+            self._leave(request, "stop" if request.row.done else "length")
         return events

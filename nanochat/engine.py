@@ -112,29 +112,34 @@ class KVCache:
 GREEDY_BELOW_TEMPERATURE = 1e-4
 
 
-def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
-    """(B, V) logits -> (B,) token ids. A temperature below GREEDY_BELOW_TEMPERATURE (0 included) is greedy
-    (argmax; top_k / top_p do not matter). Otherwise float32 logits / temperature, then keep the top_k most
-    likely tokens, then the smallest set of those whose probability reaches top_p (the most likely token
-    always stays, however small top_p is), and sample with `rng`."""
-    if temperature < GREEDY_BELOW_TEMPERATURE:
-        return logits.argmax(dim=-1)
+def filtered_probs(logits, temperature, top_k=None, top_p=None):
+    """(B, V) logits -> (probs, idx): float32 logits / temperature, then the top_k most likely tokens, then
+    the smallest set of those whose probability reaches top_p (the most likely token always stays, however
+    small top_p is); probs (B, K) sum to 1 over what is kept, idx (B, K) their token ids (None: K = V, the
+    ids are the positions)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.size(-1):
         vals, idx = torch.topk(logits, top_k, dim=-1)  # sorted, most likely first
     elif top_p is not None:
         vals, idx = torch.sort(logits, dim=-1, descending=True)
     else:
-        probs = F.softmax(logits, dim=-1)
-        return torch.multinomial(probs, 1, generator=rng).squeeze(-1)
+        return F.softmax(logits, dim=-1), None
     if top_p is not None:
         probs = F.softmax(vals, dim=-1)
         drop = (probs.cumsum(dim=-1) - probs) >= top_p  # mass of the more likely tokens already reaches top_p
         drop[..., 0] = False  # (a top_p below float32's smallest number would drop the first one too)
         vals = vals.masked_fill(drop, float("-inf"))
-    probs = F.softmax(vals, dim=-1)
+    return F.softmax(vals, dim=-1), idx
+
+
+def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
+    """(B, V) logits -> (B,) token ids. A temperature below GREEDY_BELOW_TEMPERATURE (0 included) is greedy
+    (argmax; top_k / top_p do not matter). Otherwise the probabilities of filtered_probs, sampled with `rng`."""
+    if temperature < GREEDY_BELOW_TEMPERATURE:
+        return logits.argmax(dim=-1)
+    probs, idx = filtered_probs(logits, temperature, top_k, top_p)
     choice = torch.multinomial(probs, 1, generator=rng)
-    return idx.gather(-1, choice).squeeze(-1)
+    return choice.squeeze(-1) if idx is None else idx.gather(-1, choice).squeeze(-1)
 
 
 # Prompts whose greedy continuations base training and scripts.base_loss print: a quick look at what a

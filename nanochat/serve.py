@@ -5,9 +5,9 @@ parse_request reads an OpenAI chat-completions body into a ChatRequest: unknown 
 ignored (OpenAI clients send many), known ones are checked, the conversation goes through the one
 validator (nanochat.conversation); bad input raises RequestError, a 4xx JSON error in OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}) naming the field and the limit's flag. Then the replies'
-shapes (the page's events, OpenAI's reply and chunks), the one log line per request (RequestLog) and
-uvicorn's configuration (deadlines for slow clients, a connection cap). The model replicas and their queue
-are nanochat/workers.py.
+shapes (the page's events, OpenAI's reply and chunks) and uvicorn's configuration (deadlines for slow
+clients, a connection cap). The model replicas, their queue and the per-request log line are
+nanochat/workers.py.
 """
 import asyncio
 import contextlib
@@ -419,20 +419,23 @@ def _choice(job, text, logprobs, finish, stream):
     return {"index": job.index, key: message, "logprobs": logprobs, "finish_reason": finish}
 
 
-async def openai_events(jobs, model_id):
-    """OpenAI's streamed reply: chunks from the n choices as they come, a last chunk per choice with its
-    finish_reason, the usage chunk when asked for, then [DONE]."""
-    request = jobs[0].request
-    head = _head(model_id, "chat.completion.chunk" if request.kind == "chat" else "text_completion")
-    merged = asyncio.Queue()
+async def _deltas(job):
+    """One choice's streamed choices: one per piece of text, then one with its finish_reason."""
+    sent, chars = 0, 0
+    async for piece in job.pieces():
+        yield _choice(job, piece, logprobs_body(job, sent, chars), None, True)
+        sent, chars = len(job.logprobs), chars + len(piece)
+    yield _choice(job, None if job.request.kind == "chat" else "", None, job.finish_reason, True)
+
+
+async def _merged(jobs):
+    """The n choices' deltas as they come; a RuntimeError (a choice failed) after the others are done."""
+    merged, failed, done = asyncio.Queue(), None, 0
 
     async def drain(job):
-        sent, chars = 0, 0
         try:
-            async for piece in job.pieces():
-                await merged.put(_choice(job, piece, logprobs_body(job, sent, chars), None, True))
-                sent, chars = len(job.logprobs), chars + len(piece)
-            await merged.put(_choice(job, None if request.kind == "chat" else "", None, job.finish_reason, True))
+            async for item in _deltas(job):
+                await merged.put(item)
         except RuntimeError as e:
             await merged.put(e)
         finally:
@@ -440,11 +443,6 @@ async def openai_events(jobs, model_id):
 
     tasks = [asyncio.ensure_future(drain(job)) for job in jobs]
     try:
-        if request.kind == "chat":
-            for job in jobs:
-                yield sse({**head, "choices": [{"index": job.index, "delta": {"role": "assistant", "content": ""},
-                                                "logprobs": None, "finish_reason": None}]})
-        done, failed = 0, None
         while done < len(jobs):
             item = await merged.get()
             if item is None:
@@ -452,15 +450,36 @@ async def openai_events(jobs, model_id):
             elif isinstance(item, RuntimeError):
                 failed = failed or item
             elif failed is None:
-                yield sse({**head, "choices": [item]})
-        if failed is not None:
-            yield sse(RequestError(500, str(failed), "generation_failed").response_body())
-        elif request.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(jobs)})
-        yield "data: [DONE]\n\n"
+                yield item
     finally:
         for task in tasks:
             task.cancel()
+    if failed is not None:
+        raise failed
+
+
+async def openai_events(jobs, model_id):
+    """OpenAI's streamed reply: chunks from the n choices as they come, a last chunk per choice with its
+    finish_reason, the usage chunk when asked for, then [DONE]. The chunks' fixed fields are JSON-encoded
+    once per reply, not once per chunk."""
+    request = jobs[0].request
+    head = _head(model_id, "chat.completion.chunk" if request.kind == "chat" else "text_completion")
+    prefix = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": ['
+    if request.kind == "chat":
+        for job in jobs:
+            yield prefix + json.dumps({"index": job.index, "delta": {"role": "assistant", "content": ""},
+                                       "logprobs": None, "finish_reason": None}) + "]}\n\n"
+    try:
+        stream = _deltas(jobs[0]) if len(jobs) == 1 else _merged(jobs)
+        async with contextlib.aclosing(stream):  # a client gone: the choices' tasks end now
+            async for item in stream:
+                yield prefix + json.dumps(item, ensure_ascii=False) + "]}\n\n"
+    except RuntimeError as failed:
+        yield sse(RequestError(500, str(failed), "generation_failed").response_body())
+    else:
+        if request.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(jobs)})
+    yield "data: [DONE]\n\n"
 
 
 async def openai_reply(jobs, model_id):
@@ -472,28 +491,3 @@ async def openai_reply(jobs, model_id):
     return {**_head(model_id, kind),
             "choices": [_choice(job, t, logprobs_body(job), job.finish_reason, False) for job, t in zip(jobs, texts)],
             "usage": usage(jobs)}
-
-# -----------------------------------------------------------------------------
-
-class RequestLog:
-    """Collects one request's facts; emit() prints them as one line (each path of a request calls it once)
-    and tells on_emit(status), e.g. the metrics."""
-
-    def __init__(self, request, on_emit=None):
-        self.on_emit = on_emit
-        self.t0 = time.perf_counter()
-        self.fields = dict(method=request.method, path=request.url.path,
-                           client=request.client.host if request.client else "-")
-
-    def emit(self, status, **fields):
-        f = dict(self.fields, **fields)
-        secs = time.perf_counter() - self.t0
-        parts = [time.strftime("%Y-%m-%dT%H:%M:%S"), f.pop("method"), f.pop("path"), str(status), f"{secs:.3f}s"]
-        completion = f.get("completion_tokens")
-        if completion:
-            parts.append(f"{completion / secs:.1f}tok/s")
-        parts += [f"{k}={v}" for k, v in f.items() if v is not None]
-        print(" ".join(parts), flush=True)
-        if self.on_emit is not None:
-            self.on_emit(status)
-

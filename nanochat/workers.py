@@ -1,10 +1,11 @@
 """
 The chat server's model replicas: a Worker per replica decodes up to its max_batch requests together
 (continuous batching, nanochat/batching.py) in its own thread, so the event loop stays responsive; a Job
-carries one request's tokens from that thread to the request handler; the WorkerPool hands out free slots,
-requests beyond them waiting in a bounded FIFO queue (429 when it is full), and a client that goes away has
-its request cancelled at the next decode step; ServerMetrics exposes the pool to Prometheus. The HTTP side
-is nanochat/serve.py.
+carries one request's tokens from that thread to the request handler (all of a step's tokens in one hand-over
+to the event loop); the WorkerPool hands out free slots, requests beyond them waiting in a bounded FIFO queue
+(429 when it is full), and a client that goes away has its request cancelled at the next decode step;
+ServerMetrics exposes the pool to Prometheus and RequestLog writes a line per request. The HTTP side is
+nanochat/serve.py.
 """
 import asyncio
 import queue
@@ -24,8 +25,8 @@ class Worker:
     """A model replica: a scheduler (nanochat.batching.BatchScheduler, or anything with its submit / step /
     has_work / max_batch and requests with cancel() and finish_reason) driven by the worker's own thread, its
     tokenizer and device. context_len (the model's sequence length) bounds prompt + reply. Jobs arrive in
-    `inbox`; each step's tokens go to their jobs' queues on the event loop. A scheduler that fails fails the
-    jobs it held (an "error" event each) and is replaced by a fresh one from make_scheduler()."""
+    `inbox`; each step's tokens go to their jobs on the event loop, in one call per step. A scheduler that
+    fails fails the jobs it held (an "error" event each) and is replaced by a fresh one from make_scheduler()."""
 
     def __init__(self, make_scheduler, tokenizer, device="cpu", context_len=None):
         self.make_scheduler, self.tokenizer = make_scheduler, tokenizer
@@ -37,6 +38,7 @@ class Worker:
         self.stop_tokens = {tokenizer.encode_special("<|assistant_end|>"), tokenizer.get_bos_token_id()}
         self.inbox = queue.SimpleQueue()
         self.jobs = {}  # scheduler request -> Job, in the worker thread
+        self.outbox = []  # (job, (kind, value)) for the event loop, sent together once per step (flush)
         self.wake = threading.Event()
         self.stopping = False
         self.thread = None
@@ -58,8 +60,40 @@ class Worker:
         self.inbox.put(job)
         self.wake.set()
 
+    def _attach(self, scheduler):
+        """A scheduler with on_first_tokens (BatchScheduler) hands a new request's first token out before the
+        batch's decode forward; it is sent to the loop at once."""
+        if hasattr(scheduler, "on_first_tokens"):
+            scheduler.on_first_tokens = lambda events: (self._hand_out(events), self.flush())
+        return scheduler
+
+    def _hand_out(self, events):
+        now = time.perf_counter()
+        for event in events:
+            job = self.jobs[event.request]
+            if job.generated == 0:
+                job.first_token_at = now
+            job.generated += 1
+            if event.token not in self.stop_tokens:
+                job.put("token", (event.token, getattr(event, "logprob", None), getattr(event, "top_logprobs", None)))
+
+    def flush(self):
+        """In the worker thread: what the step gave every job, to the event loop in one call (one wake-up of
+        the loop per step, not one per token per stream)."""
+        if not self.outbox:
+            return
+        items, self.outbox = self.outbox, []
+        for loop in {job.loop for job, _ in items}:
+            mine = [(job, item) for job, item in items if job.loop is loop]
+            try:
+                loop.call_soon_threadsafe(_deliver, mine)
+            except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
+                for job, _ in mine:
+                    job.cancelled.set()
+
     def _loop(self):
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
+        self._attach(self.scheduler)
         # the worker's device, mixed precision (the weights' casts cached across steps), no grad
         with on_device, torch.no_grad(), autocast_context(self.device.type, get_compute_dtype(self.device.type)):
             while not self.stopping:
@@ -69,6 +103,7 @@ class Worker:
                     if job.cancelled.is_set():
                         request.cancel()
                 if not self.scheduler.has_work():
+                    self.flush()
                     self.wake.wait(0.5)
                     self.wake.clear()
                     continue
@@ -79,20 +114,15 @@ class Worker:
                     for job in self.jobs.values():
                         job.finish("error", e)
                     self.jobs.clear()
-                    self.scheduler = self.make_scheduler()
+                    self.scheduler = self._attach(self.make_scheduler())
+                    self.flush()
                     continue
                 finally:
                     self.step_seconds += time.perf_counter() - t0
-                now = time.perf_counter()
-                for event in events:
-                    job = self.jobs[event.request]
-                    if job.generated == 0:
-                        job.first_token_at = now
-                    job.generated += 1
-                    if event.token not in self.stop_tokens:
-                        job.put("token", (event.token, getattr(event, "logprob", None), getattr(event, "top_logprobs", None)))
+                self._hand_out(events)
                 for request in [r for r in self.jobs if r.finish_reason is not None]:
                     self.jobs.pop(request).finish(request.finish_reason)
+                self.flush()
 
     def _start(self, job):
         r = job.request
@@ -116,12 +146,14 @@ class Worker:
 class Job:
     """One choice of a request's generation (a request with n > 1 has n jobs, seeds seed, seed + 1, ...). The
     worker thread puts ("token", (id, logprob, top_logprobs)), then ("end", finish_reason) or ("error", exc),
-    and always ("closed", None) last, on an asyncio queue the request handler reads."""
+    and always ("closed", None) last; its worker sends each step's events of all its jobs to the event loop
+    in one call, where they wait in `events` for the request handler (pieces())."""
 
     def __init__(self, pool, worker, prompt, request, loop, index=0):
         self.pool, self.worker, self.prompt, self.request, self.loop = pool, worker, prompt, request, loop
         self.index, self.seed = index, (request.seed + index) % 2**31
-        self.events = asyncio.Queue()
+        self.events = deque()  # batches of (kind, value) delivered on the loop, not yet read by pieces()
+        self.ready = None  # the future pieces() waits on while `events` is empty
         self.cancelled = threading.Event()
         self.t0 = time.perf_counter()
         self.first_token_at = self.finished_at = None  # perf_counter of the first token generated, of the end
@@ -132,14 +164,9 @@ class Job:
         self.outcome = None  # the worker's view: "stop", "length", "cancelled" or "error"
         self.stopped = False  # ended by one of the request's stop strings (the worker sees a cancellation)
 
-    def _on_loop(self, callback, *args):
-        try:
-            self.loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the event loop is gone (server shutting down): nobody is listening
-            self.cancelled.set()
-
     def put(self, kind, value=None):
-        self._on_loop(self.events.put_nowait, (kind, value))
+        """In the worker thread: an event for the request handler, sent at the worker's next flush()."""
+        self.worker.outbox.append((self, (kind, value)))
 
     def finish(self, outcome, error=None):
         """In the worker thread: the last events, and the job's slot back to the pool."""
@@ -149,7 +176,14 @@ class Job:
         elif outcome != "cancelled":
             self.put("end", outcome)
         self.put("closed")
-        self._on_loop(self.pool.release, self, self.generated, time.perf_counter() - self.t0)
+        self.put("release", (self.generated, time.perf_counter() - self.t0))
+
+    async def _next_events(self):
+        """The next batch of events: what one flush of the worker (one step) brought this job."""
+        while not self.events:
+            self.ready = self.loop.create_future()
+            await self.ready
+        return self.events.popleft()
 
     async def pieces(self):
         """The reply's text as it is generated, in non-empty pieces that never split a character and never
@@ -157,33 +191,30 @@ class Job:
         at a stop string the text before it is the last piece and generation is cancelled. Sets
         finish_reason; raises RuntimeError if generation failed."""
         decoder, stops, held = StreamDecoder(self.pool.tokenizer), self.request.stop, ""
-        while True:
-            kind, value = await self.events.get()
-            if kind == "closed":
-                break
-            if kind == "error":
-                self.finish_reason = "error"
-                raise RuntimeError(f"generation failed: {type(value).__name__}: {value}")
-            if kind == "end":
-                self.finish_reason = value
-                continue
-            token, logprob, top = value
-            self.completion_tokens += 1
-            if logprob is not None:
-                self.logprobs.append((token, logprob, top or []))
-            held += decoder.push(token)
-            if not stops:
-                if held:
-                    yield held
-                held = ""
-                continue
-            hits = [i for i in (held.find(s) for s in stops) if i >= 0]
-            if hits:
-                self.stopped, self.finish_reason = True, "stop"
-                self.cancelled.set()
-                if held[:min(hits)]:
-                    yield held[:min(hits)]
-                return
+        closed = False
+        while not closed:
+            for kind, value in await self._next_events():
+                if kind == "closed":
+                    closed = True
+                    break
+                if kind == "error":
+                    self.finish_reason = "error"
+                    raise RuntimeError(f"generation failed: {type(value).__name__}: {value}")
+                if kind == "end":
+                    self.finish_reason = value
+                    continue
+                token, logprob, top = value
+                self.completion_tokens += 1
+                if logprob is not None:
+                    self.logprobs.append((token, logprob, top or []))
+                held += decoder.push(token)
+                hits = [i for i in (held.find(s) for s in stops) if i >= 0]
+                if hits:
+                    self.stopped, self.finish_reason = True, "stop"
+                    self.cancelled.set()
+                    if held[:min(hits)]:
+                        yield held[:min(hits)]
+                    return
             keep = max((k for s in stops for k in range(1, len(s)) if held.endswith(s[:k])), default=0)
             if len(held) > keep:
                 yield held[:len(held) - keep]
@@ -191,6 +222,23 @@ class Job:
         held += decoder.flush()
         if held:
             yield held
+
+
+def _deliver(items):
+    """On the event loop: a worker's flush, [(job, (kind, value))] in order. Each job's events arrive as one
+    batch (its tokens of one step go out as one piece); its slot goes back to the pool with its "release"."""
+    batches, released = {}, []
+    for job, (kind, value) in items:
+        if kind == "release":
+            released.append((job, value))
+        else:
+            batches.setdefault(job, []).append((kind, value))
+    for job, batch in batches.items():
+        job.events.append(batch)
+        if job.ready is not None and not job.ready.done():
+            job.ready.set_result(None)
+    for job, value in released:
+        job.pool.release(job, *value)
 
 
 class WorkerPool:
@@ -306,6 +354,29 @@ class WorkerPool:
             worker_list=[dict(name=w.name, device=str(w.device), busy=active[id(w)] > 0, active=active[id(w)],
                               max_batch=w.max_batch, served=w.served) for w in self.workers],
         )
+
+
+class RequestLog:
+    """Collects one request's facts; emit() prints them as one line (each path of a request calls it once)
+    and tells on_emit(status), e.g. the metrics."""
+
+    def __init__(self, request, on_emit=None):
+        self.on_emit = on_emit
+        self.t0 = time.perf_counter()
+        self.fields = dict(method=request.method, path=request.url.path,
+                           client=request.client.host if request.client else "-")
+
+    def emit(self, status, **fields):
+        f = dict(self.fields, **fields)
+        secs = time.perf_counter() - self.t0
+        parts = [time.strftime("%Y-%m-%dT%H:%M:%S"), f.pop("method"), f.pop("path"), str(status), f"{secs:.3f}s"]
+        completion = f.get("completion_tokens")
+        if completion:
+            parts.append(f"{completion / secs:.1f}tok/s")
+        parts += [f"{k}={v}" for k, v in f.items() if v is not None]
+        print(" ".join(parts), flush=True)
+        if self.on_emit is not None:
+            self.on_emit(status)
 
 
 class ServerMetrics:

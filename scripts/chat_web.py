@@ -31,9 +31,9 @@ from functools import partial
 import torch
 
 from nanochat.common import make_parser, non_negative_float, non_negative_int, number_type, positive_float, positive_int
-from nanochat.serve import (RequestError, RequestLog, ServeConfig, openai_events, openai_reply, page_events, parse_request,
-                            read_body, uvicorn_config, wait_for_disconnect)
-from nanochat.workers import ServerMetrics, Worker, WorkerPool
+from nanochat.serve import (RequestError, ServeConfig, openai_events, openai_reply, page_events, parse_request, read_body,
+                            uvicorn_config, wait_for_disconnect)
+from nanochat.workers import RequestLog, ServerMetrics, Worker, WorkerPool
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit
 

@@ -200,3 +200,55 @@ def test_logprobs(random_gpt):
             assert [t for t, _ in event.top_logprobs] == torch.topk(logp, 3).indices.tolist()
             tokens.append(event.token)
     assert request.finish_reason == "length"
+
+
+def test_batched_sampling_draws_what_each_request_draws_alone():
+    """The scheduler samples rows with equal settings together; each row's token and its generator's state
+    afterwards are what sample_next_token (torch.multinomial) gives the row alone, for every filter."""
+    from types import SimpleNamespace
+    from nanochat.engine import sample_next_token
+    settings = [(1.0, None, None), (0.7, 20, None), (1.3, None, 0.8), (0.9, 5, 0.5), (0.0, None, None), (1.0, 300, None)]
+    torch.manual_seed(0)
+    for trial in range(10):
+        rows = [SimpleNamespace(logits=torch.randn(1, 300) * 3, temperature=t, top_k=k, top_p=p,
+                                rng=torch.Generator().manual_seed(100 * trial + i))
+                for i, (t, k, p) in enumerate(settings * 2)]
+        alone_rngs = [torch.Generator().manual_seed(100 * trial + i) for i in range(len(rows))]
+        got = BatchScheduler._next_tokens(rows)
+        want = [int(sample_next_token(r.logits, g, r.temperature, r.top_k, r.top_p)) for r, g in zip(rows, alone_rngs)]
+        assert got == want
+        assert all(torch.equal(r.rng.get_state(), g.get_state()) for r, g in zip(rows, alone_rngs))
+
+
+def test_first_tokens_go_out_before_the_batch_forward(random_gpt):
+    """With on_first_tokens set, a newly admitted request's first token is handed to it right after the
+    request's own prefill, before the decode forward of the requests already running, and is not returned
+    again; every request's tokens are still what it gets alone."""
+    engine = Engine(random_gpt, NoSpecials())
+    scheduler = BatchScheduler(engine, max_batch=4)
+    forwards, early, returned = [], [], {}
+    original = scheduler._forward
+
+    def counting(ids, cache, **kw):
+        forwards.append(tuple(ids.shape))
+        return original(ids, cache, **kw)
+    scheduler._forward = counting
+    scheduler.on_first_tokens = lambda events: early.append((list(forwards), events))
+    prompts = [[(7 * i + j) % 300 for j in range(5 + 2 * i)] for i in range(3)]  # prefills are (1, 5+), decodes (n, 1)
+    kw = dict(max_tokens=6, temperature=0.0)
+    requests, step = [], 0
+    while step < 3 or scheduler.has_work():
+        if step < 3:
+            requests.append(scheduler.submit(prompts[step], **kw))
+        for event in scheduler.step():
+            returned.setdefault(id(event.request), []).append(event.token)
+        step += 1
+    assert len(early) == 3
+    for i, (seen, events) in enumerate(early):
+        assert [e.request for e in events] == [requests[i]]
+        # its own prefill is the last forward so far; the decode of this step's running requests comes after
+        # (step i has run i - 1 decodes before it: none at steps 0 and 1)
+        assert seen[-1] == (1, len(prompts[i])) and sum(t == 1 for _, t in seen) == max(i - 1, 0)
+    for i, (request, (_, events)) in enumerate(zip(requests, early)):
+        tokens = [events[0].token] + returned[id(request)]
+        assert tokens == alone(engine, prompts[i], **kw) and request.finish_reason == "length"
