@@ -412,7 +412,8 @@ def parse_args(argv):
 def main(argv=None):
     parser, opts = parse_args(argv)
     from nanochat.checkpoint import checkpoints_root
-    from nanochat.gpt import GPT, config_from_flags
+    from nanochat.gpt import GPT
+    from nanochat.recipe import config_from_flags
     from scripts import base_train
 
     if opts.dtype:

@@ -31,7 +31,8 @@ import torch
 
 from bench.train_step import timed
 from nanochat.common import compute_init, make_parser, positive_int, str2bool
-from nanochat.gpt import GPT, GPTConfig, config_from_flags, model_flags
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.recipe import config_from_flags, model_flags
 from scripts.plan import kv_cache_bytes_per_token
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

@@ -350,7 +350,7 @@ def measure(model, tokenizer, model_id, prompts, args, device):
     cells |= {(b, n) for b in args.sweep for n in args.sweep_concurrency}
     batches = sorted({b for b, _ in cells}, reverse=True)  # one live server each, all up for the whole run
     results = {}
-    # the servers print a line per request (nanochat.serve.RequestLog): sent nowhere, as they would be to a log file
+    # the servers print a line per request (nanochat.workers.RequestLog): sent nowhere, as they would be to a log file
     with open(os.devnull, "w") as devnull, redirect_stdout(devnull), ExitStack() as stack:
         bases = {b: stack.enter_context(serve_in_thread(make_app(model, tokenizer, model_id, b, args, device))) for b in batches}
         if args.client_process:  # spawned: a fork would copy torch's thread state

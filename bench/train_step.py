@@ -6,10 +6,13 @@ dtype, timed on the same optimizer-free forward + backward.
 
 Model FLOPs are each model's own 6 x (matmul params incl. head) + 12 * L * H * D * T per token (the
 peer's SwiGLU hidden size is 8/3 * n_embd so its MLP has exactly our parameter count: same FLOPs).
-bf16 means autocast with fp32 master weights for both models.
+bf16 means autocast with fp32 master weights for both models. --recipe new (default) times the model and
+Muon of base_train's defaults (value embeddings; Polar Express, NorMuon, cautious weight decay); --recipe
+reference the late-2025 ones (nanochat.recipe.REFERENCE_RECIPE), whose model the peer matches exactly.
 
     python -m bench.train_step                      # CPU: depth 6, seq 512, fp32+bf16, eager+compiled
     python -m bench.train_step --dtypes=bf16 --modes=compiled --rounds=3   # quicker
+    python -m bench.train_step --recipe=reference   # the late-2025 recipe's model and Muon
     python -m bench.train_step --gpu                # depth 20, seq 2048, bf16, compiled (< 3 min on one H100/H200)
 """
 import gc
@@ -19,9 +22,13 @@ import time
 import torch
 
 from nanochat.common import autocast_context, compute_init, make_parser, positive_int, str2bool, synchronize
-from nanochat.gpt import GPT, config_from_flags, model_flags
+from nanochat.gpt import GPT
+from nanochat.recipe import MODEL_FLAGS, REFERENCE_RECIPE, config_from_flags, model_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Muon as base_train's defaults set it up (scripts/_cli.py: --muon-ortho, --normuon, --cautious-wd); the decay's
+# size does not change the work, so any nonzero lambda times it
+NEW_MUON = dict(muon_ortho="polar-express", normuon_beta2=0.95, muon_weight_decay=1e-3, cautious_wd=True)
 PEAK_H100_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
 
 
@@ -76,7 +83,7 @@ def build_peer(config, device):
     return model, 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
 
-def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup, peer, log):
+def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup, peer, log, muon=None):
     """Per-step times for one (dtype, eager/compiled): ours with and without the optimizer step, and the
     peer's fwd+bwd. The three are timed round-robin, one call each per round, so a burst of load from
     other processes hits all of them alike; each gets its best (min) and median over the rounds."""
@@ -88,7 +95,7 @@ def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup
 
     model = build_ours(config, device)
     run = torch.compile(model, dynamic=False) if compiled else model
-    opts = model.setup_optimizers()
+    opts = model.setup_optimizers(**(muon or {}))
 
     def ours_fb():
         with ctx():
@@ -193,6 +200,8 @@ def main():
     parser.add_argument("--peer", type=str2bool, default=None, help="time HF LlamaForCausalLM too (default: yes, no with --gpu)")
     parser.add_argument("--matmul_n", type=positive_int, default=2048, help="size of the ceiling matmul")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    parser.add_argument("--recipe", default="new", choices=["new", "reference"],
+                        help="new: base_train's default model and Muon; reference: the late-2025 ones")
     parser.add_argument("--loss_bench", type=str2bool, default=True, help="also time the head + softcapped loss alone")
     args = parser.parse_args()
 
@@ -215,7 +224,8 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute_init(device.type)  # our scripts' process setup (CPU: malloc keeps freed memory; CUDA: tf32); the peer shares it
     # this bench's own flag names (--seq_len, --n_kv_head), the scripts' config rule; n_kv_head 0 = n_head
-    shape = model_flags(depth=args.depth, max_seq_len=args.seq_len, n_kv_head=args.n_kv_head or 0)
+    reference = {k: v for k, v in REFERENCE_RECIPE.items() if k in MODEL_FLAGS} if args.recipe == "reference" else {}
+    shape = model_flags(depth=args.depth, max_seq_len=args.seq_len, n_kv_head=args.n_kv_head or 0, **reference)
     try:
         config = config_from_flags(shape, args.vocab_size)
     except ValueError as e:
@@ -236,7 +246,8 @@ def main():
             res = None
             while res is None:
                 try:
-                    res = run_variant(config, device, d, m == "compiled", batch, args.rounds, args.warmup, args.peer, log)
+                    res = run_variant(config, device, d, m == "compiled", batch, args.rounds, args.warmup, args.peer, log,
+                                      NEW_MUON if args.recipe == "new" else None)
                 except torch.OutOfMemoryError:
                     if batch == 1:
                         raise

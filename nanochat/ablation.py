@@ -1,7 +1,7 @@
 """
 The statistics of an ablation over several seeds (scripts/ablate.py; docs/ablation.md): mean and spread over
 seeds, whether a variant's difference from the reference is beyond seed noise, and the compute multiplier read
-off the reference's own validation curve. Plain Python (math only), so the rules are exact and unit-tested.
+off the reference's own validation curve. Plain Python (math only), so the rules are exact and unit-tested; the figure needs matplotlib (optional).
 
 Seed noise rule: a paired two-sided t-test on the per-seed differences variant - reference (run k of every
 variant uses the same seed, so the same data order: a seed that is lucky for the reference is lucky for the
@@ -180,3 +180,58 @@ def compute_multiplier(reference_curve, target, flops_spent):
     """(multiplier, how): the reference FLOPs that reach bpb `target` (flops_to_reach) / `flops_spent`."""
     flops, how = flops_to_reach(reference_curve, target)
     return flops / flops_spent, how
+
+
+def loss_rise(losses):
+    """The largest rise of a training loss above its running minimum (its lowest value so far), in the loss's
+    units; inf once a loss is not finite. The ablation's stability figure: minibatch noise gives every run some
+    rise (the reference's is the baseline to read a variant's against); a loss spike or a divergence gives more."""
+    low, worst = math.inf, 0.0
+    for x in losses:
+        if not math.isfinite(x):
+            return math.inf
+        worst, low = max(worst, x - low), min(low, x)
+    return worst
+
+
+def plot_ablation(rows, path):
+    """Draw scripts/ablate.py's summary rows to `path`; returns the path, or None without matplotlib.
+    Left: mean validation bpb against training FLOPs (log scale) per variant. Right: each variant's paired
+    difference from the reference (text and conversation bpb) with its 95% confidence interval, filled when beyond
+    seed noise (the interval excludes 0)."""
+    try:
+        from matplotlib import colormaps
+        from matplotlib.figure import Figure  # the object API draws with Agg and touches no global state
+    except ImportError:
+        return None
+    fig = Figure(figsize=(15, 0.3 * len(rows) + 5), layout="constrained")
+    curves, diffs = fig.subplots(1, 2, width_ratios=(3, 2))
+    palette = colormaps["tab20"]
+    colors = [palette(j) for j in (*range(0, 20, 2), *range(1, 20, 2))]  # the strong shades first
+    for i, r in enumerate(rows):
+        pts = [(f, b) for f, b in r["curve"] if f > 0]
+        ref = r["label"] == "reference"
+        curves.plot([f for f, _ in pts], [b for _, b in pts], marker="." if not ref else "o", ms=3 if not ref else 4,
+                    lw=2.2 if ref else 1.0, color="k" if ref else colors[i % 20], label=r["label"], zorder=3 if ref else 2)
+    curves.set_xscale("log")
+    curves.set_xlabel("training FLOPs")
+    curves.set_ylabel("validation bpb on held-out text (mean over seeds; lower is better)")
+    curves.legend(fontsize=8)
+    curves.grid(True, which="both", alpha=0.3)
+    others = [r for r in rows if r["label"] != "reference"]
+    spread = 0.3 if any(r.get("chat_bpb") for r in others) else 0.0  # two markers per variant: side by side
+    for k, (metric, marker, color, name) in enumerate((("text_bpb", "o", "tab:blue", "text bpb"),
+                                                       ("chat_bpb", "s", "tab:orange", "assistant bpb"))):
+        pts = [(i, r[metric]) for i, r in enumerate(others) if r.get(metric)]
+        for i, m in pts:
+            y = i + (k - 0.5) * spread
+            diffs.errorbar(m["diff"], y, xerr=m["ci"], fmt=marker, color=color, capsize=2,
+                           mfc=color if m["beyond_noise"] else "white", label=name if i == pts[0][0] else None)
+    diffs.axvline(0, color="k", lw=0.8)
+    diffs.set_yticks(range(len(others)), [r["label"] for r in others])
+    diffs.set_ylim(len(others) - 0.5, -0.5)  # first variant on top
+    diffs.set_xlabel("variant - reference (same seed), bpb\n95% CI; filled = beyond seed noise; left = better")
+    diffs.legend(fontsize=8)
+    diffs.grid(True, axis="x", alpha=0.3)
+    fig.savefig(path, dpi=110)
+    return path

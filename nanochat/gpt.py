@@ -6,6 +6,8 @@ The GPT model. Reference design by default, each of the first user's planned cha
 - no biases; MLP with relu^2 (or gelu / silu), hidden size mlp_ratio * n_embd rounded to a multiple of 64
 - logit softcap softcap * tanh(logits / softcap), in fp32
 - untied lm_head by default; tie_embeddings=True reuses the embedding matrix as the head
+- the 2026 recipe's parts, each a config field, off by default: per-layer residual scalars, gated value
+  embeddings on alternating layers, sliding-window attention by a per-layer pattern
 One attention path serves training, chunked prefill against a KV cache, and single-token decode.
 
 Build on the meta device, then materialize on the target device and initialize:
@@ -14,8 +16,8 @@ Build on the meta device, then materialize on the target device and initialize:
     model.to_empty(device=device)
     model.init_weights()          # also (re)computes the rotary tables; load a state_dict after this
 
-The architecture flags and the first user's planned changes are declared here, beside GPTConfig; the
-hand-written autograd functions of the hot paths are in nanochat/kernels.py.
+The architecture flags that build a GPTConfig, the first user's planned changes and the recipe changes are
+declared in nanochat/recipe.py; the hand-written autograd functions of the hot paths are in nanochat/kernels.py.
 """
 import math
 from dataclasses import dataclass, fields
@@ -24,14 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import (dist_rank_world, make_parser, non_negative_float, non_negative_int, positive_float,
-                             positive_int, str2bool)
+from nanochat.common import dist_rank_world
 from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attention
 
 ACTIVATIONS = ("relu2", "gelu", "silu")
 
 
 MAX_SEQUENCE_LEN = 1 << 20
+VE_GATE_CHANNELS = 32  # a value-embedding gate reads this many leading channels of its layer's input
 
 
 @dataclass
@@ -47,6 +49,9 @@ class GPTConfig:
     tie_embeddings: bool = False
     softcap: float | None = 15.0  # 0 or None turns the logit softcap off
     rope_base: float = 10000.0
+    residual_scalars: bool = False  # learnable per-layer x = resid_lambda * x + x0_lambda * x0 before each block
+    value_embeds: bool = False  # gated value embeddings on alternating layers, the last one included
+    window_pattern: str = "L"  # per layer, tiled: L = full context, S = a window of sequence_len // 2; last layer L
 
     @property
     def head_dim(self):
@@ -57,6 +62,17 @@ class GPTConfig:
         """mlp_ratio * n_embd rounded to the nearest multiple of 64, halves up, at least 64: keeps matmuls
         on tile-friendly sizes. Exact for the reference (4 x 1280 = 5120) and for 3x / 2.5x at width 1280."""
         return max(64, 64 * math.floor(self.mlp_ratio * self.n_embd / 64 + 0.5))
+
+    def has_value_embed(self, layer_idx):
+        """Value embeddings sit on every other layer counting back from the last (which always has one)."""
+        return self.value_embeds and (self.n_layer - 1 - layer_idx) % 2 == 0
+
+    def layer_windows(self):
+        """Per layer, how many positions a query sees back (itself included): window_pattern tiled over the
+        layers, S = sequence_len // 2, L = everything (None); the last layer is always L, so the final
+        representation sees the whole context."""
+        pattern = (self.window_pattern * self.n_layer)[:self.n_layer - 1] + "L"
+        return [None if c == "L" else max(1, self.sequence_len // 2) for c in pattern]
 
     def validate(self):
         for name in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
@@ -77,8 +93,12 @@ class GPTConfig:
                 raise ValueError(f"GPTConfig.{name} must be a positive finite number, got {value!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise ValueError(f"GPTConfig.tie_embeddings must be a bool, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "residual_scalars", "value_embeds"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if (not isinstance(self.window_pattern, str) or not 0 < len(self.window_pattern) <= 64
+                or set(self.window_pattern) - {"S", "L"}):
+            raise ValueError(f"GPTConfig.window_pattern must be 1-64 letters S (window) / L (full), got {self.window_pattern!r}")
         if self.softcap is not None and (isinstance(self.softcap, bool) or not isinstance(self.softcap, (int, float))
                                          or not 0 <= self.softcap < float("inf")):
             raise ValueError(f"GPTConfig.softcap must be >= 0 or None (0/None = off), got {self.softcap!r}")
@@ -110,106 +130,6 @@ def config_for_depth(depth, vocab_size, sequence_len=2048, head_dim=128, **knobs
 
 
 # -----------------------------------------------------------------------------
-# The architecture flags, declared once: scripts.base_train, scripts.plan, scripts.ablate, bench/ and this
-# module's __main__ all take them from here. A new knob = its GPTConfig field, its use in the model, one
-# flag line in add_model_flags (dest = the field's name: config_from_flags passes it through), and its
-# row in docs/model.md.
-
-# Flags config_from_flags reads itself (the sizing rule); every other flag is the GPTConfig field of its name.
-SIZING_FLAGS = ("depth", "head_dim", "max_seq_len", "n_kv_head", "kv_head_ratio")
-
-
-def add_model_flags(parser, with_depth=True, **defaults):
-    """Add the architecture flags to `parser`: a nanochat.common.make_parser parser or one of its argument
-    groups (so --tie-embeddings also takes the bare and --no- forms). with_depth=False leaves --depth out
-    (scripts.plan sweeps --depths instead); `defaults`, by dest, replaces flag defaults (scripts.ablate's
-    tiny scale). Bad values are argparse errors that name the flag. Returns the dests added, in order."""
-    dests = []
-
-    def add(flag, default, **kw):
-        dest = flag[2:].replace("-", "_")
-        parser.add_argument(flag, default=defaults.pop(dest, default), **kw)
-        dests.append(dest)
-
-    if with_depth:
-        add("--depth", 20, type=positive_int, help="number of layers; width is 64 x depth")
-    add("--head-dim", 128, type=positive_int, help="channels per attention head")
-    add("--max-seq-len", 2048, type=positive_int, help="context length")
-    add("--mlp-ratio", 4.0, type=positive_float, help="MLP hidden size / width")
-    add("--activation", "relu2", choices=ACTIVATIONS)
-    add("--tie-embeddings", False, type=str2bool, help="share wte and lm_head")
-    add("--n-kv-head", 0, type=non_negative_int, help="key/value heads (0 = n_head / --kv-head-ratio)")
-    add("--kv-head-ratio", 1, type=positive_int, help="n_kv_head = n_head // ratio, rounded down to a divisor of n_head")
-    add("--softcap", 15.0, type=non_negative_float, help="logit softcap (0 = off)")
-    add("--rope-base", 10000.0, type=positive_float, help="rotary embedding base (theta)")
-    if defaults:
-        raise ValueError(f"add_model_flags: no architecture flag for default(s) {sorted(defaults)}")
-    return dests
-
-
-def model_flags(**values):
-    """The architecture flags as a namespace: their defaults, with `values` (by dest) in place. For
-    callers that name a shape their own way (bench/train_step.py's --seq_len) and still build the
-    config through config_from_flags, like the scripts."""
-    parser = make_parser(None)
-    add_model_flags(parser, **values)
-    return parser.parse_args([])
-
-
-MODEL_FLAGS = tuple(vars(model_flags()))  # every architecture flag's dest, in declaration order
-
-
-def config_from_flags(args, vocab_size):
-    """The GPTConfig the architecture flags in `args` describe, for a tokenizer of `vocab_size` tokens:
-    config_for_depth's sizing at --depth and --head-dim, context --max-seq-len; n_kv_head = --n-kv-head,
-    or when that is 0, n_head // --kv-head-ratio rounded down to a divisor of n_head (GQA needs whole
-    groups: at depth 28, 14 heads // 4 = 3 rounds to 2). Every other flag is the GPTConfig field of its
-    name; --softcap 0 is stored as None (off). Raises ValueError naming the field when the flags give
-    no valid model."""
-    knobs = {name: getattr(args, name) for name in MODEL_FLAGS if name not in SIZING_FLAGS}
-    knobs["softcap"] = knobs["softcap"] or None
-    n_head = config_for_depth(args.depth, vocab_size, head_dim=args.head_dim).n_head
-    n_kv_head = args.n_kv_head or largest_divisor(n_head, n_head // args.kv_head_ratio)
-    return config_for_depth(args.depth, vocab_size, sequence_len=args.max_seq_len, head_dim=args.head_dim,
-                            n_kv_head=n_kv_head, **knobs)
-
-
-# The first user's planned architecture changes, each one alone, as architecture-flag values over
-# the reference: (label, flag values, part of "all together"). A context change is a divisor of the
-# reference context, so one list serves the full-size planner (2048 -> 1024, 512) and the tiny
-# ablation (256 -> 128, 64). scripts.plan prices them, scripts.ablate trains them (planned_changes).
-PLANNED_CHANGES = (
-    ("tied embeddings", dict(tie_embeddings=True), True),
-    ("context / 2", dict(context_divisor=2), True),
-    ("context / 4", dict(context_divisor=4), False),
-    ("MLP 3x", dict(mlp_ratio=3.0), True),
-    ("MLP 2.5x", dict(mlp_ratio=2.5), False),
-    ("n_kv_head = n_head // 4", dict(n_kv_head=0, kv_head_ratio=4), True),
-    ("GELU", dict(activation="gelu"), False),
-    ("SiLU", dict(activation="silu"), True),
-    ("softcap off", dict(softcap=0.0), True),
-    ("RoPE base 100000", dict(rope_base=100000.0), True),
-)
-
-
-def planned_changes(max_seq_len, context_label="context"):
-    """[(label, flag values)]: each planned change alone, then "all together" (the changes marked for it,
-    merged in order). Context changes are resolved against the reference context `max_seq_len` and
-    labelled f"{context_label} {length}" (the planner says "seq 1024", the ablation "context 128")."""
-    rows, together = [], {}
-    for label, change, in_plan in PLANNED_CHANGES:
-        change = dict(change)
-        divisor = change.pop("context_divisor", None)
-        if divisor:
-            change["max_seq_len"] = max_seq_len // divisor
-            label = f"{context_label} {change['max_seq_len']}"
-        rows.append((label, change))
-        if in_plan:
-            together.update(change)
-    return rows + [("all together", together)]
-
-
-# -----------------------------------------------------------------------------
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
@@ -233,12 +153,18 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        # value-embedding gate: one per KV head from the first channels of the input (zero: gate 1 at init)
+        ve = config.has_value_embed(layer_idx)
+        self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False) if ve else None
 
-    def forward(self, x, cos, sin, kv_cache):
+    def forward(self, x, cos, sin, kv_cache, ve=None, mask=None):
         B, T, C = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # v + 2 sigmoid(W x[:, :, :c]) * ve per KV head: the token's own value, added by a gate
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim).to(v.dtype)
         # QK norm then rotary (the rotation preserves the norm, so the order does not matter)
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)
         q = apply_rotary(norm(q), cos, sin).transpose(1, 2)  # (B, H, T, D)
@@ -251,7 +177,9 @@ class CausalSelfAttention(nn.Module):
             row_mask = kv_cache.row_mask  # rows at different lengths (continuous batching): which keys each row sees
         Tk = k.size(2)
         gqa = self.n_kv_head != self.n_head
-        if row_mask is not None:
+        if mask is not None:  # a sliding window: GPT.forward built the keys each query sees (rows' lengths included)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        elif row_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=row_mask, enable_gqa=gqa)
         elif Tk == T:  # training, or a prefill into an empty cache: plain causal
             y = causal_attention(q, k, v)
@@ -289,8 +217,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache, ve=None, mask=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve, mask)
         x = x + self.mlp(norm(x))
         return x
 
@@ -305,6 +233,14 @@ class GPT(nn.Module):
         ))
         # tied: no lm_head module at all, so the state_dict and parameter count hold the matrix once
         self.lm_head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # optional parts: created only when on, so a reference model's state_dict is unchanged
+        if config.value_embeds:  # per VE layer a vocab x (n_kv_head * head_dim) table, added to that layer's values
+            kv_dim = config.n_kv_head * config.head_dim
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                               for i in range(config.n_layer) if config.has_value_embed(i)})
+        if config.residual_scalars:  # before block i: x = resid_lambdas[i] * x + x0_lambdas[i] * x0
+            self.resid_lambdas = nn.Parameter(torch.empty(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.empty(config.n_layer))
         # Rotary tables are derived state (not saved); 10x the training length leaves room for long
         # generations, and forward() extends them if a KV cache ever goes further.
         cos, sin = self._rotary_tables(config.sequence_len * 10)
@@ -343,6 +279,15 @@ class GPT(nn.Module):
                 nn.init.normal_(lin.weight, mean=0.0, std=d ** -0.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:
+                nn.init.zeros_(block.attn.ve_gate.weight)
+        # the optional parts start where the reference network is: lambdas 1 and 0 leave x as it is; a value
+        # embedding starts small (std of c_v's weights) next to values of RMS ~1
+        for table in getattr(self, "value_embeds", {}).values():
+            nn.init.normal_(table.weight, mean=0.0, std=d ** -0.5)
+        if self.config.residual_scalars:
+            nn.init.ones_(self.resid_lambdas)
+            nn.init.zeros_(self.x0_lambdas)
         self.cos, self.sin = self._rotary_tables(self.cos.size(1), device=wte.device)
 
     def get_device(self):
@@ -353,36 +298,48 @@ class GPT(nn.Module):
 
     def num_params_by_group(self):
         """Parameter counts: embedding, head (0 when tied: the shared matrix counts as embedding),
-        attention, mlp, total. Works on the meta device."""
+        attention (value-embedding gates included), mlp, value_embeds (the tables), scalars (the residual
+        lambdas), total, and scaling: the parameters a token's compute scales with (the blocks' matrices and
+        the head, counted once when tied; no lookup table), on which the data:parameter ratio is set.
+        Works on the meta device."""
         attn = sum(p.numel() for b in self.transformer.h for p in b.attn.parameters())
         mlp = sum(p.numel() for b in self.transformer.h for p in b.mlp.parameters())
         emb = self.transformer.wte.weight.numel()
         head = 0 if self.lm_head is None else self.lm_head.weight.numel()
+        ve = sum(p.numel() for p in getattr(self, "value_embeds", nn.ModuleDict()).parameters())
+        scalars = 2 * self.config.n_layer if self.config.residual_scalars else 0
         total = sum(p.numel() for p in self.parameters())
-        assert total == emb + head + attn + mlp
-        return dict(embedding=emb, head=head, attention=attn, mlp=mlp, total=total)
+        assert total == emb + head + attn + mlp + ve + scalars
+        scaling = attn + mlp + self.config.vocab_size * self.config.n_embd
+        return dict(embedding=emb, head=head, attention=attn, mlp=mlp, value_embeds=ve, scalars=scalars,
+                    total=total, scaling=scaling)
 
     def estimate_flops(self):
-        """Training FLOPs per token: 6 x (matmul params: blocks + the head, counted once when tied; the
-        embedding lookup is no matmul) + 12 * n_layer * n_head * head_dim * sequence_len for the attention
-        scores and weighted sum (forward 4 * T * D per head, backward twice that; the causal mask's
-        skipped half is not subtracted, as in the reference)."""
+        """Training FLOPs per token: 6 x the scaling parameters (the matmuls: blocks + the head, counted once
+        when tied; lookups and the per-layer scalars are no matmul) + 12 * n_head * head_dim per position a
+        query attends to, summed over layers (sequence_len, or the window of an S layer), for the attention
+        scores and weighted sum (forward 4 * T * D per head, backward twice that; the causal mask's skipped
+        half is not subtracted, as in the reference)."""
         c = self.config
-        g = self.num_params_by_group()
-        matmul_params = g["attention"] + g["mlp"] + c.vocab_size * c.n_embd
-        return 6 * matmul_params + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        attended = sum(min(w or c.sequence_len, c.sequence_len) for w in c.layer_windows())
+        return 6 * self.num_params_by_group()["scaling"] + 12 * c.n_head * c.head_dim * attended
 
     # -------------------------------------------------------------------------
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
-                         adam_betas=(0.8, 0.95)):
+                         adam_betas=(0.8, 0.95), scalar_lr=0.5, muon_ortho="newton-schulz", normuon_beta2=0.0,
+                         muon_weight_decay=0.0, cautious_wd=False):
         """Muon for the 2-D matrices inside the blocks, AdamW for embedding and head. AdamW LRs scale
         as (n_embd / 768) ** -0.5 like the reference (tuned at width 768). The tied matrix is one
         AdamW group at the head's LR: Adam steps are a fixed size per element, and an embedding-sized
         step (0.2) would be several times the tied matrix's entries (std n_embd**-0.75); the embedding use
-        does not care about scale (RMSNorm follows it), the head use does. Under torch.distributed
-        with world_size > 1 the sharded versions are returned; they average gradients themselves, so
-        do not wrap the model in DDP. Every param group carries "initial_lr" for LR schedules."""
+        does not care about scale (RMSNorm follows it), the head use does. Value-embedding tables: AdamW at
+        the embedding's LR. Residual scalars: AdamW without weight decay, x0_lambdas (additive, forgiving)
+        at scalar_lr, resid_lambdas (multiplicative, compounding over layers) at scalar_lr / 100, as
+        upstream measured. The muon_* options, normuon_beta2 and cautious_wd are Muon's (nanochat/optim.py).
+        Under torch.distributed with world_size > 1 the sharded versions are returned; they average
+        gradients themselves, so do not wrap the model in DDP. Every param group carries "initial_lr" and
+        "initial_weight_decay" for schedules."""
         from nanochat.optim import AdamW, DistAdamW, DistMuon, Muon
         scale = (self.config.n_embd / 768) ** -0.5
         matrix_params = list(self.transformer.h.parameters())
@@ -392,15 +349,32 @@ class GPT(nn.Module):
         else:
             adam_groups = [dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
                            dict(params=[wte], lr=embedding_lr * scale)]
+        if self.config.value_embeds:
+            adam_groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale))
+        if self.config.residual_scalars:
+            adam_groups += [dict(params=[self.resid_lambdas], lr=scalar_lr / 100, weight_decay=0.0),
+                            dict(params=[self.x0_lambdas], lr=scalar_lr, weight_decay=0.0)]
         assert len(matrix_params) + sum(len(g["params"]) for g in adam_groups) == len(list(self.parameters()))
         adam_cls, muon_cls = (DistAdamW, DistMuon) if dist_rank_world()[1] > 1 else (AdamW, Muon)
         adamw = adam_cls(adam_groups, betas=adam_betas, eps=1e-10, weight_decay=weight_decay)
-        muon = muon_cls(matrix_params, lr=matrix_lr, momentum=0.95)
+        muon = muon_cls(matrix_params, lr=matrix_lr, momentum=0.95, ortho=muon_ortho, normuon_beta2=normuon_beta2,
+                        weight_decay=muon_weight_decay, cautious_wd=cautious_wd)
         for group in adamw.param_groups + muon.param_groups:
-            group["initial_lr"] = group["lr"]
+            group["initial_lr"], group["initial_weight_decay"] = group["lr"], group["weight_decay"]
         return [adamw, muon]
 
     # -------------------------------------------------------------------------
+
+    @staticmethod
+    def _window_mask(window, qpos, Tk, row_mask=None):
+        """(B or 1, 1, T, Tk) bool over Tk keys, True where the query at absolute position qpos[b, i] may see key
+        j: causal and j > qpos - window; with rows at their own lengths, also within the row's (row_mask). None
+        when the window reaches back past position 0 for every query (the full-attention paths serve it)."""
+        if window >= Tk:
+            return None
+        back = qpos[:, None, :, None] - torch.arange(Tk, device=qpos.device)  # how far back key j is
+        mask = (back >= 0) & (back < window)
+        return mask & row_mask if row_mask is not None else mask
 
     def _head(self, x):
         return F.linear(x, self.transformer.wte.weight) if self.lm_head is None else self.lm_head(x)
@@ -423,9 +397,19 @@ class GPT(nn.Module):
             cos, sin = self.cos[0, positions], self.sin[0, positions]  # (B, T, 1, D/2)
         else:
             cos, sin = self.cos[:, T0:T0 + T], self.sin[:, T0:T0 + T]
-        x = norm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        x = x0 = norm(self.transformer.wte(idx))
+        windows = self.config.layer_windows()
+        masks = {}
+        if any(windows):  # which keys each query sees, one mask per window length; the key count is a plain int
+            row_mask = getattr(kv_cache, "row_mask", None)
+            qpos = positions if isinstance(T0, torch.Tensor) else torch.arange(T0, T0 + T, device=idx.device)[None]
+            Tk = row_mask.size(-1) if row_mask is not None else T0 + T
+            masks = {w: self._window_mask(w, qpos, Tk, row_mask) for w in set(windows) - {None}}
+        for i, block in enumerate(self.transformer.h):
+            if self.config.residual_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if self.config.has_value_embed(i) else None
+            x = block(x, cos, sin, kv_cache, ve, masks.get(windows[i]))
         if last_only:
             x = x[:, -1:]
         x = norm(x)
@@ -449,6 +433,8 @@ class GPT(nn.Module):
 # python -m nanochat.gpt --depth=20 --tie-embeddings ...: print the parameter breakdown (meta device)
 
 if __name__ == "__main__":
+    from nanochat.common import make_parser, positive_int
+    from nanochat.recipe import add_model_flags, config_from_flags
     parser = make_parser("Print the GPT parameter breakdown for the architecture flags (built on the meta device).")
     parser.add_argument("--vocab-size", type=positive_int, default=65536, help="tokenizer vocabulary")
     add_model_flags(parser.add_argument_group("model (the flags of scripts.base_train)"))

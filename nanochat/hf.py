@@ -36,7 +36,8 @@ TOKENIZER_FILE, TOKENIZER_CONFIG_FILE = "tokenizer.json", "tokenizer_config.json
 MODEL_TYPE, ARCHITECTURE = "nanochat", "NanoChatForCausalLM"
 RMS_NORM_EPS = torch.finfo(torch.float32).eps  # F.rms_norm(eps=None) uses the input dtype's machine epsilon
 MAX_RMS_NORM_EPS = 1e-5  # transformers' default is 1e-6; a larger eps changes the function visibly: refused on import
-# GPTConfig field -> NanoChatConfig field. GPTConfig fields not listed here have no counterpart: export refuses them.
+# GPTConfig field -> NanoChatConfig field. GPTConfig fields not listed here (the 2026 recipe's residual scalars, value
+# embeddings, sliding windows) have no counterpart: export refuses a model that sets them away from their default.
 CONFIG_FIELDS = {"sequence_len": "max_position_embeddings", "vocab_size": "vocab_size", "n_layer": "num_hidden_layers",
                  "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "n_embd": "hidden_size",
                  "mlp_ratio": "intermediate_size", "activation": "hidden_act", "tie_embeddings": "tie_word_embeddings",
@@ -116,10 +117,11 @@ def from_hf_state(tensors, config, source):
 def hf_config(config, tokenizer, dtype):
     """config.json's contents for GPTConfig `config`. HFFormatError naming the knob the format cannot express.
     tokenizer None (a benchmark's random model): no BOS / EOS ids."""
-    unmapped = [f.name for f in fields(config) if f.name not in CONFIG_FIELDS]
+    unmapped = [f.name for f in fields(config) if f.name not in CONFIG_FIELDS and getattr(config, f.name) != f.default]
     if unmapped:
-        raise HFFormatError(f"GPTConfig.{unmapped[0]} has no counterpart in transformers' NanoChatConfig: this model "
-                            "cannot be exported in the NanoChat format")
+        raise HFFormatError(f"GPTConfig.{unmapped[0]}={getattr(config, unmapped[0])!r} has no counterpart in transformers' "
+                            f"NanoChatConfig: this model cannot be exported in the NanoChat format (train with "
+                            f"--{unmapped[0].replace('_', '-')} at its default to export)")
     if config.activation not in ACTIVATIONS:
         raise HFFormatError(f"GPTConfig.activation={config.activation!r} has no transformers activation "
                             f"(mapped: {sorted(ACTIVATIONS)})")

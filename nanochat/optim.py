@@ -2,6 +2,16 @@
 Optimizers: AdamW (embedding, head) and Muon (the 2-D matrices inside the blocks), each in a
 single-process and a distributed version.
 
+Muon variants, each off by default (plain Muon) and switched by a constructor option / param-group key,
+as upstream nanochat adopted them (Jan 2026):
+- ortho="polar-express": Polar Express orthogonalization (Amsel et al. 2025, arXiv 2505.16932), a
+  different minimax-optimal quintic per iteration instead of Newton-Schulz's fixed one: singular values
+  end closer to 1 in the same 5 iterations.
+- normuon_beta2 > 0: NorMuon (Li et al. 2025, arXiv 2510.05491), an EMA of each neuron's squared
+  orthogonalized update that evens out the update size across neurons at a fixed total norm.
+- weight_decay > 0: decoupled weight decay on the matrices (as AdamW's), and with cautious_wd=True only
+  where the update already shrinks the weight (Cautious weight decay, Chen et al. 2025, arXiv 2510.12402).
+
 The distributed versions replace DDP for the parameters they own: call loss.backward() on each rank's
 local batch (no DDP wrapper, no gradient all-reduce), then step(); the optimizer averages gradients
 across ranks as part of its own communication:
@@ -10,8 +20,9 @@ across ranks as part of its own communication:
   parameter. A matrix whose dim 0 does not divide by world_size instead goes whole to one owner rank
   (reduce to it, it updates, broadcast).
 - DistMuon gives each matrix to one owner rank, round-robin (matrix i of a param group to rank
-  i % world): the gradient is reduced to the owner, which alone keeps its momentum and runs the
-  Newton-Schulz orthogonalization (batched over its same-shape matrices), then broadcasts the values.
+  i % world): the gradient is reduced to the owner, which alone keeps all of that matrix's state and
+  runs its whole update (muon_apply, shared with Muon: orthogonalization batched over its same-shape
+  matrices, NorMuon, weight decay), then broadcasts the values.
 So optimizer state differs per rank: checkpoint it per rank.
 Both use only reduce_scatter / all_gather (in place) / reduce / broadcast with SUM, which NCCL and gloo
 both support (checked on torch 2.13), and divide by world_size (ReduceOp.AVG is NCCL-only for some
@@ -90,27 +101,61 @@ class DistAdamW(AdamW):
 
 # -----------------------------------------------------------------------------
 # Muon: momentum, then replace the update by the nearest semi-orthogonal matrix (all singular values
-# ~1), computed approximately by a Newton-Schulz iteration, scaled up for tall matrices.
+# ~1), computed approximately by an odd matrix polynomial iteration, scaled up for tall matrices.
 
 # Quintic Newton-Schulz coefficients (a, b, c) for X <- a X + b (X X^T) X + c (X X^T)^2 X. Chosen (Muon's
 # published choice) to push singular values in (0, 1] quickly towards ~1 rather than to converge
 # exactly: after 5 steps they land roughly in [0.7, 1.2], which works as well as exact orthogonalization.
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
+# Polar Express (Amsel, Persson, Musco, Gower 2025, arXiv 2505.16932): one minimax-optimal odd quintic
+# per iteration, each optimal for the interval the previous ones leave, computed with the paper's method
+# for 5 iterations on singular values in [1e-3, 1], safety factor 2e-2 and cushion 2 (the values
+# modded-nanogpt and upstream nanochat use). The input is divided by 1.02 * its Frobenius norm, so bf16
+# rounding cannot push a singular value past the range the polynomials were made for: in fp64 they keep
+# x in [1e-3, 1.0218] within 0.16 of 1 and send x = 1.1 to infinity. Checked in fp64 on scalars in
+# [1e-3, 1] / 1.02: all land in [0.847, 1.141] (5 Newton-Schulz steps: [0.47, 1.20]); tests/test_optim.py.
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+ORTHO_METHODS = ("newton-schulz", "polar-express")
+
+
+def _ortho_coeffs(method, steps):
+    """(per-iteration coefficients, normalization safety factor) for `method`, or a ValueError."""
+    if method == "newton-schulz":
+        return (NS_COEFFS,) * steps, 1.0
+    if method == "polar-express":
+        if steps > len(POLAR_EXPRESS_COEFFS):
+            raise ValueError(f"ortho='polar-express' has coefficients for at most {len(POLAR_EXPRESS_COEFFS)} "
+                             f"iterations, got ns_steps={steps}: each polynomial is optimal for the interval its "
+                             "predecessors leave, so there is no further one to repeat; use ns_steps <= 5 (5 is "
+                             "already closer to orthogonal than Newton-Schulz) or ortho='newton-schulz'")
+        return POLAR_EXPRESS_COEFFS[:steps], POLAR_EXPRESS_SAFETY
+    raise ValueError(f"ortho must be one of {ORTHO_METHODS}, got {method!r}")
+
 
 @torch.no_grad()
-def orthogonalize(G, steps=5):
+def orthogonalize(G, steps=5, method="newton-schulz"):
     """Approximate U V^T of G = U S V^T, in bf16 (fast on tensor cores / AMX, accurate enough).
-    G is a matrix or a stack of same-shape matrices (batched: one bmm per product for all of them)."""
+    G is a matrix or a stack of same-shape matrices (batched: one bmm per product for all of them).
+    method: "newton-schulz" (one fixed quintic, any number of steps) or "polar-express" (a different
+    quintic per step, at most 5 steps)."""
     assert G.ndim in (2, 3), "orthogonalize expects a matrix or a stack of matrices"
-    a, b, c = NS_COEFFS
+    coeffs, safety = _ortho_coeffs(method, steps)
     X = G.bfloat16()
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation so X X^T is the smaller Gram matrix
         X = X.mT
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # Frobenius >= spectral norm: singular values in [0, 1]
+    # Frobenius >= spectral norm: singular values in [0, 1 / safety]
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * safety + 1e-7)
     mm_add = torch.baddbmm if X.ndim == 3 else torch.addmm
-    for _ in range(steps):
+    for a, b, c in coeffs:
         A = X @ X.mT
         B = mm_add(A, A, A, beta=b, alpha=c)  # b A + c A^2
         X = mm_add(X, B, X, beta=a)  # a X + B X
@@ -118,33 +163,97 @@ def orthogonalize(G, steps=5):
 
 
 @torch.no_grad()
+def normuon_scale(O, states, beta2, eps=1e-10):
+    """NorMuon (Li et al. 2025, arXiv 2510.05491): per-neuron adaptive scale of the orthogonalized
+    update O, a stack (n, rows, cols); returns the rescaled stack in fp32.
+
+    One second-moment value per row when rows >= cols, else per column (as upstream nanochat), i.e.
+    per entry of the larger dimension, averaging O^2 along the smaller one. The other choice would do
+    nothing: a semi-orthogonal matrix has orthonormal columns when tall (every column norm is 1) and
+    orthonormal rows when wide, so only the larger dimension's slices differ in size. With that mean m,
+    states[i]["second_moment"] (fp32, (rows, 1) or (1, cols)) keeps v = beta2 v + (1 - beta2) m, and
+    O_hat = O / sqrt(v + eps), rescaled to O's Frobenius norm so the learning rate keeps its meaning:
+    only the distribution across neurons changes. No bias correction: with v starting at 0 it is v's
+    true value times (1 - beta2^t), one scalar for every neuron, which the rescale to ||O|| cancels."""
+    O = O.float()
+    dim = -1 if O.size(-2) >= O.size(-1) else -2
+    mean_sq = O.square().mean(dim=dim, keepdim=True)  # (n, rows, 1) or (n, 1, cols)
+    for st, m in zip(states, mean_sq):
+        if "second_moment" not in st:
+            st["second_moment"] = torch.zeros_like(m)
+        st["second_moment"].lerp_(m, 1 - beta2)
+    O_hat = O * (torch.stack([st["second_moment"] for st in states]) + eps).rsqrt()
+    norm_ratio = O.norm(dim=(-2, -1), keepdim=True) / O_hat.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
+    return O_hat * norm_ratio
+
+
+@torch.no_grad()
 def muon_apply(params, grads, states, group):
     """Momentum, orthogonalization (batched over same-shape matrices: the blocks' q/k/v/proj and MLP
-    matrices come in a few shapes) and the scaled step for these parameters."""
+    matrices come in a few shapes), optional NorMuon scaling, decoupled weight decay and the scaled step
+    for these parameters. Every setting is read from `group` now, so a schedule may change any of them
+    between steps. Weight decay uses the weights before this step's update (as AdamW here):
+    p <- p - lr * wd * mask * p - lr * u, with u = sqrt(max(1, rows/cols)) * O the update direction and
+    mask = 1, or with cautious_wd (Chen et al. 2025, arXiv 2510.12402) mask = (u * p > 0): decay only
+    the entries the update already moves towards zero."""
     by_shape, momentum = {}, group["momentum"]
+    lr, wd, beta2 = group["lr"], group["weight_decay"], group["normuon_beta2"]
     for p, g, st in zip(params, grads, states):
         if "momentum_buffer" not in st:
             st["momentum_buffer"] = torch.zeros_like(g)
         buf = st["momentum_buffer"]
         buf.lerp_(g, 1 - momentum)  # buf = momentum * buf + (1 - momentum) * grad
-        by_shape.setdefault(tuple(p.shape), []).append((p, g.lerp(buf, momentum) if group["nesterov"] else buf))
+        update = g.lerp(buf, momentum) if group["nesterov"] else buf
+        by_shape.setdefault(tuple(p.shape), []).append((p, update, st))
     for (rows, cols), items in by_shape.items():
-        ortho = orthogonalize(torch.stack([u for _, u in items]), group["ns_steps"])
+        ortho = orthogonalize(torch.stack([u for _, u, _ in items]), group["ns_steps"], group["ortho"])
+        if beta2:
+            ortho = normuon_scale(ortho, [st for _, _, st in items], beta2)
         # an orthogonal update has RMS ~1/sqrt(max dim); tall matrices get sqrt(rows/cols) more
-        alpha = -group["lr"] * max(1.0, rows / cols) ** 0.5
-        for (p, _), o in zip(items, ortho):
-            p.add_(o.to(p.dtype), alpha=alpha)
+        alpha = -lr * max(1.0, rows / cols) ** 0.5
+        for (p, _, _), o in zip(items, ortho):
+            o = o.to(p.dtype)
+            if wd and group["cautious_wd"]:
+                p.sub_(p * (o * p > 0), alpha=lr * wd)  # sign(u) = sign(o): the scale is positive
+            elif wd:
+                p.mul_(1 - lr * wd)
+            p.add_(o, alpha=alpha)
+
+
+MUON_VARIANT_DEFAULTS = dict(ortho="newton-schulz", normuon_beta2=0.0, weight_decay=0.0, cautious_wd=False)
+
+
+def _check_muon_group(group):
+    _ortho_coeffs(group["ortho"], group["ns_steps"])
+    if not 0.0 <= group["normuon_beta2"] < 1.0:
+        raise ValueError(f"normuon_beta2 must be in [0, 1) (0 turns NorMuon off), got {group['normuon_beta2']}")
+    if group["weight_decay"] < 0:
+        raise ValueError(f"weight_decay must be >= 0 (0 turns it off), got {group['weight_decay']}")
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon for 2-D parameters only (the matrices inside the transformer blocks)."""
+    """Muon for 2-D parameters only (the matrices inside the transformer blocks). The defaults are plain
+    Muon; ortho="polar-express", normuon_beta2 > 0 (NorMuon; upstream uses 0.95), weight_decay > 0 and
+    cautious_wd switch on the variants (see orthogonalize, normuon_scale, muon_apply). All settings live
+    in the param groups. State per matrix: "momentum_buffer", plus "second_moment" with NorMuon."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps))
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ortho="newton-schulz",
+                 normuon_beta2=0.0, weight_decay=0.0, cautious_wd=False):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ortho=ortho,
+                                      normuon_beta2=normuon_beta2, weight_decay=weight_decay, cautious_wd=cautious_wd))
         for group in self.param_groups:
+            _check_muon_group(group)
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon only handles 2-D parameters, got shape {tuple(p.shape)}")
+
+    def __setstate__(self, state):
+        """load_state_dict replaces the param groups by the saved ones: a checkpoint from before the
+        variants existed lacks their keys, which mean plain Muon."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in MUON_VARIANT_DEFAULTS.items():
+                group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self):

@@ -39,10 +39,12 @@ def grad_accum_steps(total_batch_size, device_batch_size, sequence_len, world_si
     return total_batch_size // tokens_per_fwdbwd
 
 
-def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0):
+def lr_multiplier(step, num_iterations, warmup_ratio=0.0, warmdown_ratio=0.2, final_lr_frac=0.0, warmup_steps=0):
     """Linear warmup, constant, then linear warmdown to `final_lr_frac` over the last fraction of steps
-    (the trapezoid schedule nanoGPT-speedrun and nanochat train with)."""
-    warmup = round(warmup_ratio * num_iterations)
+    (the trapezoid schedule nanoGPT-speedrun and nanochat train with). The warmup is `warmup_steps` steps when
+    given (what it is for, letting the optimizer's moments settle, takes steps, not a share of the run), else
+    warmup_ratio of the run."""
+    warmup = warmup_steps or round(warmup_ratio * num_iterations)
     warmdown = round(warmdown_ratio * num_iterations)
     if step < warmup:
         return (step + 1) / warmup
@@ -58,12 +60,22 @@ def muon_momentum(step, start=0.85, end=0.95, ramp_steps=300):
     return (1 - frac) * start + frac * end
 
 
-def set_learning_rates(optimizers, lrm, momentum=None):
+def set_learning_rates(optimizers, lrm, momentum=None, wdm=None):
+    """Every group's LR = its initial LR x lrm; Muon's momentum when given; with wdm, every group's weight decay =
+    its initial weight decay x wdm (the weight-decay schedule)."""
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["initial_lr"] * lrm
             if momentum is not None and "momentum" in group:
                 group["momentum"] = momentum
+            if wdm is not None:
+                group["weight_decay"] = group["initial_weight_decay"] * wdm
+
+
+def wd_multiplier(step, num_iterations, schedule="constant"):
+    """The weight-decay schedule: constant 1, or linear from 1 at the first step to 0 at the end (upstream measured
+    the linear ramp down better than a constant at equal peak)."""
+    return 1.0 if schedule == "constant" else 1.0 - step / num_iterations
 
 
 def throughput(tokens_per_step, step_seconds, flops_per_token, peak_flops):

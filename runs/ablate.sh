@@ -3,6 +3,8 @@
 # (the reference, each change alone, all together) over SEEDS seeds, text bpb and assistant-turn bpb after a
 # short SFT on english-chat, differences marked beyond seed noise or not, compute multipliers, a plot.
 # About 100 s per run on 2 cores: 12 variants x 3 seeds = 36 runs, ~60 minutes (docs/ablation.md).
+# SUITE=recipe: the 2026 pretraining recipe changes instead (docs/recipe.md), at DEPTH (4 or 6; give TARGET_FLOPS
+# ~4e13 at depth 6 for the same 60 steps).
 # Usage: bash runs/ablate.sh [PRETRAIN_DIR]   (holds wikipedia/, books/, reddit/; default ../shared/data/pretrain)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,10 +13,12 @@ export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 TARGET_FLOPS=${TARGET_FLOPS:-1.4e13}   # 60 steps of 8192 tokens for the reference
 SEEDS=${SEEDS:-3}
 SFT_STEPS=${SFT_STEPS:-20}
+SUITE=${SUITE:-planned}
+DEPTH=${DEPTH:-4}
 bash runs/setup.sh
 PY=.venv/bin/python
 DATA="$PRETRAIN/wikipedia:0.45,$PRETRAIN/books:0.40,$PRETRAIN/reddit:0.15"
 # the ablation needs a tokenizer; train a small one on the mix if none exists yet
 [ -f "$NANOCHAT_BASE_DIR/tokenizer/meta.json" ] || $PY -m scripts.tok_train --vocab-size=4096 --max-chars=20000000 --data="$DATA"
-$PY -m scripts.ablate --data="$DATA" --target-flops=$TARGET_FLOPS --eval-every=8 --seeds=$SEEDS --sft-steps=$SFT_STEPS
+$PY -m scripts.ablate --suite=$SUITE --depth=$DEPTH --data="$DATA" --target-flops=$TARGET_FLOPS --eval-every=8 --seeds=$SEEDS --sft-steps=$SFT_STEPS
 $PY -m nanochat.report generate

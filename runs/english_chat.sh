@@ -5,15 +5,20 @@
 #   TOKENIZER_FILE: an existing 64K tokenizer (.tiktoken ranks or HF tokenizer.json) to import;
 #   without it one is trained at 65,536 on the mix.
 #
-# Architecture (the first user's planned changes, gpt.PLANNED_CHANGES), each a base_train flag:
+# Architecture (the first user's planned changes, recipe.PLANNED_CHANGES), each a base_train flag:
 #   tied wte/lm_head, context 1024, MLP 3x, n_kv_head = n_head // 4, SiLU, softcap off,
-#   RoPE base 10000 (plenty for a 1024-token context; raise it only for longer contexts).
+#   RoPE base 10000 (plenty for a 1024-token context, and 100000 measured no better: docs/recipe.md).
+# On top: base_train's defaults, the 2026 recipe (docs/recipe.md): warmdown 65% to 5%, Polar Express + NorMuon,
+#   cautious weight decay on a linear schedule, value embeddings; horizon in tokens per scaling parameter, batch from
+#   the token budget.
 # Size, from `python -m scripts.plan --gpus=8 --gpu=h100 --hours=11 <these flags> --chars-per-token=5.1`:
-#   depth 28 (width 1792, 14 heads; 14 // 4 = 3 KV heads rounds down to 2, a divisor), 862M parameters,
-#   17.25B tokens, ~8.8 h of base training at 40% MFU, leaving ~2 h for tokenizer, mid, SFT, evals.
-#   It needs ~88B characters of text for one epoch; with less, sources repeat (the loader logs epochs).
+#   depth 30 (width 1920, 15 heads, 3 KV heads), 1.05B scaling parameters (1.43B with the value embeddings);
+#   at the compute-optimal 10.5 tokens per scaling parameter it takes 6.8 h, and depth 32 (9.9 h) does not fit the
+#   9.35 h base-training share, so the planner offers the rest as more tokens: ratio 14.3 -> ~15B tokens, batches
+#   of 2^20, ~9.3 h at 40% MFU, leaving ~1.6 h for tokenizer, mid, SFT, evals.
+#   It needs ~77B characters of text for one epoch; with less, sources repeat (the loader logs epochs).
 #   Re-run the planner with the MFU base_train actually logs in its first minutes, and lower
-#   DEPTH if it no longer fits.
+#   RATIO (or DEPTH) if it no longer fits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 3 ] || { sed -n 3,6p "$0"; exit 1; }
@@ -22,7 +27,8 @@ export OMP_NUM_THREADS=1
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 NPROC=${NPROC:-8}
 WANDB_RUN=${WANDB_RUN:-dummy}
-DEPTH=${DEPTH:-28}
+DEPTH=${DEPTH:-30}
+RATIO=${RATIO:-14.3}
 DATA="$WIKI:0.45,$BOOKS:0.40,$REDDIT:0.15"
 ARCH="--tie-embeddings=true --max-seq-len=1024 --mlp-ratio=3 --kv-head-ratio=4 --activation=silu --softcap=0 --rope-base=10000"
 
@@ -37,9 +43,9 @@ case "$TOKENIZER_FILE" in
 esac
 $PY -m scripts.tok_eval --data="$DATA"
 
-$PY -m scripts.plan --gpus=$NPROC --gpu=h100 --hours=11 $ARCH --depths=$((DEPTH-4)):$((DEPTH+4)):2
+$PY -m scripts.plan --gpus=$NPROC --gpu=h100 --hours=11 $ARCH --target-param-data-ratio=$RATIO --depths=$((DEPTH-4)):$((DEPTH+4)):2
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_train -- --depth=$DEPTH $ARCH \
-    --data="$DATA" --device-batch-size=auto --run=$WANDB_RUN
+    --target-param-data-ratio=$RATIO --data="$DATA" --device-batch-size=auto --run=$WANDB_RUN
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_loss -- --data="$DATA"
 torchrun --standalone --nproc_per_node=$NPROC -m scripts.base_eval
 # Conversation quality (docs/chat_quality.md) after every stage, on the held-out english-chat conversations:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The ~$800 tier: a depth-32 model on one 8-GPU node (about 40 hours of 8xH100 at 40% MFU).
+# The ~$500 tier: a depth-32 model on one 8-GPU node (about 20 hours of 8xH100 at 40% MFU).
 # Usage: bash runs/run1000.sh
 #
-# Sizing (python -m scripts.plan --depths=32): width 2048, 16 heads, ~1.88B parameters with the
-# 65,536-token vocab; 20 tokens/param -> ~37.6B tokens = ~71,700 steps of 524,288 tokens.
-# At ~4.8 characters/token: ~180B characters = ~722 reference shards of ~250M characters;
-# we fetch 800 (10% slack). Device batch 8 x 2048 tokens fits 80 GB at this width; gradient
-# accumulation keeps the 524,288-token batch.
+# Sizing (python -m scripts.plan --depths=32), with the 2026 recipe (docs/recipe.md): width 2048, 16 heads,
+# 1.74B scaling parameters with the 65,536-token vocab (4.03B in all with the value embeddings);
+# 10.5 tokens per scaling parameter -> 18.3B tokens = 17,472 steps of 2^20 tokens, ~19.4 h at 40% MFU.
+# At ~4.8 characters/token: ~88B characters = ~352 reference shards of ~250M characters;
+# we fetch 390 (10% slack). Device batch 8 x 2048 tokens fits 80 GB at this width; gradient
+# accumulation keeps the batch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -14,7 +15,7 @@ export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 NPROC=${NPROC:-8}
 WANDB_RUN=${WANDB_RUN:-dummy}
 DEPTH=32
-SHARDS=800
+SHARDS=390
 
 bash runs/setup.sh
 PY=.venv/bin/python

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The reference ~$100 run: a depth-20 model on one 8-GPU node (about 4 hours of 8xH100).
+# The reference run: a depth-20 model on one 8-GPU node (base training ~1.5 h of 8xH100 at 40% MFU, planner estimate).
 # Usage: bash runs/speedrun.sh            (WANDB_RUN=name to log to wandb; NPROC to change GPU count)
 #
-# Sizing, from the model itself (python -m scripts.plan --depths=20 prints the same):
-#   depth 20 -> width 1280, 10 heads, 560,988,160 parameters with the 65,536-token vocab.
-#   Chinchilla: 20 tokens/param -> 11.2B tokens = 21,400 steps of 524,288 tokens.
-#   At ~4.8 characters/token that is ~54B characters; a reference shard holds ~250M characters,
-#   so 216 shards are needed for one epoch. We fetch 240 (10% slack; the last one is validation).
+# Sizing, from the model itself (python -m scripts.plan --depths=20 prints the same), with the 2026 recipe
+# (docs/recipe.md; base_train's defaults):
+#   depth 20 -> width 1280, 10 heads, 477M scaling parameters (blocks + head) with the 65,536-token vocab,
+#   1.40B in all with the value embeddings (lookup tables: no FLOPs).
+#   10.5 tokens per scaling parameter -> 5.0B tokens = 4,778 steps of 2^20 tokens (the batch from the
+#   token budget), ~1.5 h of base training at 40% MFU.
+#   At ~4.8 characters/token that is ~24B characters; a reference shard holds ~250M characters,
+#   so 97 shards are needed for one epoch. We fetch 110 (10% slack; the last one is validation).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -14,7 +17,7 @@ export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
 NPROC=${NPROC:-8}
 WANDB_RUN=${WANDB_RUN:-dummy}
 DEPTH=20
-SHARDS=240
+SHARDS=110
 
 bash runs/setup.sh
 PY=.venv/bin/python

@@ -8,7 +8,8 @@ import os
 import sys
 
 from nanochat.checkpoint import CheckpointError, find_last_step, load_model, resolve_checkpoint
-from nanochat.common import auto_bool, autodetect_device_type, non_negative_int, positive_int, print0, str2bool
+from nanochat.common import (auto_bool, autodetect_device_type, non_negative_float, non_negative_int, positive_float,
+                             positive_int, print0, str2bool)
 from nanochat.training import open_stage, restore_training_state
 
 CATEGORICAL = "ARC-Easy|ARC-Challenge|MMLU"
@@ -51,7 +52,7 @@ def add_stage_io_flags(parser, stage, sources):
 
 
 def add_optimizer_flags(g, *, init_lr_frac, warmdown_ratio, warmdown_help="fraction of steps of linear decay (1 = all)",
-                        with_compile=False, with_warmup=False):
+                        final_lr_frac=0.0, with_compile=False, with_warmup=False, with_muon_variants=False):
     """The learning-rate flags of a stage, appended to its 'optimization' argument group `g` after the stage's
     own batch and horizon flags; the stages differ only in how far they scale the rates down (init_lr_frac=None:
     no --init-lr-frac flag, the rates as given), warm them up and decay them."""
@@ -63,9 +64,21 @@ def add_optimizer_flags(g, *, init_lr_frac, warmdown_ratio, warmdown_help="fract
         g.add_argument("--init-lr-frac", type=float, default=init_lr_frac, help="every learning rate above is scaled by this")
     if with_warmup:
         g.add_argument("--warmup-ratio", type=float, default=0.0, help="fraction of steps of linear warmup")
+        g.add_argument("--warmup-steps", type=non_negative_int, default=0, help="steps of linear warmup (wins over --warmup-ratio)")
     g.add_argument("--warmdown-ratio", type=float, default=warmdown_ratio, help=warmdown_help)
-    g.add_argument("--final-lr-frac", type=float, default=0.0)
+    g.add_argument("--final-lr-frac", type=float, default=final_lr_frac, help="the warmdown ends at this fraction of the LR")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    if with_muon_variants:  # the Muon variants of the 2026 recipe, its defaults (nanochat/optim.py, docs/recipe.md)
+        g.add_argument("--muon-ortho", default="polar-express", choices=["newton-schulz", "polar-express"],
+                       help="orthogonalization of Muon's update")
+        g.add_argument("--normuon", type=str2bool, default=True, help="per-neuron second-moment normalization (NorMuon)")
+        g.add_argument("--muon-wd", type=non_negative_float, default=10.0,
+                       help="Muon weight decay as a total over training: lambda = this / (matrix LR x steps), so the "
+                            "same value means the same relative shrink at any horizon (0 = off)")
+        g.add_argument("--cautious-wd", type=str2bool, default=True, help="decay only where the update also shrinks the weight")
+        g.add_argument("--wd-schedule", default="linear", choices=["constant", "linear"],
+                       help="weight decay over training: constant, or linear from full to 0")
+        g.add_argument("--scalar-lr", type=positive_float, default=0.5, help="AdamW LR of the residual scalars (x0; resid gets 1/100)")
     if with_compile:
         g.add_argument("--compile", type=auto_bool, default="auto", help="torch.compile the model (auto = on CUDA)")
 
@@ -123,11 +136,19 @@ def load_chat_data_or_exit(script, stage, args):
         stage_error(f"{script}: data error: {e}")
 
 
-def setup_stage_optimizers(model, args):
-    """The model's optimizers at the add_optimizer_flags learning rates, each scaled by --init-lr-frac."""
+def setup_stage_optimizers(model, args, num_iterations=None):
+    """The model's optimizers at the add_optimizer_flags learning rates, each scaled by --init-lr-frac; with the
+    Muon-variant flags, Muon's orthogonalization, NorMuon and weight decay lambda = --muon-wd / (matrix LR x
+    num_iterations) (the decay summed over a constant-LR run: horizon-independent, as the EMA-timescale rule of
+    Wang & Aitchison 2024 asks; upstream's tuned d12-d20 values are ~10 in these units, docs/recipe.md)."""
     lr = getattr(args, "init_lr_frac", 1.0)
+    muon = {}
+    if hasattr(args, "muon_ortho"):
+        wd = args.muon_wd / (args.matrix_lr * lr * num_iterations) if args.muon_wd else 0.0
+        muon = dict(muon_ortho=args.muon_ortho, normuon_beta2=0.95 if args.normuon else 0.0, muon_weight_decay=wd,
+                    cautious_wd=args.cautious_wd, scalar_lr=args.scalar_lr)
     return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr, embedding_lr=args.embedding_lr * lr,
-                                  matrix_lr=args.matrix_lr * lr, weight_decay=args.weight_decay)
+                                  matrix_lr=args.matrix_lr * lr, weight_decay=args.weight_decay, **muon)
 
 
 def resume_or_exit(script, logger, ckpt_dir, step, optimizers, loaders, device, device_type, rank=0, world_size=1,

@@ -8,25 +8,29 @@ budget (so a cheaper architecture gets more steps). Each run is then finetuned f
 validation bits per byte on held-out text (base_train) and of the assistant-turn bits per byte on held-out
 conversations (nanochat/chat_quality.py), each difference from the reference marked beyond seed noise or not
 (paired t-test over the seeds, p < 0.05: nanochat/ablation.py), and the compute multiplier read off the
-reference's own validation curve. Writes a table and a plot into the report (section "Ablation"). The changes are
-nanochat.gpt.PLANNED_CHANGES, the list scripts.plan prices; the reference takes base_train's architecture flags,
-at tiny-scale defaults. docs/ablation.md has the rules and a recorded run.
+reference's own validation curve. Writes a table and a plot into the report. --suite=planned (section "Ablation"):
+the changes are nanochat.recipe.PLANNED_CHANGES, the list scripts.plan prices, over base_train's architecture flags
+at tiny-scale defaults. --suite=recipe (section "Recipe ablation d<depth>"): the 2026 pretraining recipe changes
+(nanochat.recipe.RECIPE_CHANGES) over the late-2025 reference recipe, whose flag values every run is given
+explicitly. docs/ablation.md has the rules and a recorded run, docs/recipe.md the recipe's.
 
     python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=1.4e13 --seeds=3
     python -m scripts.ablate --only="MLP 3x|SiLU" --seeds=2 --sft-steps=0        # text bpb only, two changes
     python -m scripts.ablate --from-runs=$NANOCHAT_BASE_DIR/report/_ablation-runs.json   # re-tabulate, no training
 
-Checkpoints go to base/sft tags ablate-<variant>-s<seed>; the report sections the runs write on the way
-("Base model training", "Chat SFT") are put back as they were. Single process; no resume.
+Checkpoints go to base/sft tags ablate-<variant>-s<seed> (recipe-d<depth>-<variant>-s<seed>); the report sections
+the runs write on the way ("Base model training", "Chat SFT") are put back as they were. Single process; --resume
+keeps the runs already in the record (rewritten after every run) and trains the rest.
 """
 import contextlib
 import math
 import os
 import sys
 
-from nanochat.ablation import NOISE_P, compute_multiplier, mean_curve, mean_std, paired_test, welch_test
-from nanochat.common import make_parser, non_negative_int, positive_float, positive_int, print0
-from nanochat.gpt import MODEL_FLAGS, add_model_flags, model_flags, planned_changes
+from nanochat.ablation import (NOISE_P, compute_multiplier, loss_rise, mean_curve, mean_std, paired_test,
+                               plot_ablation, welch_test)
+from nanochat.common import make_parser, non_negative_int, positive_float, positive_int, print0, str2bool
+from nanochat.recipe import MODEL_FLAGS, REFERENCE_RECIPE, add_model_flags, model_flags, planned_changes, recipe_changes
 
 TINY_SCALE = dict(depth=4, head_dim=64, max_seq_len=256)  # the ablation's reference architecture flags
 SUB_RUN_SECTIONS = ("Base model training", "Chat SFT")  # report sections each run rewrites; restored after
@@ -39,19 +43,33 @@ def flag(dest, v):
     return f"--{dest.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
 
 
-def variants(seq_len, reference=None):
-    """[(label, base_train flags)]: the reference, then nanochat.gpt's planned changes at a reference context
-    of `seq_len`, each as the flags whose value differs from `reference` (the ablation's architecture flags;
-    default: their tiny-scale defaults at --max-seq-len=seq_len)."""
+def variants(seq_len, reference=None, suite="planned"):
+    """[(label, base_train flags)]: the reference, then the suite's changes, each as the flags whose value differs
+    from `reference` (the ablation's architecture flags; default: their tiny-scale defaults at --max-seq-len=seq_len).
+    Suite "planned": the first user's architecture changes at a reference context of `seq_len`
+    (nanochat.recipe.planned_changes); "recipe": the 2026 recipe changes over the reference recipe
+    (nanochat.recipe.RECIPE_CHANGES, REFERENCE_RECIPE)."""
     reference = reference or {**vars(model_flags(**TINY_SCALE)), "max_seq_len": seq_len}
+    if suite == "recipe":
+        reference, changes = {**reference, **REFERENCE_RECIPE}, recipe_changes()
+    else:
+        changes = planned_changes(seq_len)
     return [("reference", [])] + [
-        (label, [flag(k, v) for k, v in change.items() if v != reference[k]])
-        for label, change in planned_changes(seq_len)]
+        (label, [flag(k, v) for k, v in change.items() if v != reference[k]]) for label, change in changes]
 
 
-def run_tag(label, seed):
+def suite_names(args):
+    """Where a suite's results go: (report section, runs record, plot, checkpoint tag prefix). The recipe suite is
+    run at several depths, so its names carry the depth."""
+    if args.suite == "recipe":
+        d = f"d{args.depth}"
+        return f"Recipe ablation {d}", f"_recipe-ablation-{d}-runs.json", f"recipe-ablation-{d}.png", f"recipe-{d}"
+    return "Ablation", "_ablation-runs.json", "ablation.png", "ablate"
+
+
+def run_tag(label, seed, prefix="ablate"):
     from nanochat.report import slugify
-    return f"ablate-{slugify(label)}-s{seed}"
+    return f"{prefix}-{slugify(label)}-s{seed}"
 
 
 def get_args(argv=None):
@@ -70,9 +88,13 @@ def get_args(argv=None):
                    help="validation bpb every N steps: the curves and the reference curve the multiplier reads")
     g.add_argument("--eval-tokens", type=positive_int, default=32768, help="held-out text tokens per validation")
     g = p.add_argument_group("seeds and variants")
+    g.add_argument("--suite", default="planned", choices=["planned", "recipe"],
+                   help="planned: the first user's architecture changes; recipe: the 2026 pretraining recipe changes")
     g.add_argument("--seeds", type=positive_int, default=3, help="runs per variant (>= 2; seed noise needs several)")
     g.add_argument("--seed", type=int, default=42, help="first seed; the runs use seed, seed + 1, ...")
     g.add_argument("--only", default="", help="'|'-separated variant labels to run besides the reference (default: all)")
+    g.add_argument("--resume", type=str2bool, default=False,
+                   help="keep the runs the suite's record already holds with identical settings; train only the rest")
     g.add_argument("--from-runs", default="", help="no training: rebuild the table, plot and report section from the "
                    "_ablation-runs.json of an earlier ablation (the other flags describe it)")
     g = p.add_argument_group("conversation metric (short fixed SFT, then assistant-turn bpb)")
@@ -94,7 +116,7 @@ def get_args(argv=None):
     if args.sft_examples_per_step % args.sft_device_batch_size:
         p.error(f"argument --sft-examples-per-step: {args.sft_examples_per_step} is not a multiple of "
                 f"--sft-device-batch-size={args.sft_device_batch_size}")
-    labels = [label for label, _ in variants(args.max_seq_len, reference_flags(args))]
+    labels = [label for label, _ in variants(args.max_seq_len, reference_flags(args), args.suite)]
     args.only = [s.strip() for s in args.only.split("|") if s.strip()]
     unknown = [s for s in args.only if s not in labels]
     if unknown:
@@ -103,7 +125,12 @@ def get_args(argv=None):
 
 
 def reference_flags(args):
-    return {k: getattr(args, k) for k in MODEL_FLAGS}
+    """The reference run's architecture flags: the parsed ones; the recipe suite pins the reference recipe's model
+    flags (value embeddings off, ...) whatever base_train's defaults are now."""
+    flags = {k: getattr(args, k) for k in MODEL_FLAGS}
+    if args.suite == "recipe":
+        flags.update({k: v for k, v in REFERENCE_RECIPE.items() if k in MODEL_FLAGS})
+    return flags
 
 
 @contextlib.contextmanager
@@ -144,12 +171,15 @@ def load_heldout(args):
     return conversations[:n], sources[:n], f"the first {n} of {note}"
 
 
-def read_curve(tag):
-    """[(training FLOPs, validation bpb)] of base run `tag`, from its log.jsonl (training.StepLogger)."""
+def read_log(tag):
+    """([(training FLOPs, validation bpb)], loss rise) of base run `tag` from its log.jsonl (training.StepLogger):
+    the validation curve, and nanochat.ablation.loss_rise of its training losses (None without any)."""
     from nanochat.checkpoint import checkpoints_root
     from nanochat.common import read_jsonl
-    path = os.path.join(checkpoints_root("base"), tag, "log.jsonl")
-    return [(r["total_training_flops"], r["val_bpb"]) for r in read_jsonl(path) if "val_bpb" in r]
+    records = read_jsonl(os.path.join(checkpoints_root("base"), tag, "log.jsonl"))
+    losses = [r["loss"] for r in records if "loss" in r]
+    curve = [(r["total_training_flops"], r["val_bpb"]) for r in records if "val_bpb" in r]
+    return curve, loss_rise(losses) if losses else None
 
 
 def conversation_bpb(tag, seed, args, heldout):
@@ -171,13 +201,17 @@ def conversation_bpb(tag, seed, args, heldout):
         return assistant_bpb(model, tokenizer, conversations, sources)["bpb"]
 
 
-def run_variant(label, flags, args, heldout):
-    """One variant's runs, one per seed: [{"seed", "tag", "steps", "flops", "text_bpb", "curve", "chat_bpb"}]."""
+def run_variant(label, flags, args, heldout, recorded=None, save=None):
+    """One variant's runs, one per seed: [{"seed", "tag", "steps", "flops", "text_bpb", "curve", "chat_bpb", "key"}].
+    A run in `recorded` ({(label, seed): run}, --resume) whose key (its base_train argv and SFT settings) is this
+    run's is kept, not trained again; save(label, runs) is called after each new run."""
     from . import base_train
     common = [flag(k, v) for k, v in reference_flags(args).items()]
     common += [f"--target-flops={args.target_flops}", f"--total-batch-size={args.total_batch_size}",
                f"--eval-tokens={args.eval_tokens}", f"--eval-every={args.eval_every}", "--sample-every=-1",
                "--core-metric-every=-1"]
+    if args.suite == "recipe":  # the reference recipe pinned, whatever base_train's defaults are now
+        common += [flag(k, v) for k, v in REFERENCE_RECIPE.items() if k not in MODEL_FLAGS]
     common += [f"--data={args.data}"] if args.data else []
     common += [f"--device-type={args.device_type}"] if args.device_type else []
     # a shorter context keeps the tokens per forward pass: more rows per batch
@@ -185,17 +219,30 @@ def run_variant(label, flags, args, heldout):
     rows = max(1, args.device_batch_size * args.max_seq_len // seq)
     runs = []
     for seed in range(args.seed, args.seed + args.seeds):
-        tag = run_tag(label, seed)
+        tag = run_tag(label, seed, suite_names(args)[3])
+        argv = common + [f"--model-tag={tag}", f"--seed={seed}"] + flags + [f"--device-batch-size={rows}"]
+        key = argv + [f"sft {args.sft_steps} {args.sft_mixture} {args.sft_examples_per_step} {args.sft_device_batch_size} "
+                      f"{args.sft_init_lr_frac} {args.chat_data} {args.chat_conversations}"]
+        old = (recorded or {}).get((label, seed))
+        if old is not None and old.get("key") == key:
+            print0(f"=== {label} seed {seed}: recorded (--resume), text bpb {old['text_bpb']:.4f}")
+            if old.get("loss_rise") is None:  # recorded before the stability figure: from its log, when kept
+                with contextlib.suppress(OSError):
+                    old["loss_rise"] = read_log(tag)[1]
+            runs.append(old)
+            continue
         print0(f"=== {label} seed {seed}: {' '.join(flags) or '(reference)'} -> {tag}")
-        out = base_train.main(common + [f"--model-tag={tag}", f"--seed={seed}"] + flags + [f"--device-batch-size={rows}"])
-        curve = read_curve(tag)
+        out = base_train.main(argv)
+        curve, rise = read_log(tag)
         run = {"label": label, "seed": seed, "tag": tag, "steps": out["steps"], "flops": curve[-1][0],
-               "text_bpb": out["val_bpb"], "curve": curve, "chat_bpb": None}
+               "text_bpb": out["val_bpb"], "curve": curve, "loss_rise": rise, "chat_bpb": None, "key": key}
         if args.sft_steps > 0:
             run["chat_bpb"] = conversation_bpb(tag, seed, args, heldout)
         print0(f"=== {label} seed {seed}: text bpb {run['text_bpb']:.4f}"
                + (f", assistant bpb {run['chat_bpb']:.4f}" if run["chat_bpb"] is not None else ""))
         runs.append(run)
+        if save:
+            save(label, runs)
     return runs
 
 
@@ -210,8 +257,9 @@ def summarize(runs_by_label):
     for label, runs in runs_by_label.items():
         if [r["seed"] for r in runs] != ref_seeds:
             raise ValueError(f"variant {label!r} ran seeds {[r['seed'] for r in runs]}, the reference {ref_seeds}")
+        rises = [r["loss_rise"] for r in runs if r.get("loss_rise") is not None]  # older records have none
         row = {"label": label, "steps": runs[0]["steps"], "flops": runs[0]["flops"], "seeds": ref_seeds,
-               "curve": mean_curve([r["curve"] for r in runs])}
+               "curve": mean_curve([r["curve"] for r in runs]), "loss_rise": max(rises) if rises else None}
         for metric in ("text_bpb", "chat_bpb"):
             values = [r[metric] for r in runs]
             if None in values:
@@ -235,10 +283,10 @@ def _verdict(m):
 
 def table_markdown(rows, flags_by_label):
     """The results table: mean/std over seeds per metric, the paired difference from the reference (mean +- std over
-    seeds), its p and the seed-noise verdict, and the compute multiplier."""
+    seeds), its p and the seed-noise verdict, the compute multiplier and the stability figure (max loss rise)."""
     lines = ["| variant | flags | steps | text bpb mean | text bpb std | text Δ vs ref | text p | text beyond noise "
-             "| chat bpb mean | chat bpb std | chat Δ vs ref | chat p | chat beyond noise | compute multiplier |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| chat bpb mean | chat bpb std | chat Δ vs ref | chat p | chat beyond noise | compute multiplier "
+             "| max loss rise |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cells = [r["label"], f"`{' '.join(flags_by_label[r['label']]) or '-'}`", str(r["steps"])]
         for metric in ("text_bpb", "chat_bpb"):
@@ -251,51 +299,10 @@ def table_markdown(rows, flags_by_label):
         mult = r["multiplier"]
         cells.append("not reached" if math.isinf(mult) else f"{mult:.2f}"
                      + (" (extrapolated)" if r["multiplier_how"] == "extrapolated" else ""))
+        rise = r.get("loss_rise")
+        cells.append("-" if rise is None else "not finite" if math.isinf(rise) else f"{rise:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def plot(rows, path):
-    """Left: mean validation bpb against training FLOPs (log scale) per variant; right: each variant's paired
-    difference from the reference (text and conversation bpb) with its 95% confidence interval, filled when beyond
-    seed noise (the interval excludes 0).
-    None without matplotlib."""
-    try:
-        from matplotlib import colormaps
-        from matplotlib.figure import Figure  # the object API draws with Agg and touches no global state
-    except ImportError:
-        return None
-    fig = Figure(figsize=(15, 0.3 * len(rows) + 5), layout="constrained")
-    curves, diffs = fig.subplots(1, 2, width_ratios=(3, 2))
-    palette = colormaps["tab20"]
-    colors = [palette(j) for j in (*range(0, 20, 2), *range(1, 20, 2))]  # the strong shades first
-    for i, r in enumerate(rows):
-        pts = [(f, b) for f, b in r["curve"] if f > 0]
-        ref = r["label"] == "reference"
-        curves.plot([f for f, _ in pts], [b for _, b in pts], marker="." if not ref else "o", ms=3 if not ref else 4,
-                    lw=2.2 if ref else 1.0, color="k" if ref else colors[i % 20], label=r["label"], zorder=3 if ref else 2)
-    curves.set_xscale("log")
-    curves.set_xlabel("training FLOPs")
-    curves.set_ylabel("validation bpb on held-out text (mean over seeds; lower is better)")
-    curves.legend(fontsize=8)
-    curves.grid(True, which="both", alpha=0.3)
-    others = [r for r in rows if r["label"] != "reference"]
-    spread = 0.3 if any(r.get("chat_bpb") for r in others) else 0.0  # two markers per variant: side by side
-    for k, (metric, marker, color, name) in enumerate((("text_bpb", "o", "tab:blue", "text bpb"),
-                                                       ("chat_bpb", "s", "tab:orange", "assistant bpb"))):
-        pts = [(i, r[metric]) for i, r in enumerate(others) if r.get(metric)]
-        for i, m in pts:
-            y = i + (k - 0.5) * spread
-            diffs.errorbar(m["diff"], y, xerr=m["ci"], fmt=marker, color=color, capsize=2,
-                           mfc=color if m["beyond_noise"] else "white", label=name if i == pts[0][0] else None)
-    diffs.axvline(0, color="k", lw=0.8)
-    diffs.set_yticks(range(len(others)), [r["label"] for r in others])
-    diffs.set_ylim(len(others) - 0.5, -0.5)  # first variant on top
-    diffs.set_xlabel("variant - reference (same seed), bpb\n95% CI; filled = beyond seed noise; left = better")
-    diffs.legend(fontsize=8)
-    diffs.grid(True, axis="x", alpha=0.3)
-    fig.savefig(path, dpi=110)
-    return path
 
 
 def load_runs(path):
@@ -317,7 +324,8 @@ def main(argv=None):
     import json
     from nanochat.common import atomic_write_text
     from nanochat.report import get_report_dir, write_section
-    all_flags = dict(variants(args.max_seq_len, reference_flags(args)))
+    all_flags = dict(variants(args.max_seq_len, reference_flags(args), args.suite))
+    title, runs_file, png_file, _ = suite_names(args)
     if args.from_runs:
         runs_by_label, note = load_runs(args.from_runs)
         if any(r.get("chat_bpb") is not None for runs in runs_by_label.values() for r in runs) and not note:
@@ -325,11 +333,19 @@ def main(argv=None):
     else:
         heldout = load_heldout(args) if args.sft_steps > 0 else None  # a bad --chat-data fails before any training
         note = heldout[2] if heldout else None
-        runs_by_label = {}
+        runs_by_label, path = {}, os.path.join(get_report_dir(), runs_file)
+        recorded = {}
+        if args.resume and os.path.exists(path):
+            recorded = {(r["label"], r["seed"]): r for runs in load_runs(path)[0].values() for r in runs}
+
+        def save(label, runs):  # the record so far, after every run: an interrupted ablation resumes from it
+            runs_by_label[label] = runs
+            atomic_write_text(path, json.dumps({"argv": sys.argv[1:] if argv is None else argv, "heldout": note,
+                                                "runs": runs_by_label, "partial": True}, indent=1) + "\n")
         with kept_report_sections(SUB_RUN_SECTIONS):
             for label, flags in all_flags.items():
                 if label == "reference" or not args.only or label in args.only:
-                    runs_by_label[label] = run_variant(label, flags, args, heldout)
+                    runs_by_label[label] = run_variant(label, flags, args, heldout, recorded, save)
     try:
         rows = summarize(runs_by_label)
     except ValueError as e:  # e.g. a run too short for a curve, or seeds that do not pair
@@ -338,8 +354,8 @@ def main(argv=None):
     print0(table)
     report_dir = get_report_dir()
     record = {"argv": sys.argv[1:] if argv is None else argv, "heldout": note, "runs": runs_by_label, "variants": rows}
-    atomic_write_text(os.path.join(report_dir, "_ablation-runs.json"), json.dumps(record, indent=1) + "\n")  # "_": no section
-    png = plot(rows, os.path.join(report_dir, "ablation.png"))
+    atomic_write_text(os.path.join(report_dir, runs_file), json.dumps(record, indent=1) + "\n")  # "_": no section
+    png = plot_ablation(rows, os.path.join(report_dir, png_file))
     ref = rows[0]
     body = (f"Equal training FLOPs ({ref['flops']:.2e} for the reference) per run, {len(ref['seeds'])} seeds per variant "
             f"({', '.join(map(str, ref['seeds']))}), depth {args.depth}, reference context {args.max_seq_len}, data "
@@ -350,16 +366,18 @@ def main(argv=None):
             + f"Δ vs ref: mean ± std over seeds of (variant - reference at the same seed). Beyond noise: paired t-test "
             f"on those differences, p < {NOISE_P}. Compute multiplier: reference FLOPs needed to reach the variant's mean "
             f"final text bpb on the reference's mean validation curve (log-log, {len(ref['curve'])} points to "
-            f"{ref['flops']:.2e} FLOPs), over the variant's FLOPs; beyond the curve's end it is extrapolated.\n\n{table}")
+            f"{ref['flops']:.2e} FLOPs), over the variant's FLOPs; beyond the curve's end it is extrapolated. Max loss rise: the largest rise of a "
+            f"run's training loss above its running minimum (nats), worst seed: the reference's is minibatch noise; "
+            f"a spike shows as more, a divergence as 'not finite'.\n\n{table}")
     if png:
-        body += "\n\n![ablation](ablation.png)"
+        body += f"\n\n![{title}]({png_file})"
     metrics = {}
     for r in rows:
         metrics[r["label"]] = r["text_bpb"]["mean"]
         if r.get("chat_bpb"):
             metrics[f"{r['label']} chat"] = r["chat_bpb"]["mean"]
         metrics[f"{r['label']} multiplier"] = r["multiplier"] if math.isfinite(r["multiplier"]) else None
-    write_section("Ablation", body, metrics=metrics)
+    write_section(title, body, metrics=metrics)
     return {"variants": rows, "runs": runs_by_label, "table": table}
 
 

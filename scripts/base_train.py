@@ -19,13 +19,13 @@ import torch
 
 from nanochat.checkpoint import CheckpointError, checkpoints_root, find_last_step
 from nanochat.common import (all_reduce_sum, compute_cleanup, format_duration, get_peak_flops, make_parser,
-                             positive_int, print0, str2bool)
+                             positive_float, positive_int, print0, str2bool)
 from nanochat.dataset import DataError
 from nanochat.engine import SAMPLE_PROMPTS, greedy_samples
-from nanochat.gpt import add_model_flags, config_from_flags
+from nanochat.recipe import add_model_flags, batch_size_flag, config_from_flags, training_horizon
 from nanochat.training import (StepLogger, StepStats, accumulate_gradients, find_device_batch_size, grad_accum_steps,
                                init_device, lr_multiplier, muon_momentum, optimizer_step, report_stage,
-                               save_training_state, set_learning_rates)
+                               save_training_state, set_learning_rates, wd_multiplier)
 
 from ._cli import (add_optimizer_flags, add_run_flags, check_optimizer_flags, resume_or_exit,
                          setup_stage_optimizers, stage_error, use_compile)
@@ -39,12 +39,15 @@ def get_args(argv=None):
     g = p.add_argument_group("horizon (first that is set wins)")
     g.add_argument("--num-iterations", type=int, default=-1, help="explicit number of steps (-1 = off)")
     g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1 = off)")
-    g.add_argument("--target-param-data-ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla 20)")
+    g.add_argument("--target-param-data-ratio", type=positive_float, default=10.5,
+                   help="tokens per scaling parameter (blocks' matrices + head; upstream's compute-optimal fit: 10.5)")
     g = p.add_argument_group("optimization")
     g.add_argument("--device-batch-size", default="32", help="rows per forward pass per device, or 'auto' to probe memory")
-    g.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step")
-    add_optimizer_flags(g, init_lr_frac=None, warmdown_ratio=0.2, warmdown_help="fraction of steps of linear decay at the end",
-                        with_compile=True, with_warmup=True)
+    g.add_argument("--total-batch-size", type=batch_size_flag, default=-1,
+                   help="tokens per optimizer step (-1 = from the token budget: 2^19 x (D / D_d12)^0.383)")
+    add_optimizer_flags(g, init_lr_frac=None, warmdown_ratio=0.65, final_lr_frac=0.05,
+                        warmdown_help="fraction of steps of linear decay at the end",
+                        with_compile=True, with_warmup=True, with_muon_variants=True)
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, default=250, help="validation bpb every N steps (-1 = only at the end)")
     g.add_argument("--eval-tokens", type=positive_int, default=20 * 524288)
@@ -92,6 +95,15 @@ def main(argv=None):
     train_model = torch.compile(model, dynamic=False) if use_compile(args, device_type) else model
     T = config.sequence_len
 
+    # ---- horizon (nanochat/recipe.py): explicit steps, a FLOPs budget (tokens = FLOPs / FLOPs per token), or tokens =
+    # ratio x scaling parameters; the batch as given or from the token budget
+    try:
+        args.total_batch_size, num_iterations = training_horizon(args, params["scaling"], flops_per_token,
+                                                                 tokenizer.get_vocab_size())
+    except ValueError as e:
+        stage_error(f"base_train: {e}")
+    total_tokens = args.total_batch_size * num_iterations
+
     # ---- device batch: fixed, or probed on the device with a real forward+backward
     if args.device_batch_size == "auto":
         limit = max(1, args.total_batch_size // (T * world_size))
@@ -109,24 +121,14 @@ def main(argv=None):
         B = args.device_batch_size
     accum = grad_accum_steps(args.total_batch_size, B, T, world_size)
 
-    # ---- horizon: explicit steps, a FLOPs budget (steps = FLOPs / (6N-style FLOPs per token x tokens per step)),
-    # or tokens = ratio x parameters (Chinchilla: ~20 tokens per parameter)
     total_params = params["total"]
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
-    else:
-        num_iterations = round(args.target_param_data_ratio * total_params / args.total_batch_size)
-    num_iterations = max(num_iterations, 1)
-    total_tokens = args.total_batch_size * num_iterations
     print0(f"batch: {B} rows x {T} tokens x {world_size} rank(s) x {accum} accumulation step(s) = "
            f"{args.total_batch_size:,} tokens/step; {num_iterations:,} steps = {total_tokens:,} tokens "
-           f"({total_tokens / total_params:.1f} tokens/param, {flops_per_token * total_tokens:e} FLOPs)")
+           f"({total_tokens / params['scaling']:.1f} tokens per scaling parameter, {flops_per_token * total_tokens:e} FLOPs)")
 
     # ---- optimizers and data: one loader per data-parallel slot (rank x micro-step), so a run on 2 ranks and a
     # run on 1 rank with 2 accumulation steps see exactly the same batches
-    optimizers = setup_stage_optimizers(model, args)
+    optimizers = setup_stage_optimizers(model, args, num_iterations)
     try:
         loaders = [DataLoader(tokenizer, B, T, spec=args.data, split="train", device=device, seed=args.seed,
                               rank=rank * accum + a, world_size=world_size * accum) for a in range(accum)]
@@ -198,8 +200,10 @@ def main(argv=None):
         stats.begin()
         loss = accumulate_gradients(train_model, [next(loader) for loader in loaders], autocast, world_size,
                                     per_token=False)
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        set_learning_rates(optimizers, lrm, momentum=muon_momentum(step))
+        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac,
+                            args.warmup_steps)
+        set_learning_rates(optimizers, lrm, momentum=muon_momentum(step),
+                           wdm=wd_multiplier(step, num_iterations, args.wd_schedule))
         optimizer_step(model, optimizers, args.grad_clip, world_size)
         step += 1
         logger.log(*stats.end(step, lrm, loss=all_reduce_sum(loss).item()))

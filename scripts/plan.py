@@ -9,7 +9,7 @@ For each depth: parameters by group, training tokens at --target-param-data-rati
 cost at --mfu, KV-cache bytes, and the data needed. Then the largest depth whose base training fits
 the budget (less --reserve for the other stages), its base_train flags, and what each planned
 architecture change saves at that depth. The architecture flags are base_train's (both take them
-from nanochat.gpt.add_model_flags), the planned changes are nanochat.gpt.PLANNED_CHANGES (the list
+from nanochat.recipe.add_model_flags), the planned changes are nanochat.recipe.PLANNED_CHANGES (the list
 scripts.ablate trains), and every model-side number comes from nanochat.gpt.GPT itself (built on the
 meta device: no memory, no weights) through config_from_flags, the function base_train builds its
 model with, so the plan and the run cannot disagree.
@@ -23,7 +23,9 @@ import torch
 
 from nanochat.common import (GPU_PEAK_BF16_FLOPS, gpu_peak_flops, make_parser, non_negative_float, number_type,
                              positive_float, positive_int, str2bool)
-from nanochat.gpt import GPT, add_model_flags, config_from_flags, model_flags, planned_changes
+from nanochat.gpt import GPT
+from nanochat.recipe import (add_model_flags, batch_size_flag, config_from_flags, model_flags, planned_changes,
+                             training_horizon)
 from nanochat.report import DEFAULT_GPU_HOUR_COST, find_metric, read_section_metrics, write_section
 
 # --gpu -> a device name that nanochat.common.gpu_peak_flops knows (dense bf16 datasheet peak): h100-pcie, rtx4090
@@ -72,8 +74,8 @@ def build_parser():
     g = p.add_argument_group("model (the flags of scripts.base_train)")
     g.add_argument("--vocab-size", type=positive_int, default=65536, help="tokenizer vocabulary")
     add_model_flags(g, with_depth=False)
-    g.add_argument("--target-param-data-ratio", type=positive_float, default=20.0, help="tokens per parameter")
-    g.add_argument("--total-batch-size", type=positive_int, default=524288, help="tokens per optimizer step")
+    g.add_argument("--target-param-data-ratio", type=positive_float, default=10.5, help="tokens per scaling parameter")
+    g.add_argument("--total-batch-size", type=batch_size_flag, default=-1, help="tokens per optimizer step (-1 = auto)")
     g = p.add_argument_group("data")
     g.add_argument("--chars-per-token", type=positive_float, default=None,
                    help="tokenizer compression (default: the report's tokenizer evaluation, else 4.8)")
@@ -129,9 +131,10 @@ def resolve_chars_per_token(flag):
 class Plan:
     depth: int
     config: object  # GPTConfig
-    params: dict  # embedding, head, attention, mlp, total
+    params: dict  # GPT.num_params_by_group
     flops_per_token: int
     kv_bytes_per_token: int
+    batch: int  # tokens per step
     steps: int
     tokens: int
     total_flops: float
@@ -145,14 +148,14 @@ def plan_config(args, config, peak_flops, chars_per_token):
     with torch.device("meta"):  # the model itself, without memory or weights
         model = GPT(config)
     params, flops_per_token = model.num_params_by_group(), model.estimate_flops()
-    # the horizon exactly as base_train sets it from --target-param-data-ratio
-    steps = max(1, round(args.target_param_data_ratio * params["total"] / args.total_batch_size))
-    tokens = steps * args.total_batch_size
+    # the horizon exactly as base_train sets it from --target-param-data-ratio and --total-batch-size
+    batch, steps = training_horizon(args, params["scaling"], flops_per_token, config.vocab_size)
+    tokens = steps * batch
     total_flops = flops_per_token * tokens
     hours = training_hours(total_flops, args.gpus, peak_flops, args.mfu)
     chars, shards = data_needed(tokens, chars_per_token, args.chars_per_shard)
     kv = kv_cache_bytes_per_token(config.n_layer, config.n_kv_head, config.head_dim)
-    return Plan(config.n_layer, config, params, flops_per_token, kv, steps, tokens, total_flops, hours,
+    return Plan(config.n_layer, config, params, flops_per_token, kv, batch, steps, tokens, total_flops, hours,
                 hours * args.gpus * args.gpu_hour_cost, chars, shards)
 
 
@@ -226,23 +229,27 @@ def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token
         f"(${args.hours * args.gpus * args.gpu_hour_cost:,.0f} at ${args.gpu_hour_cost:.2f}/GPU-hour); base training "
         f"gets {100 * (1 - args.reserve):.0f}% = {budget:.2f} h (--reserve {args.reserve:g} for tokenizer, evals, mid, SFT).",
         f"Assumptions: peak {peak_flops / 1e12:.0f} TFLOP/s per GPU (bf16 dense), MFU {args.mfu:g}, "
-        f"{args.target_param_data_ratio:g} tokens per parameter, {args.total_batch_size:,} tokens per step, "
+        f"{args.target_param_data_ratio:g} tokens per scaling parameter (blocks' matrices + head), "
+        + ("tokens per step from the token budget (2^19 x (D / D_d12)^0.383), " if args.total_batch_size == -1
+           else f"{args.total_batch_size:,} tokens per step, ") +
         f"{chars_per_token:g} chars/token from {cpt_source}, {human(args.chars_per_shard)} chars per shard, "
         f"KV cache in bf16.",
         "",
         "Model by depth (parameters from GPT.num_params_by_group, FLOPs from GPT.estimate_flops):",
         "",
-        table(["depth", "width", "heads q/kv", "embedding", "head", "attention", "mlp", "total", "FLOPs/token",
-               "KV/token", "KV/1024 seq"],
+        table(["depth", "width", "heads q/kv", "embedding", "head", "attention", "mlp", "value emb", "total", "scaling",
+               "FLOPs/token", "KV/token", "KV/1024 seq"],
               [[p.depth, p.config.n_embd, f"{p.config.n_head}/{p.config.n_kv_head}", human(p.params["embedding"]),
-                human(p.params["head"]), human(p.params["attention"]), human(p.params["mlp"]), human(p.params["total"]),
+                human(p.params["head"]), human(p.params["attention"]), human(p.params["mlp"]),
+                human(p.params["value_embeds"]), human(p.params["total"]), human(p.params["scaling"]),
                 f"{p.flops_per_token:.3g}", human_bytes(p.kv_bytes_per_token), human_bytes(1024 * p.kv_bytes_per_token)]
                for p in plans]),
         "",
         "Training at the data ratio:",
         "",
-        table(["depth", "steps", "tokens", "FLOPs", "hours", "cost", "chars", "shards", f"fits {budget:.2f} h"],
-              [[p.depth, f"{p.steps:,}", human(p.tokens), f"{p.total_flops:.3g}", f"{p.hours:.2f}", f"${p.cost:,.0f}",
+        table(["depth", "batch", "steps", "tokens", "FLOPs", "hours", "cost", "chars", "shards", f"fits {budget:.2f} h"],
+              [[p.depth, f"2^{round(math.log2(p.batch))}" if p.batch & (p.batch - 1) == 0 else f"{p.batch:,}",
+                f"{p.steps:,}", human(p.tokens), f"{p.total_flops:.3g}", f"{p.hours:.2f}", f"${p.cost:,.0f}",
                 human(p.chars), p.shards, "yes" if p.hours <= budget else "no"] for p in plans]),
     ]
     if invalid:
@@ -256,6 +263,11 @@ def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token
                 f"parameters, {human(chosen.tokens)} tokens, {chosen.hours:.2f} h, ${chosen.cost:,.0f}, "
                 f"{human(chosen.chars)} chars of text ({chosen.shards} reference shards).",
                 "", "    " + base_train_command(args, chosen.depth)]
+        if chosen.hours < 0.9 * budget:  # the depth grid left budget unused: more tokens at this depth can take it
+            fill = math.floor(10 * args.target_param_data_ratio * budget / chosen.hours) / 10  # hours scale with tokens
+            out += ["", f"Depth {chosen.depth} leaves {budget - chosen.hours:.2f} h of the {budget:.2f} h unused; "
+                        f"--target-param-data-ratio={fill:g} spends it on more tokens at this depth "
+                        f"({chosen.hours * fill / args.target_param_data_ratio:.2f} h)."]
     if comparison:
         depth = (chosen or plans[0]).depth
         ref = comparison[0][1]
@@ -277,8 +289,9 @@ def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token
                     "tied, seq 1024, MLP 3x, n_kv_head = n_head // 4, SiLU, softcap off, RoPE 100000):", "",
                 table(["architecture", "params", "Δ", "FLOPs/token", "Δ", "KV/token", "Δ", "tokens", "hours", "Δ"], rows)]
         out += [f"invalid at depth {depth}: {n}" for n in notes]
-    if args.total_batch_size % (args.max_seq_len * args.gpus):
-        out += ["", f"warning: --total-batch-size {args.total_batch_size} is not a multiple of --max-seq-len x --gpus "
+    batch = (chosen or plans[0]).batch
+    if batch % (args.max_seq_len * args.gpus):
+        out += ["", f"warning: {batch} tokens per step (--total-batch-size) is not a multiple of --max-seq-len x --gpus "
                     f"= {args.max_seq_len * args.gpus}; base_train will refuse it"]
     return "\n".join(out)
 

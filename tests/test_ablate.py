@@ -109,6 +109,13 @@ def test_flops_to_reach_takes_the_last_crossing_and_flat_ends():
         ablation.flops_to_reach([(0, 3.0), (10.0, 2.0)], 2.0)
 
 
+def test_loss_rise_is_the_largest_rise_over_the_running_minimum():
+    assert ablation.loss_rise([5.0, 4.0, 4.5, 3.0, 3.2]) == pytest.approx(0.5)
+    assert ablation.loss_rise([5.0, 4.0, 3.0]) == 0.0  # a falling loss never rises
+    assert ablation.loss_rise([5.0, 4.0, float("nan"), 3.0]) == math.inf  # a divergence is not a number to average
+    assert ablation.loss_rise([5.0, float("inf")]) == math.inf
+
+
 def test_mean_curve_averages_seeds_pointwise():
     assert ablation.mean_curve([[(0, 3.0), (5, 2.0)], [(0, 4.0), (5, 1.0)]]) == [(0, 3.5), (5, 1.5)]
     with pytest.raises(ValueError, match="different FLOPs"):
@@ -131,7 +138,7 @@ def fake_base_train(monkeypatch, seen, offsets):
     """Replace base_train.main: parse the flags with base_train's own parser, record the config per tag and
     write a power-law validation curve (FLOPs = 1e9 x step) shifted by offsets[label][seed - 42]."""
     from nanochat.checkpoint import checkpoints_root
-    from nanochat.gpt import config_from_flags
+    from nanochat.recipe import config_from_flags
     from scripts import base_train
 
     def fake_main(argv):
@@ -143,16 +150,19 @@ def fake_base_train(monkeypatch, seen, offsets):
         os.makedirs(run_dir, exist_ok=True)
         records = [{"step": s, "val_bpb": 10 * (1e9 * max(s, 1)) ** -0.1 + shift, "total_training_flops": 1e9 * s}
                    for s in range(0, 101, args.eval_every)]
+        # training losses falling 0.01 a step, with a spike of 0.3 at step 50: a rise of 0.29 over the running minimum
+        final = records[-1]["val_bpb"]
+        records += [{"step": s, "loss": 5 - 0.01 * s + 0.3 * (s == 50)} for s in range(1, 101)]
         with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in records)
-        return {"val_bpb": records[-1]["val_bpb"], "steps": 100}
+        return {"val_bpb": final, "steps": 100}
     monkeypatch.setattr(base_train, "main", fake_main)
 
 
 def test_each_variant_is_the_reference_plus_its_change_over_seeds(monkeypatch, base_dir):
     """ablate hands base_train its reference architecture flags (base_train's flags at tiny-scale defaults, here
     with --mlp-ratio=3.5) then the variant's change, once per seed; the reference is always run."""
-    from nanochat.gpt import config_from_flags, model_flags, planned_changes
+    from nanochat.recipe import config_from_flags, model_flags, planned_changes
     seen = {}
     shifts = {"reference": [0.0, 0.01, 0.02], "context 128": [0.5, 0.51, 0.52], "all together": [-0.011, 0.012, 0.017]}
     fake_base_train(monkeypatch, seen, shifts)
@@ -188,6 +198,7 @@ def test_each_variant_is_the_reference_plus_its_change_over_seeds(monkeypatch, b
                    "chat beyond noise", "compute multiplier"):
         assert column in header
     assert "| context 128 | `--max-seq-len=128` | 100 |" in out["table"] and "**yes, worse**" in out["table"]
+    assert by["all together"]["loss_rise"] == pytest.approx(0.29) and out["table"].splitlines()[-1].endswith("| 0.29 |")
     metrics = read_section_metrics("Ablation")
     assert metrics["reference"] == pytest.approx(final + 0.01) and metrics["reference multiplier"] == pytest.approx(1.0)
     # --from-runs rebuilds the same table from the recorded runs, without training
@@ -277,3 +288,45 @@ def test_conversation_metric_after_short_sft(tokenizer, base_dir, one_thread):
         assert len(chat["values"]) == 2 and all(0 < v < 20 for v in chat["values"])
         assert os.path.isdir(os.path.join(checkpoints_root("sft"), f"ablate-{label.lower()}-s42"))
     assert "p" in by["SiLU"]["chat_bpb"] and "chat bpb" in out["table"]
+
+
+def test_recipe_suite_pins_the_reference_recipe(monkeypatch, base_dir):
+    """--suite=recipe: every run gets the reference recipe's flags explicitly (so base_train's defaults may move to the
+    new recipe), each variant its change on top, "new recipe" all the marked ones; names carry the depth."""
+    from nanochat.recipe import RECIPE_CHANGES, REFERENCE_RECIPE, config_from_flags
+    from scripts import base_train
+    seen = {}
+
+    def fake_main(argv):
+        args = base_train.get_args(argv)
+        seen[args.model_tag] = args
+        run_dir = os.path.join(__import__("nanochat.checkpoint", fromlist=["x"]).checkpoints_root("base"), args.model_tag)
+        os.makedirs(run_dir, exist_ok=True)
+        shift = {"reference": 0.0}.get(args.model_tag.split("-s")[0].removeprefix("recipe-d4-"), -0.01) + 0.001 * args.seed
+        with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+            f.writelines(json.dumps({"step": s, "val_bpb": 3 - 0.01 * s + shift, "total_training_flops": 1e9 * s}) + "\n"
+                         for s in range(0, 41, 10))
+        return {"val_bpb": 3 - 0.4 + shift, "steps": 40}
+    monkeypatch.setattr(base_train, "main", fake_main)
+    out = ablate.main(["--suite=recipe", "--only=value embeddings|new recipe", "--seeds=2", "--sft-steps=0", "--eval-every=10"])
+    assert [r["label"] for r in out["variants"]] == ["reference", "value embeddings", "new recipe"]
+    ref, ve, new = (seen[f"recipe-d4-{k}-s42"] for k in ("reference", "value-embeddings", "new-recipe"))
+    for k, v in REFERENCE_RECIPE.items():
+        assert getattr(ref, k) == v, k
+    assert ve.value_embeds and not ref.value_embeds and ve.muon_ortho == "newton-schulz"
+    marked = {k: v for _, change, on in RECIPE_CHANGES if on for k, v in change.items()}
+    assert all(getattr(new, k) == v for k, v in marked.items()) and new.window_pattern == "L"
+    assert config_from_flags(new, 512).value_embeds and not config_from_flags(new, 512).residual_scalars
+    assert read_section_metrics("Recipe ablation d4")["reference"] == pytest.approx(2.6 + 0.0425)
+    assert os.path.exists(os.path.join(get_report_dir(), "_recipe-ablation-d4-runs.json"))
+    assert "ablate-reference-s42" not in seen  # the planned suite's runs are not touched
+    # --resume: the recorded runs with identical settings are kept, only the new variant trains
+    seen.clear()
+    again = ablate.main(["--suite=recipe", "--only=value embeddings|NorMuon", "--seeds=2", "--sft-steps=0",
+                         "--eval-every=10", "--resume"])
+    assert sorted(seen) == ["recipe-d4-normuon-s42", "recipe-d4-normuon-s43"]
+    assert [r["label"] for r in again["variants"]] == ["reference", "NorMuon", "value embeddings"]
+    assert again["variants"][2]["text_bpb"] == out["variants"][1]["text_bpb"]
+    seen.clear()  # other settings (here the evaluation interval) are other runs: trained again
+    ablate.main(["--suite=recipe", "--only=NorMuon", "--seeds=2", "--sft-steps=0", "--eval-every=20", "--resume"])
+    assert len(seen) == 4

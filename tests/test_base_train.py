@@ -43,11 +43,17 @@ def test_tiny_model_learns(tiny_checkpoint):
 
 SMALL = ["--depth=1", "--max-seq-len=32", "--device-batch-size=2", "--total-batch-size=128", "--eval-every=-1",
          "--eval-tokens=256", "--sample-every=-1"]
+# the late-2025 reference recipe, and every part of the 2026 one switched on over the defaults (a second layer so
+# that one of them has a sliding window)
+REFERENCE = ["--warmdown-ratio=0.2", "--final-lr-frac=0", "--muon-ortho=newton-schulz", "--normuon=false", "--muon-wd=0",
+             "--cautious-wd=false", "--wd-schedule=constant", "--residual-scalars=false", "--value-embeds=false"]
+RECIPE = ["--depth=2", "--warmup-steps=1", "--residual-scalars", "--value-embeds", "--window-pattern=SL"]
 
 
-def test_resume_matches_uninterrupted_run(tokenizer, base_dir, monkeypatch):
+@pytest.mark.parametrize("recipe", [REFERENCE, RECIPE], ids=["reference", "recipe"])
+def test_resume_matches_uninterrupted_run(tokenizer, base_dir, monkeypatch, recipe):
     monkeypatch.setenv("NANOCHAT_DTYPE", "fp32")  # bit-exact; bf16 kernels agree to ~1e-4 only
-    flags = SMALL + [f"--data={_spec()}", "--num-iterations=12", "--save-every=6"]
+    flags = SMALL + recipe + [f"--data={_spec()}", "--num-iterations=12", "--save-every=6"]
     base_train.main(flags + ["--model-tag=straight"])
     base_train.main(flags + ["--model-tag=resumed"])
     resumed = os.path.join(ck.checkpoints_root("base"), "resumed")
@@ -87,9 +93,10 @@ def test_sigkill_leaves_only_complete_checkpoints(tokenizer, base_dir):
     assert ck.find_last_step(ckpt_dir) == last + 2 and out["steps"] == last + 2
 
 
-def test_two_ranks_equal_one_rank_with_accumulation(tokenizer, base_dir):
+@pytest.mark.parametrize("recipe", [REFERENCE, RECIPE], ids=["reference", "recipe"])
+def test_two_ranks_equal_one_rank_with_accumulation(tokenizer, base_dir, recipe):
     """Same global batch split across 2 gloo ranks or across 2 accumulation steps: same model."""
-    common = SMALL + [f"--data={_spec()}", "--num-iterations=4", "--grad-clip=0.5"]
+    common = SMALL + recipe + [f"--data={_spec()}", "--num-iterations=4", "--grad-clip=0.5"]
     env = dict(os.environ, PYTHONPATH=REPO_ROOT, NANOCHAT_DTYPE="fp32", OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "scripts.base_train", *common, "--model-tag=one"],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=180)

@@ -22,7 +22,7 @@ def build(config, device="cpu", randomize=True, seed=0):
         with torch.no_grad():
             for p in model.parameters():
                 if (p == 0).all():
-                    p.normal_(0, 0.5 / math.sqrt(p.size(1)))
+                    p.normal_(0, 0.5 / math.sqrt(p.size(-1)))
     return model
 
 
@@ -55,7 +55,8 @@ def test_reference_param_count_and_savings():
     assert ref.n_layer == 20 and ref.n_embd == 1280 and ref.n_head == 10 and ref.vocab_size == 65536
     g = meta_params(ref)
     assert g["total"] == 560_988_160
-    assert g == dict(embedding=83_886_080, head=83_886_080, attention=131_072_000, mlp=262_144_000, total=560_988_160)
+    assert g == dict(embedding=83_886_080, head=83_886_080, attention=131_072_000, mlp=262_144_000, value_embeds=0,
+                     scalars=0, total=560_988_160, scaling=131_072_000 + 262_144_000 + 83_886_080)
     assert g["total"] - meta_params(GPTConfig(tie_embeddings=True))["total"] == 83_886_080
     assert g["total"] - meta_params(GPTConfig(mlp_ratio=3.0))["total"] == 65_536_000
     assert g["total"] - meta_params(GPTConfig(n_kv_head=2))["total"] == 52_428_800
@@ -130,15 +131,18 @@ def test_config_for_depth():
 
 
 def test_model_flags_round_trip(capsys):
-    """add_model_flags + config_from_flags: the defaults are the reference; every flag that is not part
+    """add_model_flags + config_from_flags: the defaults are the reference plus the 2026 recipe's value embeddings
+    (the reference itself with --value-embeds=false); every flag that is not part
     of the sizing rule lands in the GPTConfig field of its name; a config's flags written back out and
     parsed again give the same config; --kv-head-ratio rounds down to a divisor of n_head; bad values
     are errors that name the flag."""
     from nanochat.common import make_parser
-    from nanochat.gpt import MODEL_FLAGS, SIZING_FLAGS, add_model_flags, config_from_flags, model_flags
+    from nanochat.recipe import MODEL_FLAGS, SIZING_FLAGS, add_model_flags, config_from_flags, model_flags
     p = make_parser(None)
     assert tuple(add_model_flags(p)) == MODEL_FLAGS
-    assert config_from_flags(p.parse_args([]), 65536) == config_for_depth(20, 65536) == GPTConfig(vocab_size=65536)
+    assert config_from_flags(p.parse_args([]), 65536) == GPTConfig(vocab_size=65536, value_embeds=True)
+    assert config_from_flags(p.parse_args(["--value-embeds=false"]), 65536) == config_for_depth(20, 65536) == \
+        GPTConfig(vocab_size=65536)
     args = p.parse_args(["--depth=8", "--head-dim=64", "--max-seq-len=512", "--mlp-ratio=2.5", "--activation=gelu",
                          "--tie-embeddings", "--kv-head-ratio=3", "--softcap=0", "--rope-base=50000"])
     c = config_from_flags(args, 512)
@@ -163,7 +167,8 @@ def test_model_flags_round_trip(capsys):
     with pytest.raises(ValueError, match="n_embd"):
         model_flags(n_embd=128)
     for bad, flag in (("--n-kv-head=-1", "--n-kv-head"), ("--softcap=-1", "--softcap"), ("--mlp-ratio=0", "--mlp-ratio"),
-                      ("--rope-base=0", "--rope-base"), ("--activation=relu", "--activation"), ("--depth=0", "--depth")):
+                      ("--rope-base=0", "--rope-base"), ("--activation=relu", "--activation"), ("--depth=0", "--depth"),
+                      ("--window-pattern=SX", "--window-pattern"), ("--value-embeds=maybe", "--value-embeds")):
         with pytest.raises(SystemExit):
             p.parse_args([bad])
         assert flag in capsys.readouterr().err
@@ -172,7 +177,7 @@ def test_model_flags_round_trip(capsys):
 def test_planned_changes():
     """One declaration of the first user's planned changes: each alone over the reference, contexts
     as fractions of the reference context, "all together" the marked ones merged."""
-    from nanochat.gpt import MODEL_FLAGS, PLANNED_CHANGES, planned_changes
+    from nanochat.recipe import MODEL_FLAGS, PLANNED_CHANGES, planned_changes
     rows = planned_changes(2048, context_label="seq")
     assert [label for label, _ in rows] == ["tied embeddings", "seq 1024", "seq 512", "MLP 3x", "MLP 2.5x",
                                              "n_kv_head = n_head // 4", "GELU", "SiLU", "softcap off",

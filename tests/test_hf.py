@@ -251,10 +251,16 @@ def test_export_refuses_a_knob_without_counterpart(tokenizer):
 
     @dataclasses.dataclass
     class WithExtraKnob(GPTConfig):
-        value_embeddings: bool = False
+        extra_knob: bool = False
 
-    with pytest.raises(HFFormatError, match="GPTConfig.value_embeddings has no counterpart"):
-        hf_config(WithExtraKnob(vocab_size=tokenizer.get_vocab_size()), tokenizer, torch.float32)
+    V = tokenizer.get_vocab_size()
+    with pytest.raises(HFFormatError, match="GPTConfig.extra_knob=True has no counterpart"):
+        hf_config(WithExtraKnob(vocab_size=V, extra_knob=True), tokenizer, torch.float32)
+    assert "extra_knob" not in hf_config(WithExtraKnob(vocab_size=V), tokenizer, torch.float32)  # at its default: the model is NanoChat's
+    for knob in (dict(residual_scalars=True), dict(value_embeds=True), dict(window_pattern="SSSL")):
+        name = next(iter(knob))
+        with pytest.raises(HFFormatError, match=f"GPTConfig.{name}=.* has no counterpart.*--{name.replace('_', '-')}"):
+            hf_config(GPTConfig(vocab_size=V, **knob), tokenizer, torch.float32)
     with pytest.raises(HFFormatError, match="GPTConfig.activation='swiglu'"):
         hf_config(GPTConfig(vocab_size=tokenizer.get_vocab_size(), activation="swiglu"), tokenizer, torch.float32)
     with pytest.raises(HFFormatError, match="tokenizer has 4096 tokens, the model 5000"):
@@ -348,18 +354,23 @@ def test_import_reads_a_sharded_export(export_dir):
 
 
 def test_export_script_then_import_script_round_trip(tiny_checkpoint, tokenizer, tmp_path, monkeypatch):
-    """export_hf from the tiny base checkpoint (with --verify against transformers), the report card section,
-    greedy generation of the trained model in transformers vs our engine, then import_hf into a fresh base
-    dir: the imported checkpoint loads with load_model and holds exactly the original weights."""
+    """export_hf from a tiny base checkpoint trained without value embeddings (with --verify against transformers),
+    the report card section, greedy generation of the trained model in transformers vs our engine, then import_hf
+    into a fresh base dir: the imported checkpoint loads with load_model and holds exactly the original weights.
+    The default tiny checkpoint has value embeddings, which transformers' NanoChat lacks: refused, naming the flag."""
+    from conftest import FIXTURE_TEXT, TINY_TRAIN_FLAGS
     from nanochat.checkpoint import load_model
     from nanochat.engine import Engine
     from nanochat.report import get_report_dir
-    from scripts import export_hf, import_hf
+    from scripts import base_train, export_hf, import_hf
+    with pytest.raises(SystemExit, match="value_embeds=True has no counterpart.*--value-embeds"):
+        export_hf.main(["-i", "base", "-g", "tiny", "--out", str(tmp_path / "refused")])
+    base_train.main(TINY_TRAIN_FLAGS + [f"--data={FIXTURE_TEXT}", "--model-tag=tiny-hf", "--value-embeds=false"])
     out = tmp_path / "export"
-    result = export_hf.main(["-i", "base", "-g", "tiny", "--out", str(out), "--verify"])
+    result = export_hf.main(["-i", "base", "-g", "tiny-hf", "--out", str(out), "--verify"])
     assert result["verify_error"] < 1e-5 and result["step"] == 40
     assert str(out) in (open(os.path.join(get_report_dir(), "hugging-face-export.md")).read())
-    original, _, _ = load_model("base", "cpu", model_tag="tiny")
+    original, _, _ = load_model("base", "cpu", model_tag="tiny-hf")
 
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))

@@ -1,6 +1,7 @@
 """The budget planner: its figures are the model's own, its horizon is base_train's, its choice is
 the largest depth that fits, and bad flags are errors that name the flag."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -8,8 +9,9 @@ import sys
 import pytest
 import torch
 
-from nanochat import gpt
-from nanochat.gpt import GPT, config_from_flags
+from nanochat import recipe
+from nanochat.gpt import GPT
+from nanochat.recipe import config_from_flags
 from scripts import ablate, base_train, plan
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,17 +49,17 @@ def model_flag_actions(module, monkeypatch):
     made, real = [], module.make_parser
     monkeypatch.setattr(module, "make_parser", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     module.get_args([])
-    return {a.dest: a for a in made[0]._actions if a.dest in gpt.MODEL_FLAGS}
+    return {a.dest: a for a in made[0]._actions if a.dest in recipe.MODEL_FLAGS}
 
 
 def test_scripts_accept_the_same_architecture_flags(monkeypatch):
-    """base_train, plan and ablate take the architecture flags from nanochat.gpt.add_model_flags: the
+    """base_train, plan and ablate take the architecture flags from nanochat.recipe.add_model_flags: the
     same names, types, choices and help; plan sweeps --depths instead of --depth, ablate's defaults are
     its tiny scale."""
     spec = lambda a: (a.option_strings, a.type, a.choices, a.help, type(a))
     flags = {m.__name__: model_flag_actions(m, monkeypatch) for m in (base_train, plan, ablate)}
     ours, theirs, tiny = flags["scripts.base_train"], flags["scripts.plan"], flags["scripts.ablate"]
-    assert set(ours) == set(tiny) == set(gpt.MODEL_FLAGS) and set(theirs) == set(gpt.MODEL_FLAGS) - {"depth"}
+    assert set(ours) == set(tiny) == set(recipe.MODEL_FLAGS) and set(theirs) == set(recipe.MODEL_FLAGS) - {"depth"}
     for dest, action in ours.items():
         assert spec(action) == spec(tiny[dest]) and (dest == "depth" or spec(action) == spec(theirs[dest])), dest
         assert tiny[dest].default == ablate.TINY_SCALE.get(dest, action.default), dest
@@ -65,17 +67,17 @@ def test_scripts_accept_the_same_architecture_flags(monkeypatch):
 
 
 def test_plan_and_ablate_read_one_planned_changes_list(monkeypatch):
-    """The planner's comparison and the ablation's variants are nanochat.gpt.PLANNED_CHANGES: a change
+    """The planner's comparison and the ablation's variants are nanochat.recipe.PLANNED_CHANGES: a change
     added there shows up in both."""
     args = args_for()
     rows = plan.compare_changes(args, 20, H100, 4.8)
-    changes = gpt.planned_changes(2048, context_label="seq")
+    changes = recipe.planned_changes(2048, context_label="seq")
     assert [label for label, _ in rows] == ["reference"] + [label for label, _ in changes]
     for (label, p), (_, change) in zip(rows[1:], changes):
         assert p.config == plan.make_config(args, 20, **change), label
-    assert [label for label, _ in ablate.variants(256)] == ["reference"] + [label for label, _ in gpt.planned_changes(256)]
+    assert [label for label, _ in ablate.variants(256)] == ["reference"] + [label for label, _ in recipe.planned_changes(256)]
     extra = ("RoPE base 500000", dict(rope_base=500000.0), False)
-    monkeypatch.setattr(gpt, "PLANNED_CHANGES", gpt.PLANNED_CHANGES + (extra,))
+    monkeypatch.setattr(recipe, "PLANNED_CHANGES", recipe.PLANNED_CHANGES + (extra,))
     assert dict(plan.compare_changes(args, 20, H100, 4.8))["RoPE base 500000"].config.rope_base == 500000.0
     assert dict(ablate.variants(256))["RoPE base 500000"] == ["--rope-base=500000"]
 
@@ -94,14 +96,20 @@ def test_figures_are_the_models_own(depth, flags):
     assert p.params == params and p.flops_per_token == flops
     # and both agree with the closed form, so a silent change on either side shows up here
     c = p.config
-    attn = c.n_layer * (2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim)
+    ve_layers = (c.n_layer + 1) // 2  # every other layer counting back from the last (--value-embeds is on by default)
+    attn = c.n_layer * (2 * c.n_embd * c.n_embd + 2 * c.n_embd * c.n_kv_head * c.head_dim) + ve_layers * 32 * c.n_kv_head
     mlp = c.n_layer * 2 * c.n_embd * c.mlp_hidden_dim
     emb = c.vocab_size * c.n_embd
+    ve = ve_layers * c.vocab_size * c.n_kv_head * c.head_dim
     head = 0 if c.tie_embeddings else emb
-    assert params == dict(embedding=emb, head=head, attention=attn, mlp=mlp, total=emb + head + attn + mlp)
+    assert params == dict(embedding=emb, head=head, attention=attn, mlp=mlp, value_embeds=ve, scalars=0,
+                          total=emb + head + attn + mlp + ve, scaling=attn + mlp + emb)
     assert flops == 6 * (attn + mlp + emb) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
-    # horizon exactly as base_train computes it
-    assert p.steps == round(20 * params["total"] / 524288) and p.tokens == p.steps * 524288
+    # horizon exactly as base_train computes it: 10.5 tokens per scaling parameter, the batch from the power law
+    # anchored at the depth-12 model of the same flags (2^19 tokens at its own budget)
+    ref = model_counts(plan.make_config(args, 12))[0]["scaling"] * 10.5
+    batch = 2 ** round(math.log2(2 ** 19 * (10.5 * params["scaling"] / ref) ** 0.383))
+    assert p.batch == batch and p.steps == round(10.5 * params["scaling"] / batch) and p.tokens == p.steps * batch
     assert p.total_flops == flops * p.tokens
 
 
@@ -147,6 +155,20 @@ def test_chosen_depth_is_the_largest_that_fits():
     assert plan.choose_depth(out["plans"], 1e-9) is None
     # raise the budget by exactly the neighbour's hours: now it is chosen
     assert plan.choose_depth(out["plans"], above.hours).depth == chosen.depth + 1
+
+
+def test_unused_budget_is_offered_as_a_higher_data_ratio():
+    """A coarse depth grid leaves budget unused: the planner names the data ratio that spends it at the chosen depth
+    (hours scale with tokens), rounded down so it still fits; with the budget spent it says nothing."""
+    out = plan.main(["--depths=8,30", "--hours=5", "--report=false"])
+    chosen, budget = out["chosen"], 5 * (1 - 0.15)
+    assert chosen.depth == 8 and chosen.hours < 0.9 * budget
+    line = next(l for l in out["text"].splitlines() if "unused" in l)
+    ratio = float(line.split("--target-param-data-ratio=")[1].split()[0])
+    filled = plan.plan_config(args_for(f"--target-param-data-ratio={ratio}"), chosen.config, H100, 4.8)
+    assert 0.9 * budget < filled.hours <= budget
+    exact = plan.main(["--depths=8", f"--hours={chosen.hours / 0.85 * 1.01}", "--report=false"])
+    assert "unused" not in exact["text"]
 
 
 def test_nothing_fits_and_invalid_depths():

@@ -136,6 +136,13 @@ def test_setup_stage_optimizers_scales_every_rate():
     args = _parse(_stage_parser(), ["--init-lr-frac=0.5", "--weight-decay=0.1"])
     assert stage_cli.setup_stage_optimizers(Model(), args) == dict(
         unembedding_lr=0.002, embedding_lr=0.1, matrix_lr=0.01, weight_decay=0.1)
+    # base_train's Muon variants: --muon-wd is the decay summed over the run, lambda = W / (matrix LR x steps)
+    from scripts import base_train
+    args = base_train.get_args(["--matrix-lr=0.04", "--muon-wd=10", "--normuon", "--cautious-wd", "--muon-ortho=polar-express",
+                                "--scalar-lr=0.3"])
+    assert stage_cli.setup_stage_optimizers(Model(), args, num_iterations=500) == dict(
+        unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.04, weight_decay=0.0, muon_ortho="polar-express",
+        normuon_beta2=0.95, muon_weight_decay=pytest.approx(10 / (0.04 * 500)), cautious_wd=True, scalar_lr=0.3)
 
 
 def test_init_device_on_cpu():

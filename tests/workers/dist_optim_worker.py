@@ -20,6 +20,11 @@ CASES = {
     "tied_oddvocab": GPTConfig(sequence_len=16, vocab_size=63, n_layer=1, n_head=2, n_kv_head=2, n_embd=32,
                                tie_embeddings=True, mlp_ratio=3.0),
 }
+# Muon variants, all at once, set on the Muon param groups after setup_optimizers (which builds plain
+# Muon) the way a schedule changes group settings; cases not named here run plain Muon
+CASES["gqa_muon_variants"] = CASES["gqa_untied"]
+MUON_OPTIONS = {"gqa_muon_variants": dict(ortho="polar-express", normuon_beta2=0.95, weight_decay=0.1,
+                                          cautious_wd=True)}
 
 
 def make_model(config):
@@ -38,8 +43,10 @@ def make_batch(config, batch_size=4):
     return x, y
 
 
-def train(model, batch, steps=STEPS):
+def train(model, batch, steps=STEPS, muon_options=None):
     opts = model.setup_optimizers(weight_decay=0.1)
+    for group in opts[1].param_groups:
+        group.update(muon_options or {})
     for _ in range(steps):
         model(*batch).backward()
         for opt in opts:
@@ -64,9 +71,12 @@ def main():
         model = make_model(config)
         x, y = make_batch(config)
         rows = x.size(0) // world
-        opts = train(model, (x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]))
+        opts = train(model, (x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]),
+                     muon_options=MUON_OPTIONS.get(name))
         assert isinstance(opts[0], DistAdamW) and isinstance(opts[1], DistMuon)
-        torch.save(dict(params=model.state_dict(), states=[indexed_state(o) for o in opts]),
+        muon_settings = [{k: v for k, v in g.items() if k != "params"} for g in opts[1].param_groups]
+        torch.save(dict(params=model.state_dict(), states=[indexed_state(o) for o in opts],
+                        muon_settings=muon_settings),
                    os.path.join(out_dir, f"{name}_rank{rank}.pt"))
     compute_cleanup()
 
