@@ -119,9 +119,12 @@ def hf_config(config, tokenizer, dtype):
     tokenizer None (a benchmark's random model): no BOS / EOS ids."""
     unmapped = [f.name for f in fields(config) if f.name not in CONFIG_FIELDS and getattr(config, f.name) != f.default]
     if unmapped:
-        raise HFFormatError(f"GPTConfig.{unmapped[0]}={getattr(config, unmapped[0])!r} has no counterpart in transformers' "
+        name = unmapped[0]
+        default = next(f.default for f in fields(config) if f.name == name)
+        default = str(default).lower() if isinstance(default, bool) else default
+        raise HFFormatError(f"GPTConfig.{name}={getattr(config, name)!r} has no counterpart in transformers' "
                             f"NanoChatConfig: this model cannot be exported in the NanoChat format (train with "
-                            f"--{unmapped[0].replace('_', '-')} at its default to export)")
+                            f"--{name.replace('_', '-')}={default} to export)")
     if config.activation not in ACTIVATIONS:
         raise HFFormatError(f"GPTConfig.activation={config.activation!r} has no transformers activation "
                             f"(mapped: {sorted(ACTIVATIONS)})")
@@ -220,6 +223,7 @@ def export(state, config, tokenizer, out_dir, dtype=None):
     files = {TOKENIZER_FILE: tokenizer_json(tokenizer),
              TOKENIZER_CONFIG_FILE: tokenizer_config(tokenizer, config.sequence_len),
              GENERATION_FILE: generation_config(tokenizer, serve.temperature, serve.top_k, serve.max_tokens)}
+    hf_config(config, tokenizer, torch.float32)  # refuses a config the format cannot express, naming the flag
     tensors = to_hf_state(state, config, dtype)
     cfg = hf_config(config, tokenizer, next(iter(tensors.values())).dtype)
     os.makedirs(out_dir, exist_ok=True)

@@ -100,12 +100,14 @@ def test_rows_at_their_own_lengths_match_alone():
     cache.reserve(3, 32)
     for row, s in enumerate(seqs):  # prefill each row alone, then one batched decode step of one token each
         one = KVCache(1, 2, 32, m.config.head_dim, m.config.n_layer)
-        m(s[None, :-1], kv_cache=one)
+        with torch.no_grad():
+            m(s[None, :-1], kv_cache=one)
         cache.load_row(row, one)
     cache.begin(3, 1)
-    batched = m(torch.stack([s[-1:] for s in seqs]), kv_cache=cache)
-    for row, s in enumerate(seqs):
-        torch.testing.assert_close(batched[row, -1], m(s[None])[0, -1], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # as the engine runs it
+        batched = m(torch.stack([s[-1:] for s in seqs]), kv_cache=cache)
+        for row, s in enumerate(seqs):
+            torch.testing.assert_close(batched[row, -1], m(s[None])[0, -1], atol=1e-5, rtol=1e-5)
 
 
 def test_every_part_trains_and_gets_gradients():
@@ -169,7 +171,8 @@ def test_auto_batch_and_horizon():
     args = argparse.Namespace(**vars(model_flags(depth=4, head_dim=64)), target_param_data_ratio=10.5,
                               total_batch_size=-1, num_iterations=-1, target_flops=-1.0)
     with torch.device("meta"):
-        d12 = GPT(GPTConfig(vocab_size=1000, n_layer=12, n_head=12, n_kv_head=12, n_embd=768)).num_params_by_group()
+        d12 = GPT(GPTConfig(vocab_size=1000, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
+                            value_embeds=True)).num_params_by_group()  # the flags' default: the gates are matmuls
     assert reference_tokens(args, 1000) == 10.5 * d12["scaling"]
     batch, steps = training_horizon(args, 5e6, 3e7, 1000)
     assert batch == auto_batch_size(10.5 * 5e6, 10.5 * d12["scaling"]) and steps == round(10.5 * 5e6 / batch)
