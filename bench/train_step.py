@@ -24,11 +24,10 @@ import torch
 from nanochat.common import autocast_context, compute_init, make_parser, positive_int, str2bool, synchronize
 from nanochat.gpt import GPT
 from nanochat.recipe import MODEL_FLAGS, REFERENCE_RECIPE, config_from_flags, model_flags
+from scripts._cli import flag, setup_stage_optimizers
+from scripts.base_train import get_args as base_train_args
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-# Muon as base_train's defaults set it up (scripts/_cli.py: --muon-ortho, --normuon, --cautious-wd); the decay's
-# size does not change the work, so any nonzero lambda times it
-NEW_MUON = dict(muon_ortho="polar-express", normuon_beta2=0.95, muon_weight_decay=1e-3, cautious_wd=True)
 PEAK_H100_BF16 = 989e12  # H100/H200 SXM dense bf16, datasheet
 
 
@@ -83,7 +82,7 @@ def build_peer(config, device):
     return model, 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
 
-def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup, peer, log, muon=None):
+def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup, peer, log, train_args):
     """Per-step times for one (dtype, eager/compiled): ours with and without the optimizer step, and the
     peer's fwd+bwd. The three are timed round-robin, one call each per round, so a burst of load from
     other processes hits all of them alike; each gets its best (min) and median over the rounds."""
@@ -95,7 +94,7 @@ def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup
 
     model = build_ours(config, device)
     run = torch.compile(model, dynamic=False) if compiled else model
-    opts = model.setup_optimizers(**(muon or {}))
+    opts = setup_stage_optimizers(model, train_args, num_iterations=1000)  # the horizon sizes the decay, not the work
 
     def ours_fb():
         with ctx():
@@ -225,6 +224,9 @@ def main():
     compute_init(device.type)  # our scripts' process setup (CPU: malloc keeps freed memory; CUDA: tf32); the peer shares it
     # this bench's own flag names (--seq_len, --n_kv_head), the scripts' config rule; n_kv_head 0 = n_head
     reference = {k: v for k, v in REFERENCE_RECIPE.items() if k in MODEL_FLAGS} if args.recipe == "reference" else {}
+    # the optimizers exactly as base_train builds them from its own flags: its defaults, or the reference's values
+    train_args = base_train_args([flag(k, v) for k, v in REFERENCE_RECIPE.items()
+                                  if k not in MODEL_FLAGS] if args.recipe == "reference" else [])
     shape = model_flags(depth=args.depth, max_seq_len=args.seq_len, n_kv_head=args.n_kv_head or 0, **reference)
     try:
         config = config_from_flags(shape, args.vocab_size)
@@ -247,7 +249,7 @@ def main():
             while res is None:
                 try:
                     res = run_variant(config, device, d, m == "compiled", batch, args.rounds, args.warmup, args.peer, log,
-                                      NEW_MUON if args.recipe == "new" else None)
+                                      train_args)
                 except torch.OutOfMemoryError:
                     if batch == 1:
                         raise

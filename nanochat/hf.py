@@ -114,6 +114,10 @@ def from_hf_state(tensors, config, source):
 # config.json
 
 
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
 def hf_config(config, tokenizer, dtype):
     """config.json's contents for GPTConfig `config`. HFFormatError naming the knob the format cannot express.
     tokenizer None (a benchmark's random model): no BOS / EOS ids."""
@@ -132,7 +136,7 @@ def hf_config(config, tokenizer, dtype):
         raise HFFormatError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens, the model {config.vocab_size}")
     special = tokenizer.encode_special if tokenizer is not None else lambda name: None
     return {
-        "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "dtype": str(dtype).removeprefix("torch."),
+        "architectures": [ARCHITECTURE], "model_type": MODEL_TYPE, "dtype": _dtype_name(dtype),
         "vocab_size": config.vocab_size, "hidden_size": config.n_embd, "num_hidden_layers": config.n_layer,
         "num_attention_heads": config.n_head, "num_key_value_heads": config.n_kv_head,
         "intermediate_size": config.mlp_hidden_dim, "hidden_act": ACTIVATIONS[config.activation],
@@ -223,9 +227,9 @@ def export(state, config, tokenizer, out_dir, dtype=None):
     files = {TOKENIZER_FILE: tokenizer_json(tokenizer),
              TOKENIZER_CONFIG_FILE: tokenizer_config(tokenizer, config.sequence_len),
              GENERATION_FILE: generation_config(tokenizer, serve.temperature, serve.top_k, serve.max_tokens)}
-    hf_config(config, tokenizer, torch.float32)  # refuses a config the format cannot express, naming the flag
+    cfg = hf_config(config, tokenizer, dtype)  # refuses a config the format cannot express, naming the flag
     tensors = to_hf_state(state, config, dtype)
-    cfg = hf_config(config, tokenizer, next(iter(tensors.values())).dtype)
+    cfg["dtype"] = _dtype_name(next(iter(tensors.values())).dtype)  # dtype None: as stored, known only now
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, f".{WEIGHTS_FILE}.{os.getpid()}.tmp")
     try:

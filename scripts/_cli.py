@@ -27,6 +27,13 @@ def stage_error(message):
 # Flag groups
 
 
+def flag(dest, v):
+    """One flag as the stages' parsers read it, as people write it: --tie-embeddings=true, --mlp-ratio=3, 2.5."""
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    return f"--{dest.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
+
+
 def add_run_flags(parser, seed_help=None):
     parser.add_argument("--run", default="dummy", help="wandb run name ('dummy' = no wandb)")
     parser.add_argument("--device-type", default="", choices=["", "cuda", "mps", "cpu"], help="'' = autodetect")

@@ -32,15 +32,10 @@ from nanochat.ablation import (NOISE_P, compute_multiplier, loss_rise, mean_curv
 from nanochat.common import make_parser, non_negative_int, positive_float, positive_int, print0, str2bool
 from nanochat.recipe import MODEL_FLAGS, REFERENCE_RECIPE, add_model_flags, model_flags, planned_changes, recipe_changes
 
+from ._cli import flag
+
 TINY_SCALE = dict(depth=4, head_dim=64, max_seq_len=256)  # the ablation's reference architecture flags
 SUB_RUN_SECTIONS = ("Base model training", "Chat SFT")  # report sections each run rewrites; restored after
-
-
-def flag(dest, v):
-    """One flag as base_train's parser reads it, as people write it: --tie-embeddings=true, --mlp-ratio=3, 2.5."""
-    if isinstance(v, float) and v.is_integer():
-        v = int(v)
-    return f"--{dest.replace('_', '-')}={str(v).lower() if isinstance(v, bool) else v}"
 
 
 def variants(seq_len, reference=None, suite="planned"):
@@ -60,10 +55,12 @@ def variants(seq_len, reference=None, suite="planned"):
 
 def suite_names(args):
     """Where a suite's results go: (report section, runs record, plot, checkpoint tag prefix). The recipe suite is
-    run at several depths, so its names carry the depth."""
+    run at several depths, so its names carry the depth; the planned suite's do away from its tiny-scale depth."""
+    d = f"d{args.depth}"
     if args.suite == "recipe":
-        d = f"d{args.depth}"
         return f"Recipe ablation {d}", f"_recipe-ablation-{d}-runs.json", f"recipe-ablation-{d}.png", f"recipe-{d}"
+    if args.depth != TINY_SCALE["depth"]:
+        return f"Ablation {d}", f"_ablation-{d}-runs.json", f"ablation-{d}.png", f"ablate-{d}"
     return "Ablation", "_ablation-runs.json", "ablation.png", "ablate"
 
 

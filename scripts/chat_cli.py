@@ -9,6 +9,9 @@ In the interactive chat: `clear` (or /clear) starts a new conversation, `quit` /
 leaves; Ctrl-C during a reply stops the reply and keeps the session, Ctrl-C or Ctrl-D at the prompt leaves.
 The conversation is kept as tokens, so calculator calls and their outputs stay in it exactly as generated.
 """
+import signal
+import threading
+
 import torch
 
 from nanochat.common import autocast_context, get_compute_dtype, make_parser, non_negative_float, non_negative_int, positive_int
@@ -56,18 +59,30 @@ class Chat:
         gen = self.engine.generate(self.tokens, num_samples=1, max_tokens=a.max_tokens, temperature=a.temperature,
                                    top_k=a.top_k or None, seed=a.seed + self.replies)
         self.replies += 1
+        # Ctrl-C sets a flag the loop reads at each token, rather than raising KeyboardInterrupt wherever the
+        # interpreter happens to be: raised inside a finalizer (a freed tensor's, the generator's) Python prints
+        # "Exception ignored" and drops it, and the reply would run on to --max-tokens
+        interrupt = threading.Event()
+        in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupt.set()) if in_main else None
         try:
             # one autocast around the whole reply: the weights' casts are cached across tokens
             with autocast_context(self.device_type, get_compute_dtype(self.device_type)):
                 for column, _ in gen:
+                    if interrupt.is_set():
+                        break
                     if column[0] in self.engine.stop_tokens:
                         break
                     generated.append(column[0])
                     print(decoder.push(column[0]), end="", flush=True)
-        except KeyboardInterrupt:
-            stopped = " [stopped]"
+        except KeyboardInterrupt:  # a handler other than ours (not the main thread)
+            interrupt.set()
         finally:
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
             gen.close()  # frees the KV cache now
+        if interrupt.is_set():
+            stopped = " [stopped]"
         print(decoder.flush() + stopped, flush=True)
         self.tokens += generated + [self.assistant_end]
         return self.tokenizer.decode(generated)

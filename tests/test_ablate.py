@@ -9,7 +9,7 @@ import pytest
 
 from conftest import FIXTURE_CHAT, FIXTURE_TEXT, require_shared_data
 from nanochat import ablation
-from nanochat.report import get_report_dir, read_section_metrics, write_section
+from nanochat.report import get_report_dir, read_section_metrics, slugify, write_section
 from scripts import ablate
 
 # -----------------------------------------------------------------------------
@@ -256,24 +256,25 @@ def test_equal_flops_runs_over_seeds_and_report(tokenizer, base_dir, one_thread)
     from nanochat.checkpoint import checkpoints_root
     write_section("Base model training", "the user's own run", metrics={"val_bpb": 1.234})
     out = ablate.main(TINY + ["--only=context 32", "--sft-steps=0"])
+    section_title, _, plot, prefix = ablate.suite_names(ablate.get_args(TINY))  # the depth is in them (not 4)
     by = {r["label"]: r for r in out["variants"]}
     assert set(by) == {"reference", "context 32"}
     # equal FLOPs: the cheaper architecture gets at least as many steps; each seed has its own checkpoints
     assert by["context 32"]["steps"] >= by["reference"]["steps"] >= 4
     for label in ("reference", "context-32"):
         for seed in (42, 43):
-            assert os.path.exists(os.path.join(checkpoints_root("base"), f"ablate-{label}-s{seed}", "log.jsonl"))
+            assert os.path.exists(os.path.join(checkpoints_root("base"), f"{prefix}-{label}-s{seed}", "log.jsonl"))
     runs = out["runs"]["reference"]
     assert [r["seed"] for r in runs] == [42, 43] and runs[0]["text_bpb"] != runs[1]["text_bpb"]  # seeds differ
     assert by["reference"]["text_bpb"]["mean"] == pytest.approx(sum(r["text_bpb"] for r in runs) / 2)
     assert by["reference"]["multiplier"] == pytest.approx(1.0, abs=1e-9)
     assert len(by["reference"]["curve"]) >= 3 and by["reference"]["curve"][0][0] == 0
     assert math.isfinite(by["context 32"]["text_bpb"]["p"])
-    assert read_section_metrics("Ablation")["reference"] == pytest.approx(by["reference"]["text_bpb"]["mean"])
+    assert read_section_metrics(section_title)["reference"] == pytest.approx(by["reference"]["text_bpb"]["mean"])
     assert read_section_metrics("Base model training") == {"val_bpb": 1.234}  # the user's section is back
-    section = open(os.path.join(get_report_dir(), "ablation.md")).read()
+    section = open(os.path.join(get_report_dir(), f"{slugify(section_title)}.md")).read()
     assert "| context 32 |" in section and "paired t-test" in section
-    assert os.path.getsize(os.path.join(get_report_dir(), "ablation.png")) > 10_000
+    assert os.path.getsize(os.path.join(get_report_dir(), plot)) > 10_000
 
 
 def test_conversation_metric_after_short_sft(tokenizer, base_dir, one_thread):
@@ -282,11 +283,12 @@ def test_conversation_metric_after_short_sft(tokenizer, base_dir, one_thread):
     require_shared_data("chat", "sgd_dialogues.jsonl.gz")
     out = ablate.main(TINY + ["--only=SiLU", "--sft-steps=2", "--sft-examples-per-step=4",
                               f"--chat-data={os.path.join(FIXTURE_CHAT, 'questions.jsonl')}"])
+    prefix = ablate.suite_names(ablate.get_args(TINY))[3]
     by = {r["label"]: r for r in out["variants"]}
     for label in ("reference", "SiLU"):
         chat = by[label]["chat_bpb"]
         assert len(chat["values"]) == 2 and all(0 < v < 20 for v in chat["values"])
-        assert os.path.isdir(os.path.join(checkpoints_root("sft"), f"ablate-{label.lower()}-s42"))
+        assert os.path.isdir(os.path.join(checkpoints_root("sft"), f"{prefix}-{label.lower()}-s42"))
     assert "p" in by["SiLU"]["chat_bpb"] and "chat bpb" in out["table"]
 
 
@@ -330,3 +332,12 @@ def test_recipe_suite_pins_the_reference_recipe(monkeypatch, base_dir):
     seen.clear()  # other settings (here the evaluation interval) are other runs: trained again
     ablate.main(["--suite=recipe", "--only=NorMuon", "--seeds=2", "--sft-steps=0", "--eval-every=20", "--resume"])
     assert len(seen) == 4
+
+
+def test_each_suite_and_depth_keeps_its_own_record():
+    """A planned ablation at depth 6 must not --resume from (or overwrite) the depth-4 one, nor the recipe suite's."""
+    names = {(suite, depth): ablate.suite_names(ablate.get_args([f"--suite={suite}", f"--depth={depth}"]))
+             for suite in ("planned", "recipe") for depth in (4, 6)}
+    for i in range(4):  # section, record, plot and checkpoint prefix: each distinct per suite and depth
+        assert len({n[i] for n in names.values()}) == 4
+    assert names[("planned", 4)][1] == "_ablation-runs.json"  # the recorded depth-4 runs keep their name

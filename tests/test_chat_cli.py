@@ -59,7 +59,7 @@ def test_missing_checkpoint_and_bad_flags(tmp_path):
 
 
 class FakeEngine:
-    """Replies with `reply` token by token (then <|assistant_end|>); raises KeyboardInterrupt after
+    """Replies with `reply` token by token (then <|assistant_end|>); sends SIGINT after
     `interrupt_after` tokens. Records each prompt and whether the generator was closed."""
 
     def __init__(self, tok, reply, interrupt_after=None):
@@ -73,8 +73,11 @@ class FakeEngine:
         self.prompts.append(list(tokens))
         try:
             for n, t in enumerate(self.tok.encode(self.reply) + [self.end]):
-                if n == self.interrupt_after:
-                    raise KeyboardInterrupt
+                if n == self.interrupt_after:  # Ctrl-C, as the terminal delivers it (a handler-less thread: raise)
+                    if threading.current_thread() is threading.main_thread():
+                        signal.raise_signal(signal.SIGINT)
+                    else:
+                        raise KeyboardInterrupt
                 yield [t], [1]
         finally:
             self.closed += 1
