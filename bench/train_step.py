@@ -13,6 +13,7 @@ reference the late-2025 ones (nanochat.recipe.REFERENCE_RECIPE), whose model the
     python -m bench.train_step                      # CPU: depth 6, seq 512, fp32+bf16, eager+compiled
     python -m bench.train_step --dtypes=bf16 --modes=compiled --rounds=3   # quicker
     python -m bench.train_step --recipe=reference   # the late-2025 recipe's model and Muon
+    python -m bench.train_step --recipe=both --dtypes=bf16 --modes=compiled --peer=false   # new/reference step time
     python -m bench.train_step --gpu                # depth 20, seq 2048, bf16, compiled (< 3 min on one H100/H200)
 """
 import gc
@@ -82,37 +83,43 @@ def build_peer(config, device):
     return model, 6 * n + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
 
-def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup, peer, log, train_args):
+def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup, peer, log, train_args, others=None):
     """Per-step times for one (dtype, eager/compiled): ours with and without the optimizer step, and the
     peer's fwd+bwd. The three are timed round-robin, one call each per round, so a burst of load from
-    other processes hits all of them alike; each gets its best (min) and median over the rounds."""
+    other processes hits all of them alike; each gets its best (min) and median over the rounds.
+    others: {name: (config, train_args)} more of our models timed in the same rounds ("<name>_step", "<name>_fb")."""
     dtype = DTYPES[dtype_name]
     ctx = lambda: autocast_context(device.type, dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len), generator=g).to(device)
     y = torch.randint(0, config.vocab_size, (batch_size, config.sequence_len), generator=g).to(device)
 
-    model = build_ours(config, device)
-    run = torch.compile(model, dynamic=False) if compiled else model
-    opts = setup_stage_optimizers(model, train_args, num_iterations=1000)  # the horizon sizes the decay, not the work
+    def ours(config, train_args, name):
+        model = build_ours(config, device)
+        run = torch.compile(model, dynamic=False) if compiled else model
+        opts = setup_stage_optimizers(model, train_args, num_iterations=1000)  # the horizon sizes the decay, not the work
 
-    def ours_fb():
-        with ctx():
-            loss = run(x, y)
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        def fb():
+            with ctx():
+                loss = run(x, y)
+            loss.backward()
+            model.zero_grad(set_to_none=True)
 
-    def ours_step():
-        with ctx():
-            loss = run(x, y)
-        loss.backward()
-        for opt in opts:
-            opt.step()
-        model.zero_grad(set_to_none=True)
+        def step():
+            with ctx():
+                loss = run(x, y)
+            loss.backward()
+            for opt in opts:
+                opt.step()
+            model.zero_grad(set_to_none=True)
 
-    fns = {"ours_step": ours_step, "ours_fb": ours_fb}
-    out = {"flops_per_token": model.estimate_flops()}
-    log(f"  ours first fwd+bwd (incl. compile): {timed(ours_fb, device):.1f}s")
+        log(f"  {name} first fwd+bwd (incl. compile): {timed(fb, device):.1f}s")
+        return {f"{name}_step": step, f"{name}_fb": fb}, model.estimate_flops()
+
+    fns, flops = ours(config, train_args, "ours")
+    out = {"flops_per_token": flops}
+    for name, (c, a) in (others or {}).items():
+        fns.update(ours(c, a, name)[0])
     if peer:
         pmodel, out["peer_flops_per_token"] = build_peer(config, device)
         prun = torch.compile(pmodel, dynamic=False) if compiled else pmodel
@@ -199,8 +206,9 @@ def main():
     parser.add_argument("--peer", type=str2bool, default=None, help="time HF LlamaForCausalLM too (default: yes, no with --gpu)")
     parser.add_argument("--matmul_n", type=positive_int, default=2048, help="size of the ceiling matmul")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--recipe", default="new", choices=["new", "reference"],
-                        help="new: base_train's default model and Muon; reference: the late-2025 ones")
+    parser.add_argument("--recipe", default="new", choices=["new", "reference", "both"],
+                        help="new: base_train's default model and Muon; reference: the late-2025 ones; both: new, "
+                             "with the reference timed in the same rounds (their step-time ratio)")
     parser.add_argument("--loss_bench", type=str2bool, default=True, help="also time the head + softcapped loss alone")
     args = parser.parse_args()
 
@@ -223,15 +231,19 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     compute_init(device.type)  # our scripts' process setup (CPU: malloc keeps freed memory; CUDA: tf32); the peer shares it
     # this bench's own flag names (--seq_len, --n_kv_head), the scripts' config rule; n_kv_head 0 = n_head
-    reference = {k: v for k, v in REFERENCE_RECIPE.items() if k in MODEL_FLAGS} if args.recipe == "reference" else {}
-    # the optimizers exactly as base_train builds them from its own flags: its defaults, or the reference's values
-    train_args = base_train_args([flag(k, v) for k, v in REFERENCE_RECIPE.items()
-                                  if k not in MODEL_FLAGS] if args.recipe == "reference" else [])
-    shape = model_flags(depth=args.depth, max_seq_len=args.seq_len, n_kv_head=args.n_kv_head or 0, **reference)
-    try:
-        config = config_from_flags(shape, args.vocab_size)
-    except ValueError as e:
-        parser.error(str(e))
+    def recipe(reference):
+        """(GPTConfig, base_train's parsed flags) of the new recipe or the reference: the optimizers exactly as
+        base_train builds them from its own flags (its defaults, or the reference's values)."""
+        model = {k: v for k, v in REFERENCE_RECIPE.items() if k in MODEL_FLAGS} if reference else {}
+        train = base_train_args([flag(k, v) for k, v in REFERENCE_RECIPE.items() if k not in MODEL_FLAGS] if reference else [])
+        shape = model_flags(depth=args.depth, max_seq_len=args.seq_len, n_kv_head=args.n_kv_head or 0, **model)
+        try:
+            return config_from_flags(shape, args.vocab_size), train
+        except ValueError as e:
+            parser.error(str(e))
+
+    config, train_args = recipe(args.recipe == "reference")
+    others = {"reference": recipe(True)} if args.recipe == "both" else None
 
     log = lambda s: print(s, flush=True)
     log(f"device {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else f'{torch.get_num_threads()} threads'}), torch {torch.__version__}")
@@ -249,7 +261,7 @@ def main():
             while res is None:
                 try:
                     res = run_variant(config, device, d, m == "compiled", batch, args.rounds, args.warmup, args.peer, log,
-                                      train_args)
+                                      train_args, others)
                 except torch.OutOfMemoryError:
                     if batch == 1:
                         raise
@@ -283,6 +295,13 @@ def main():
             f"{fb_flops / 1e12:.3f} | {100 * fb_flops / ceiling:.1f}% | {100 * fb_flops / ceilings['bf16']:.1f}% | "
             + (f"{peer / 1e12:.3f} | {fb_flops / peer:.2f}x | " if peer else "- | - | ")
             + (f"{fb_flops / peer_eager[d]:.2f}x |" if d in peer_eager else "- |"))
+    if others:  # the same rounds, so the ratio is immune to the load that moves both
+        log("\n| dtype | mode | new/reference step time | new/reference fwd+bwd time | (best, median of rounds) |")
+        log("|---|---|---:|---:|---|")
+        for d, m, b, r in rows:
+            ratio = lambda k, q="": r[f"ours_{k}{q}"] / r[f"reference_{k}{q}"]
+            log(f"| {d} | {m} | {ratio('step'):.3f} | {ratio('fb'):.3f} | medians {ratio('step', '_median'):.3f}, "
+                f"{ratio('fb', '_median'):.3f} |")
     if args.loss_bench and not args.gpu:
         loss_bench(config, device, args.batch_size, args.rounds, log)
     if device.type == "cuda":
