@@ -62,9 +62,12 @@ class Chat:
         # Ctrl-C sets a flag the loop reads at each token, rather than raising KeyboardInterrupt wherever the
         # interpreter happens to be: raised inside a finalizer (a freed tensor's, the generator's) Python prints
         # "Exception ignored" and drops it, and the reply would run on to --max-tokens
+        # Only over Python's own Ctrl-C handler: signal handlers live in the main thread, and a SIGINT the shell
+        # ignores (a background job, nohup) stays ignored
         interrupt = threading.Event()
-        in_main = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-        previous = signal.signal(signal.SIGINT, lambda *_: interrupt.set()) if in_main else None
+        ours = (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupt.set()) if ours else None
         try:
             # one autocast around the whole reply: the weights' casts are cached across tokens
             with autocast_context(self.device_type, get_compute_dtype(self.device_type)):
@@ -78,7 +81,7 @@ class Chat:
         except KeyboardInterrupt:  # a handler other than ours (not the main thread)
             interrupt.set()
         finally:
-            if in_main:
+            if ours:
                 signal.signal(signal.SIGINT, previous)
             gen.close()  # frees the KV cache now
         if interrupt.is_set():

@@ -104,7 +104,14 @@ def test_multi_turn_tokens_clear_and_ctrl_c(tokenizer, capsys):
     assert out.count("Fine, thanks! \u00e9t\u00e9\n") == 3
 
     engine.interrupt_after = 3  # Ctrl-C during the reply: partial reply kept, session goes on
-    partial = chat.reply("Tell me more")
+    # Python's own Ctrl-C handler, as in a terminal (a test run launched in the background inherits SIGINT ignored)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
+    try:
+        partial = chat.reply("Tell me more")
+    finally:
+        if in_main:
+            signal.signal(signal.SIGINT, previous)
     assert partial == tok.decode(tok.encode(engine.reply)[:3]) and "[stopped]" in capsys.readouterr().out
     assert chat.tokens[-4:] == tok.encode(engine.reply)[:3] + [s("<|assistant_end|>")]
     assert engine.closed == 4
@@ -155,7 +162,10 @@ def test_ctrl_c_stops_a_reply_but_not_the_session(tokenizer, tmp_path):
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-m", "scripts.chat_cli", "-i", "sft", "--device-type", "cpu",
                              "--temperature", "0", "--max-tokens", "1000000"], cwd=REPO_ROOT, env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            # SIGINT as a terminal's foreground job has it: a CI launched in the background passes
+                            # it on ignored, and an ignored Ctrl-C (rightly) stops nothing
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     out = Reader(proc.stdout)
     try:
         out.wait_for(lambda t: "User: " in t, "the first prompt")
