@@ -87,7 +87,8 @@ def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup
     """Per-step times for one (dtype, eager/compiled): ours with and without the optimizer step, and the
     peer's fwd+bwd. The three are timed round-robin, one call each per round, so a burst of load from
     other processes hits all of them alike; each gets its best (min) and median over the rounds.
-    others: {name: (config, train_args)} more of our models timed in the same rounds ("<name>_step", "<name>_fb")."""
+    others: {name: (config, train_args)} more of our models timed in the same rounds ("<name>_step", "<name>_fb"), and
+    then each model's optimizer step alone too ("<name>_opt")."""
     dtype = DTYPES[dtype_name]
     ctx = lambda: autocast_context(device.type, dtype)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -114,7 +115,22 @@ def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup
             model.zero_grad(set_to_none=True)
 
         log(f"  {name} first fwd+bwd (incl. compile): {timed(fb, device):.1f}s")
-        return {f"{name}_step": step, f"{name}_fb": fb}, model.estimate_flops()
+        fns = {f"{name}_step": step, f"{name}_fb": fb}
+        if not others:
+            return fns, model.estimate_flops()
+        with ctx():
+            run(x, y).backward()
+        grads = {p: p.grad for p in model.parameters()}  # one fwd+bwd's, given to every opt() call
+        model.zero_grad(set_to_none=True)
+
+        def opt():  # the optimizer step alone (the single-process optimizers leave .grad as it is)
+            for p, g in grads.items():
+                p.grad = g
+            for o in opts:
+                o.step()
+            model.zero_grad(set_to_none=True)  # the next fwd+bwd must not add into the kept gradients
+
+        return fns | {f"{name}_opt": opt}, model.estimate_flops()
 
     fns, flops = ours(config, train_args, "ours")
     out = {"flops_per_token": flops}
@@ -296,12 +312,14 @@ def main():
             + (f"{peer / 1e12:.3f} | {fb_flops / peer:.2f}x | " if peer else "- | - | ")
             + (f"{fb_flops / peer_eager[d]:.2f}x |" if d in peer_eager else "- |"))
     if others:  # the same rounds, so the ratio is immune to the load that moves both
-        log("\n| dtype | mode | new/reference step time | new/reference fwd+bwd time | (best, median of rounds) |")
-        log("|---|---|---:|---:|---|")
+        log("\n| dtype | mode | new/reference step time | new/reference fwd+bwd time | new/reference optimizer step "
+            "| optimizer step new, reference s | (best, median of rounds) |")
+        log("|---|---|---:|---:|---:|---:|---|")
         for d, m, b, r in rows:
             ratio = lambda k, q="": r[f"ours_{k}{q}"] / r[f"reference_{k}{q}"]
-            log(f"| {d} | {m} | {ratio('step'):.3f} | {ratio('fb'):.3f} | medians {ratio('step', '_median'):.3f}, "
-                f"{ratio('fb', '_median'):.3f} |")
+            log(f"| {d} | {m} | {ratio('step'):.3f} | {ratio('fb'):.3f} | {ratio('opt'):.3f} | {r['ours_opt']:.3f}, "
+                f"{r['reference_opt']:.3f} | medians {ratio('step', '_median'):.3f}, {ratio('fb', '_median'):.3f}, "
+                f"{ratio('opt', '_median'):.3f} |")
     if args.loss_bench and not args.gpu:
         loss_bench(config, device, args.batch_size, args.rounds, log)
     if device.type == "cuda":

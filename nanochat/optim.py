@@ -30,6 +30,7 @@ collectives). After step() the local .grad tensors hold partial sums: zero them 
 """
 import torch
 import torch.distributed as dist
+from torch.optim.adamw import adamw as functional_adamw
 
 # reduce_scatter_tensor / all_gather_into_tensor are deprecated in newer torch in favour of *_single
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -39,20 +40,27 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 # -----------------------------------------------------------------------------
 # AdamW
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW kernel
+
+
 @torch.no_grad()
-def adamw_update(p, grad, state, group):
-    """One AdamW step on p (a parameter or a shard of one), decoupled weight decay, at its group's settings."""
-    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-    if not state:
-        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-    state["step"] += 1
-    t, exp_avg, exp_avg_sq = state["step"], state["exp_avg"], state["exp_avg_sq"]
-    if weight_decay:
-        p.mul_(1 - lr * weight_decay)
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq / (1 - beta2 ** t)).sqrt_().add_(eps)
-    p.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1 ** t))
+def adamw_update(params, grads, states, group):
+    """One AdamW step (decoupled weight decay: p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)) on these
+    parameters (or shards of them) at their group's settings, through torch's functional AdamW: its fused
+    kernel on CPU and CUDA makes one pass over each tensor where the textbook form makes eight (on the
+    value-embedding tables, 4 x 8192 x 384, 3.3x faster than that form on CPU). State per tensor: "exp_avg",
+    "exp_avg_sq" and "step" (a float32 0-d tensor on the parameter's device, as the fused kernel wants; a
+    checkpoint from before kept an int, converted here)."""
+    for p, st in zip(params, states):
+        if not st:
+            st.update(step=torch.zeros((), dtype=torch.float32, device=p.device),
+                      exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        elif not torch.is_tensor(st["step"]) or st["step"].device != p.device:
+            st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
+    (beta1, beta2), fused = group["betas"], all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
+    functional_adamw(list(params), list(grads), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                     [], [st["step"] for st in states], foreach=False, fused=fused, amsgrad=False, beta1=beta1,
+                     beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -62,9 +70,9 @@ class AdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    adamw_update(p, p.grad, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                adamw_update(params, [p.grad for p in params], [self.state[p] for p in params], group)
 
 
 class DistAdamW(AdamW):
@@ -89,11 +97,11 @@ class DistAdamW(AdamW):
             if owner is None:
                 rows = p.size(0) // world
                 p_shard = p.data[rank * rows:(rank + 1) * rows]
-                adamw_update(p_shard, grad.div_(world), self.state[p], group)
+                adamw_update([p_shard], [grad.div_(world)], [self.state[p]], group)
                 gathers.append(_all_gather(p.data, p_shard, async_op=True))  # in place: p_shard is a view of p
             else:
                 if owner == rank:
-                    adamw_update(p.data, grad.div_(world), self.state[p], group)
+                    adamw_update([p.data], [grad.div_(world)], [self.state[p]], group)
                 gathers.append(dist.broadcast(p.data, src=owner, async_op=True))
         for work in gathers:
             work.wait()
@@ -165,7 +173,8 @@ def orthogonalize(G, steps=5, method="newton-schulz"):
 @torch.no_grad()
 def normuon_scale(O, states, beta2, eps=1e-10):
     """NorMuon (Li et al. 2025, arXiv 2510.05491): per-neuron adaptive scale of the orthogonalized
-    update O, a stack (n, rows, cols); returns the rescaled stack in fp32.
+    update O, a stack (n, rows, cols); returns the fp32 factors to multiply it by, (n, rows, 1) or (n, 1, cols)
+    (muon_apply folds them into the parameter update, so the rescaled stack is never materialised).
 
     One second-moment value per row when rows >= cols, else per column (as upstream nanochat), i.e.
     per entry of the larger dimension, averaging O^2 along the smaller one. The other choice would do
@@ -174,17 +183,19 @@ def normuon_scale(O, states, beta2, eps=1e-10):
     states[i]["second_moment"] (fp32, (rows, 1) or (1, cols)) keeps v = beta2 v + (1 - beta2) m, and
     O_hat = O / sqrt(v + eps), rescaled to O's Frobenius norm so the learning rate keeps its meaning:
     only the distribution across neurons changes. No bias correction: with v starting at 0 it is v's
-    true value times (1 - beta2^t), one scalar for every neuron, which the rescale to ||O|| cancels."""
-    O = O.float()
+    true value times (1 - beta2^t), one scalar for every neuron, which the rescale to ||O|| cancels.
+    One pass over O: the squared norms of its slices give m and both Frobenius norms
+    (||O_hat||^2 = sum of the slices' squared norms times their factor squared)."""
     dim = -1 if O.size(-2) >= O.size(-1) else -2
-    mean_sq = O.square().mean(dim=dim, keepdim=True)  # (n, rows, 1) or (n, 1, cols)
-    for st, m in zip(states, mean_sq):
+    sum_sq = torch.linalg.vector_norm(O, dim=dim, keepdim=True, dtype=torch.float32).square()  # (n, rows, 1) or (n, 1, cols)
+    for st, m in zip(states, sum_sq / O.size(dim)):
         if "second_moment" not in st:
             st["second_moment"] = torch.zeros_like(m)
         st["second_moment"].lerp_(m, 1 - beta2)
-    O_hat = O * (torch.stack([st["second_moment"] for st in states]) + eps).rsqrt()
-    norm_ratio = O.norm(dim=(-2, -1), keepdim=True) / O_hat.norm(dim=(-2, -1), keepdim=True).clamp_min(eps)
-    return O_hat * norm_ratio
+    scale = (torch.stack([st["second_moment"] for st in states]) + eps).rsqrt()
+    norm_ratio = (sum_sq.sum(dim=(-2, -1), keepdim=True).sqrt()
+                  / (sum_sq * scale.square()).sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(eps))
+    return scale * norm_ratio
 
 
 @torch.no_grad()
@@ -195,7 +206,9 @@ def muon_apply(params, grads, states, group):
     between steps. Weight decay uses the weights before this step's update (as AdamW here):
     p <- p - lr * wd * mask * p - lr * u, with u = sqrt(max(1, rows/cols)) * O the update direction and
     mask = 1, or with cautious_wd (Chen et al. 2025, arXiv 2510.12402) mask = (u * p > 0): decay only
-    the entries the update already moves towards zero."""
+    the entries the update already moves towards zero. The per-parameter tail is written for few passes
+    over memory (the bf16 update added into p as it is, the NorMuon factors and the 0/1 mask folded into
+    addcmul_): on CPU these elementwise passes, not the matmuls, are what the variants add to a step."""
     by_shape, momentum = {}, group["momentum"]
     lr, wd, beta2 = group["lr"], group["weight_decay"], group["normuon_beta2"]
     for p, g, st in zip(params, grads, states):
@@ -207,17 +220,19 @@ def muon_apply(params, grads, states, group):
         by_shape.setdefault(tuple(p.shape), []).append((p, update, st))
     for (rows, cols), items in by_shape.items():
         ortho = orthogonalize(torch.stack([u for _, u, _ in items]), group["ns_steps"], group["ortho"])
-        if beta2:
-            ortho = normuon_scale(ortho, [st for _, _, st in items], beta2)
+        scale = normuon_scale(ortho, [st for _, _, st in items], beta2) if beta2 else None
         # an orthogonal update has RMS ~1/sqrt(max dim); tall matrices get sqrt(rows/cols) more
         alpha = -lr * max(1.0, rows / cols) ** 0.5
-        for (p, _, _), o in zip(items, ortho):
-            o = o.to(p.dtype)
-            if wd and group["cautious_wd"]:
-                p.sub_(p * (o * p > 0), alpha=lr * wd)  # sign(u) = sign(o): the scale is positive
+        for i, (p, _, _) in enumerate(items):
+            o = ortho[i]
+            if wd and group["cautious_wd"]:  # sign(u) = sign(o): the scales are positive
+                p.addcmul_(p, torch.mul(o, p).gt_(0), value=-lr * wd)
             elif wd:
                 p.mul_(1 - lr * wd)
-            p.add_(o, alpha=alpha)
+            if scale is None:
+                p.add_(o, alpha=alpha)
+            else:
+                p.addcmul_(o, scale[i], value=alpha)
 
 
 MUON_VARIANT_DEFAULTS = dict(ortho="newton-schulz", normuon_beta2=0.0, weight_decay=0.0, cautious_wd=False)

@@ -163,7 +163,7 @@ def test_normuon_scales_down_neurons_with_large_second_moment(shape):
     base[: n // 4] *= 100.0
     v0 = base.view(-1, 1) if neuron_dim == -2 else base.view(1, -1)
     states = [dict(second_moment=v0.clone()) for _ in range(2)]
-    out = normuon_scale(O, states, beta2=0.9)
+    out = O.float() * normuon_scale(O, states, beta2=0.9)
     ratio = out.norm(dim=other) / O.float().norm(dim=other)  # (2, n): each neuron's scale
     assert ratio[:, : n // 4].max() < 0.4 * ratio[:, n // 4:].min()
     v_new = torch.stack([st["second_moment"].flatten() for st in states])
@@ -171,7 +171,7 @@ def test_normuon_scales_down_neurons_with_large_second_moment(shape):
     product = ratio * v_new.sqrt()
     assert (product.std(dim=1) / product.mean(dim=1)).max() < 1e-3
     torch.testing.assert_close(out.norm(dim=(-2, -1)), O.float().norm(dim=(-2, -1)))
-    first = [normuon_scale(O, [{}, {}], beta2=beta2) for beta2 in (0.95, 0.0)]
+    first = [O.float() * normuon_scale(O, [{}, {}], beta2=beta2) for beta2 in (0.95, 0.0)]
     torch.testing.assert_close(first[0], first[1], rtol=1e-5, atol=1e-6)
 
 
@@ -222,6 +222,19 @@ def test_adamw_matches_torch():
         a.grad, b.grad = g.clone(), g.clone()
         ours.step()
         ref.step()
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    # a checkpoint from before the fused step kept "step" as an int: it resumes where it stopped
+    saved = ours.state_dict()
+    assert saved["state"][0]["step"].dtype == torch.float32 and saved["state"][0]["step"].item() == 5
+    saved["state"][0]["step"] = 5
+    resumed = AdamW([a], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    resumed.load_state_dict(saved)
+    for _ in range(3):
+        g = torch.randn(8, 5)
+        a.grad, b.grad = g.clone(), g.clone()
+        resumed.step()
+        ref.step()
+    assert resumed.state[a]["step"].item() == 8
     torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
