@@ -9,14 +9,14 @@ Continuous batching: one model replica decodes all of its active requests togeth
     request.finish_reason                   # "stop", "length" or "cancelled"
 
 Each step: cancelled requests leave (their cache row is reused at once); waiting requests are admitted in
-FIFO order while they fit (each prompt is prefilled alone at batch 1, exactly as Engine.generate does, and
-copied into a free row) and take their first token; then one forward feeds every other request's newest
-token and they take their next. Every request samples from its own logits, with its own sampling settings
+FIFO order while they fit (their prompts prefilled together in one forward, right-padded to the longest,
+straight into free rows, each row's logits taken at its own last token) and take their first token; then
+one forward feeds every other request's newest token and they take their next. Every request samples from its own logits, with its own sampling settings
 and random generator (so its tokens are what Engine.generate gives it alone, with the same seed) and its own
 calculator state machine (Engine's RowState); finished requests leave, and the tokens are returned at once
 (the forward that feeds them is the next step's). The new requests' first tokens can be handed out before
-the batch's forward (on_first_tokens), so that a request arriving at a full batch waits for its own prefill,
-not for a decode step as well.
+the batch's forward (on_first_tokens), so that a request arriving at a full batch waits for the one prefill
+of those admitted with it, not for a decode step as well (nor for a prefill per request before it).
 
 The cache (RowKVCache) is one tensor with a row per active request and a length per row: row b attends to
 its own first lengths[b] positions through a boolean mask, and its rotary positions start at lengths[b].
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_context, get_compute_dtype
-from nanochat.engine import GREEDY_BELOW_TEMPERATURE, KVCache, RowState, filtered_probs
+from nanochat.engine import GREEDY_BELOW_TEMPERATURE, RowState, filtered_probs
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class RowKVCache:
         self._set_buffer(torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device))
         self.lengths = []
         self.row_mask = None
-        self._n = self._t = 0
+        self._rows, self._t = range(0), 0
 
     @property
     def rows(self):
@@ -82,29 +82,26 @@ class RowKVCache:
         self.layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.size(0))]
         self.flat = [(k.view(-1, k.size(-1)), v.view(-1, v.size(-1))) for k, v in self.layers]
 
-    def load_row(self, row, cache):
-        """Copy a batch-1 KVCache (a prefilled prompt) into `row` (reserved already)."""
-        self.kv[:, :, row, :, :cache.pos] = cache.kv[:, :, 0, :, :cache.pos]
-        self.lengths[row] = cache.pos
-
     def move_row(self, src, dst):
         n = self.lengths[src]
         self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
-    def begin(self, n, t):
-        """Rows [0, n) get t tokens in the next forward: their positions, where their keys go, and the mask
-        letting row b's query i see keys [0, lengths[b] + i]."""
-        self._n, self._t = n, t
-        if n > self.rows or max(self.lengths[:n]) + t > self.capacity:
+    def begin(self, n, t, start=0):
+        """Rows [start, start + n) get t tokens each in the next forward: their positions, where their keys go,
+        and the mask letting row b's query i see keys [0, lengths[b] + i]. (start > 0: prompts prefilled into
+        fresh rows while the rows before them wait.)"""
+        rows = range(start, start + n)
+        self._rows, self._t = rows, t
+        if start + n > self.rows or max(self.lengths[b] for b in rows) + t > self.capacity:
             raise RuntimeError("RowKVCache.begin: the rows outgrew their reservation")
         H, T = self.shape[2], self.capacity
-        self._pos = torch.tensor(self.lengths[:n], device=self.device)
+        self._pos = torch.tensor(self.lengths[start:start + n], device=self.device)
         write = self._pos[:, None] + torch.arange(t, device=self.device)  # (n, t) positions written
         # row b, head h, token i goes to flat row (b * H + h) * T + write[b, i] of a layer's (rows * H * T, D)
-        base = (torch.arange(n, device=self.device)[:, None] * H + torch.arange(H, device=self.device)) * T
+        base = (torch.arange(start, start + n, device=self.device)[:, None] * H + torch.arange(H, device=self.device)) * T
         self._index = (base[:, :, None] + write[:, None, :]).reshape(-1)
-        self._end = max(self.lengths[:n]) + t
+        self._end = int(self._pos.max()) + t
         keys = torch.arange(self._end, device=self.device)
         self.row_mask = keys[None, None, None, :] <= write[:, None, :, None]  # (n, 1, t, end)
 
@@ -112,17 +109,18 @@ class RowKVCache:
         return self._pos
 
     def insert_kv(self, layer_idx, k, v):
-        """k, v: (n, H, t, D) for rows [0, n); returns (n, H, end, D) views over every row's positions so far
-        (beyond a row's length: stale values, masked out)."""
-        n, D = self._n, self.shape[3]
+        """k, v: (n, H, t, D) for the rows begin() named; returns (n, H, end, D) views over those rows' positions
+        so far (beyond a row's length: stale values, masked out)."""
+        D = self.shape[3]
         flat_keys, flat_values = self.flat[layer_idx]
         flat_keys.index_copy_(0, self._index, k.reshape(-1, D).to(self.dtype))
         flat_values.index_copy_(0, self._index, v.reshape(-1, D).to(self.dtype))
         if layer_idx == self.shape[0] - 1:
-            for b in range(n):
+            for b in self._rows:
                 self.lengths[b] += self._t
         keys, values = self.layers[layer_idx]
-        return keys[:n, :, :self._end], values[:n, :, :self._end]
+        rows = slice(self._rows.start, self._rows.stop)
+        return keys[rows, :, :self._end], values[rows, :, :self._end]
 
 
 @dataclass(eq=False)
@@ -176,8 +174,6 @@ class BatchScheduler:
         self.compute_dtype = get_compute_dtype(self.device.type)
         cache_dtype = weight.dtype if self.compute_dtype == torch.float32 else self.compute_dtype  # as Engine
         self.cache = RowKVCache(config.n_kv_head, config.head_dim, config.n_layer, cache_dtype, self.device)
-        self.new_prompt_cache = lambda length: KVCache(1, config.n_kv_head, length, config.head_dim, config.n_layer,
-                                                       dtype=cache_dtype, device=self.device)
         self.waiting, self.active = deque(), []  # active[b] holds cache row b
         self.on_first_tokens = None  # see step()
         if engine.compile:
@@ -222,22 +218,34 @@ class BatchScheduler:
         self.active.pop()
 
     def _admit(self):
-        """Waiting requests that fit, in order (the first that does not fit blocks the rest: no starvation)."""
-        while self.waiting and len(self.active) < self.max_batch:
+        """Waiting requests that fit, in order (the first that does not fit blocks the rest: no starvation),
+        prefilled together: one forward over their prompts, right-padded to the longest, in fresh rows."""
+        new = []
+        while self.waiting and len(self.active) + len(new) < self.max_batch:
             request = self.waiting[0]
             if request.cancelled:
                 self.waiting.popleft().finish_reason = "cancelled"
                 continue
-            longest = max([request.reserved] + [r.reserved for r in self.active])
-            if (len(self.active) + 1) * longest > self.max_cached_tokens:
-                return
+            rows = len(self.active) + len(new) + 1
+            longest = max(r.reserved for r in self.active + new + [request])
+            if rows * longest > self.max_cached_tokens:
+                break
             self.waiting.popleft()
-            self.cache.reserve(len(self.active) + 1, longest)
-            prompt_cache = self.new_prompt_cache(len(request.tokens))
-            ids = torch.tensor([request.tokens], dtype=torch.long, device=self.device)
-            request.logits = self._forward(ids, prompt_cache, last_only=True)
-            self.cache.load_row(len(self.active), prompt_cache)
-            self.active.append(request)
+            self.cache.reserve(rows, longest)
+            new.append(request)
+        if not new:
+            return
+        lengths = [len(r.tokens) for r in new]
+        ids = torch.zeros(len(new), max(lengths), dtype=torch.long, device=self.device)
+        for i, request in enumerate(new):
+            ids[i, :lengths[i]] = torch.tensor(request.tokens, dtype=torch.long)
+        start = len(self.active)
+        self.cache.begin(len(new), max(lengths), start=start)
+        logits = self._forward(ids, self.cache, last_only=torch.tensor(lengths, device=self.device) - 1)
+        for i, request in enumerate(new):
+            self.cache.lengths[start + i] = lengths[i]  # the padding's keys lie beyond: masked, then overwritten
+            request.logits = logits[i:i + 1]
+        self.active += new
 
     @staticmethod
     def _next_tokens(requests):

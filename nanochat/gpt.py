@@ -384,8 +384,10 @@ class GPT(nn.Module):
         cross-entropy loss (targets == -1 ignored): a scalar for "mean"/"sum", (B, T) for "none"
         (ignored positions are 0). With a kv_cache, the chunk sits at positions [pos, pos + T).
         last_only=True (no targets): logits of the last position only, (B, 1, V); a prompt prefill
-        needs no more, and the head over every position would cost more than the blocks at small widths."""
-        if last_only and targets is not None:
+        needs no more, and the head over every position would cost more than the blocks at small widths.
+        last_only may also be a (B,) tensor of positions, one per row: prompts of different lengths prefilled
+        together, right-padded, each row's logits taken at its own last token."""
+        if (isinstance(last_only, torch.Tensor) or last_only) and targets is not None:
             raise ValueError("last_only=True returns logits; it cannot be combined with targets")
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()  # an int, or (B,) positions of rows at their own lengths
@@ -410,7 +412,9 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if self.config.has_value_embed(i) else None
             x = block(x, cos, sin, kv_cache, ve, masks.get(windows[i]))
-        if last_only:
+        if isinstance(last_only, torch.Tensor):
+            x = x[torch.arange(B, device=x.device), last_only].unsqueeze(1)
+        elif last_only:
             x = x[:, -1:]
         x = norm(x)
         cap = float(self.config.softcap or 0.0)

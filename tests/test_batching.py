@@ -132,6 +132,8 @@ class ScriptedBigram(nn.Module):
             zeros = torch.zeros(B, 1, T, 2)
             kv_cache.insert_kv(0, zeros, zeros)
         out = self.table[idx] + 0 * self.dummy
+        if isinstance(last_only, torch.Tensor):  # ragged prompts, right-padded: each row's own last token
+            return out[torch.arange(B), last_only].unsqueeze(1)
         return out[:, -1:] if last_only else out
 
 
@@ -252,3 +254,37 @@ def test_first_tokens_go_out_before_the_batch_forward(random_gpt):
     for i, (request, (_, events)) in enumerate(zip(requests, early)):
         tokens = [events[0].token] + returned[id(request)]
         assert tokens == alone(engine, prompts[i], **kw) and request.finish_reason == "length"
+
+
+@pytest.mark.parametrize("window_pattern", ["L", "SL"])
+def test_admitted_prompts_prefill_together(random_gpt, window_pattern):
+    """Requests admitted in the same step are prefilled in one forward, right-padded to the longest prompt
+    (lengths 1 to 60 here), straight into their rows: each row's logits come from its own last token and the
+    padding's keys never reach it, so every request's greedy tokens are still what it gets alone, also with a
+    sliding window (window 16 < the prompts) and with rows already decoding before them."""
+    model = random_gpt
+    if window_pattern != "L":
+        torch.manual_seed(1)
+        model = GPT(GPTConfig(sequence_len=32, vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                              window_pattern=window_pattern))  # layer 0 sees 16 positions back
+        model.init_weights()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.normal_(0, 0.3)
+    engine = Engine(model, NoSpecials())
+    scheduler = BatchScheduler(engine, max_batch=8, max_cached_tokens=1000)
+    forwards = []
+    original = scheduler._forward
+
+    def spy(ids, cache, **kw):
+        forwards.append(tuple(ids.shape))
+        return original(ids, cache, **kw)
+    scheduler._forward = spy
+    prompts = [[(11 * i + j) % 300 for j in range(n)] for i, n in enumerate([1, 60, 7, 33, 2])]
+    kw = dict(max_tokens=12, temperature=0.0)
+    arrivals = [(0, prompts[0], kw), (0, prompts[1], kw), (2, prompts[2], kw), (2, prompts[3], kw), (2, prompts[4], kw)]
+    _, got, peak = run(scheduler, arrivals)
+    assert peak == 5 and forwards[0] == (2, 60) and (3, 33) in forwards  # two ragged prefills, one per arrival step
+    assert sum(1 for b, t in forwards if t > 1) == 2
+    for (_, prompt, kw_), tokens in zip(arrivals, got):
+        assert tokens == alone(engine, prompt, **kw_)

@@ -325,6 +325,11 @@ def test_last_only_logits():
     assert cache.get_pos() == 12
     with pytest.raises(ValueError, match="last_only"):
         m(idx, targets=idx, last_only=True)
+    # one position per row (ragged prompts, right-padded): row b's logits at its own last token
+    at = torch.tensor([4, 11])
+    torch.testing.assert_close(m(idx, last_only=at), full[torch.arange(2), at].unsqueeze(1), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="last_only"):
+        m(idx, targets=idx, last_only=at)
 
 
 def test_kv_cache_beyond_rotary_table():
