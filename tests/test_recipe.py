@@ -93,18 +93,25 @@ def test_kv_cache_decode_matches_full_forward_with_every_part(n_kv_head):
 
 
 def test_rows_at_their_own_lengths_match_alone():
-    """The continuous-batching cache: rows at different positions, each row's logits equal to running it alone."""
+    """The continuous-batching cache with every part on: prompts of different lengths prefilled together
+    (right-padded, logits at each row's last token), then one batched decode step with the rows at different
+    positions; each row's logits equal to running it alone."""
     m = build(tiny(n_layer=3, n_kv_head=2, sequence_len=16, **ALL_PARTS), randomize=True)
     seqs = [torch.randint(0, 101, (n,)) for n in (13, 5, 9)]
     cache = RowKVCache(2, m.config.head_dim, m.config.n_layer, torch.float32, "cpu")
     cache.reserve(3, 32)
-    for row, s in enumerate(seqs):  # prefill each row alone, then one batched decode step of one token each
-        one = KVCache(1, 2, 32, m.config.head_dim, m.config.n_layer)
-        with torch.no_grad():
-            m(s[None, :-1], kv_cache=one)
-        cache.load_row(row, one)
-    cache.begin(3, 1)
-    with torch.no_grad():  # as the engine runs it
+    prompts = [s[:-1] for s in seqs]
+    lengths = [len(p) for p in prompts]
+    ids = torch.zeros(3, max(lengths), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, :len(p)] = p
+    cache.begin(3, max(lengths))
+    with torch.no_grad():  # as the scheduler runs it
+        first = m(ids, kv_cache=cache, last_only=torch.tensor(lengths) - 1)
+        cache.lengths[:3] = lengths
+        for row, p in enumerate(prompts):
+            torch.testing.assert_close(first[row, -1], m(p[None])[0, -1], atol=1e-5, rtol=1e-5)
+        cache.begin(3, 1)
         batched = m(torch.stack([s[-1:] for s in seqs]), kv_cache=cache)
         for row, s in enumerate(seqs):
             torch.testing.assert_close(batched[row, -1], m(s[None])[0, -1], atol=1e-5, rtol=1e-5)
