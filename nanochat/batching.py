@@ -11,8 +11,8 @@ Continuous batching: one model replica decodes all of its active requests togeth
 Each step: cancelled requests leave (their cache row is reused at once); waiting requests are admitted in
 FIFO order while they fit (their prompts prefilled together in one forward, right-padded to the longest,
 straight into free rows, each row's logits taken at its own last token) and take their first token; then
-one forward feeds every other request's newest token and they take their next. Every request samples from its own logits, with its own sampling settings
-and random generator (so its tokens are what Engine.generate gives it alone, with the same seed) and its own
+one forward feeds every other request's newest token and they take their next. Every request samples from
+its own logits, with its own sampling settings and random generator (so its tokens are what Engine.generate gives it alone, with the same seed) and its own
 calculator state machine (Engine's RowState); finished requests leave, and the tokens are returned at once
 (the forward that feeds them is the next step's). The new requests' first tokens can be handed out before
 the batch's forward (on_first_tokens), so that a request arriving at a full batch waits for the one prefill
@@ -52,7 +52,7 @@ class RowKVCache:
         self._set_buffer(torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device))
         self.lengths = []
         self.row_mask = None
-        self._rows, self._t = range(0), 0
+        self._rows, self._grow = range(0), []
 
     @property
     def rows(self):
@@ -87,13 +87,18 @@ class RowKVCache:
         self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
-    def begin(self, n, t, start=0):
+    def begin(self, n, t, start=0, valid=None):
         """Rows [start, start + n) get t tokens each in the next forward: their positions, where their keys go,
         and the mask letting row b's query i see keys [0, lengths[b] + i]. (start > 0: prompts prefilled into
-        fresh rows while the rows before them wait.)"""
+        fresh rows while the rows before them wait.) valid: per row, how many of the t tokens are real (prompts
+        right-padded to t); a row's length then grows by that many only, so the padding's keys lie beyond it:
+        masked out, then overwritten by the row's next tokens."""
         rows = range(start, start + n)
-        self._rows, self._t = rows, t
-        if start + n > self.rows or max(self.lengths[b] for b in rows) + t > self.capacity:
+        self._rows, self._grow = rows, list(valid) if valid is not None else [t] * n
+        if len(self._grow) != n or not all(0 < g <= t for g in self._grow):
+            raise ValueError(f"RowKVCache.begin: valid must give 1..{t} real tokens for each of the {n} rows, got {valid}")
+        longest = max(self.lengths[start:start + n], default=0)
+        if start + n > self.rows or longest + t > self.capacity:
             raise RuntimeError("RowKVCache.begin: the rows outgrew their reservation")
         H, T = self.shape[2], self.capacity
         self._pos = torch.tensor(self.lengths[start:start + n], device=self.device)
@@ -101,7 +106,7 @@ class RowKVCache:
         # row b, head h, token i goes to flat row (b * H + h) * T + write[b, i] of a layer's (rows * H * T, D)
         base = (torch.arange(start, start + n, device=self.device)[:, None] * H + torch.arange(H, device=self.device)) * T
         self._index = (base[:, :, None] + write[:, None, :]).reshape(-1)
-        self._end = int(self._pos.max()) + t
+        self._end = longest + t
         keys = torch.arange(self._end, device=self.device)
         self.row_mask = keys[None, None, None, :] <= write[:, None, :, None]  # (n, 1, t, end)
 
@@ -116,8 +121,8 @@ class RowKVCache:
         flat_keys.index_copy_(0, self._index, k.reshape(-1, D).to(self.dtype))
         flat_values.index_copy_(0, self._index, v.reshape(-1, D).to(self.dtype))
         if layer_idx == self.shape[0] - 1:
-            for b in self._rows:
-                self.lengths[b] += self._t
+            for b, grow in zip(self._rows, self._grow):
+                self.lengths[b] += grow
         keys, values = self.layers[layer_idx]
         rows = slice(self._rows.start, self._rows.stop)
         return keys[rows, :, :self._end], values[rows, :, :self._end]
@@ -236,14 +241,11 @@ class BatchScheduler:
         if not new:
             return
         lengths = [len(r.tokens) for r in new]
-        ids = torch.zeros(len(new), max(lengths), dtype=torch.long, device=self.device)
-        for i, request in enumerate(new):
-            ids[i, :lengths[i]] = torch.tensor(request.tokens, dtype=torch.long)
-        start = len(self.active)
-        self.cache.begin(len(new), max(lengths), start=start)
+        t = max(lengths)
+        ids = torch.tensor([r.tokens + [0] * (t - len(r.tokens)) for r in new], dtype=torch.long, device=self.device)
+        self.cache.begin(len(new), t, start=len(self.active), valid=lengths)
         logits = self._forward(ids, self.cache, last_only=torch.tensor(lengths, device=self.device) - 1)
         for i, request in enumerate(new):
-            self.cache.lengths[start + i] = lengths[i]  # the padding's keys lie beyond: masked, then overwritten
             request.logits = logits[i:i + 1]
         self.active += new
 

@@ -58,7 +58,7 @@ def adamw_update(params, grads, states, group):
         elif not torch.is_tensor(st["step"]) or st["step"].device != p.device:
             st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
     (beta1, beta2), fused = group["betas"], all(p.device.type in FUSED_ADAMW_DEVICES for p in params)
-    functional_adamw(list(params), list(grads), [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+    functional_adamw(params, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
                      [], [st["step"] for st in states], foreach=False, fused=fused, amsgrad=False, beta1=beta1,
                      beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 

@@ -105,10 +105,10 @@ def test_rows_at_their_own_lengths_match_alone():
     ids = torch.zeros(3, max(lengths), dtype=torch.long)
     for row, p in enumerate(prompts):
         ids[row, :len(p)] = p
-    cache.begin(3, max(lengths))
+    cache.begin(3, max(lengths), valid=lengths)
     with torch.no_grad():  # as the scheduler runs it
         first = m(ids, kv_cache=cache, last_only=torch.tensor(lengths) - 1)
-        cache.lengths[:3] = lengths
+        assert cache.lengths == lengths
         for row, p in enumerate(prompts):
             torch.testing.assert_close(first[row, -1], m(p[None])[0, -1], atol=1e-5, rtol=1e-5)
         cache.begin(3, 1)
