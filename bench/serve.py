@@ -21,6 +21,8 @@ Per server and concurrency (timed --rounds times, the servers taking turns), ove
                median of the rounds)
     TTFT       request sent -> first non-empty content chunk (prefill and any queueing included)
     TPOT       (finish chunk - first content chunk) / (completion tokens - 1), per request
+    server TTFT  the server's own part of TTFT: its replica got the job -> the job's first token sampled
+               (without the HTTP request, the event loop's delivery of the token and the client's reading)
 Client i's first request waits i / C of a lone request's duration (--stagger), so the clients do not arrive in
 lockstep; the ramp and the tail count in the wall time (a conservative tokens/s for the batched server).
 p50 / p95 by linear interpolation. Issue 17's targets (2-core CPU, tiny model): at 8 streams tokens/s >= 4x
@@ -156,7 +158,14 @@ def make_app(model, tokenizer, model_id, max_batch, args, device):
                          queue_timeout=3600.0, max_connections=max(128, 2 * most))
     make_scheduler = partial(BatchScheduler, Engine(model, tokenizer, compile=args.compile), max_batch)
     worker = Worker(make_scheduler, tokenizer, device, context_len=model.config.sequence_len)
-    return create_app(WorkerPool([worker], config.max_queue), config, f"nanochat-{model_id}")
+    pool = WorkerPool([worker], config.max_queue)
+    app = create_app(pool, config, f"nanochat-{model_id}")
+    # the server's own view of each job's time to first token (its replica got it -> its first token sampled),
+    # without the HTTP request, the event loop's delivery and the client: read and cleared after each round
+    app.state.bench_ttft = []
+    pool.listeners.append(lambda job: job.first_token_at is not None
+                          and app.state.bench_ttft.append(job.first_token_at - job.t0))
+    return app
 
 
 async def one_request(client, messages, seed, args):
@@ -239,12 +248,13 @@ def percentile(xs, q):
 
 
 def summarize(rounds):
-    """One cell's figures from its rounds [(results, wall)]: tokens/s the median of the rounds', the latency
-    percentiles over all of its requests."""
-    results = [r for rs, _ in rounds for r in rs]
+    """One cell's figures from its rounds [(results, wall, server-side TTFTs)]: tokens/s the median of the rounds',
+    the latency percentiles over all of its requests."""
+    results = [r for rs, *_ in rounds for r in rs]
+    server_ttft = [t for *_, ts in rounds for t in ts]
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]
-    rates = [sum(r["tokens"] for r in rs if "error" not in r) / wall for rs, wall in rounds if wall > 0]
+    rates = [sum(r["tokens"] for r in rs if "error" not in r) / wall for rs, wall, _ in rounds if wall > 0]
     ttft = [r["ttft"] for r in ok if r["ttft"] is not None]
     tpot = [r["tpot"] for r in ok if r["tpot"] is not None]
     tokens = sum(r["tokens"] for r in ok)
@@ -252,6 +262,7 @@ def summarize(rounds):
                 tokens_per_s=percentile(rates, 50), tokens_per_s_rounds=rates,
                 mean_tokens=tokens / len(ok) if ok else float("nan"),
                 ttft_p50=percentile(ttft, 50), ttft_p95=percentile(ttft, 95),
+                server_ttft_p50=percentile(server_ttft, 50), server_ttft_p95=percentile(server_ttft, 95),
                 tpot_p50=percentile(tpot, 50), tpot_p95=percentile(tpot, 95))
 
 # -----------------------------------------------------------------------------
@@ -352,7 +363,8 @@ def measure(model, tokenizer, model_id, prompts, args, device):
     results = {}
     # the servers print a line per request (nanochat.workers.RequestLog): sent nowhere, as they would be to a log file
     with open(os.devnull, "w") as devnull, redirect_stdout(devnull), ExitStack() as stack:
-        bases = {b: stack.enter_context(serve_in_thread(make_app(model, tokenizer, model_id, b, args, device))) for b in batches}
+        apps = {b: make_app(model, tokenizer, model_id, b, args, device) for b in batches}
+        bases = {b: stack.enter_context(serve_in_thread(app)) for b, app in apps.items()}
         if args.client_process:  # spawned: a fork would copy torch's thread state
             pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
             clients = partial(client_process, pool)
@@ -371,8 +383,9 @@ def measure(model, tokenizer, model_id, prompts, args, device):
             for r in range(args.rounds):
                 for b in batches[r % len(batches):] + batches[:r % len(batches)]:
                     if (b, n) in cells:
+                        apps[b].state.bench_ttft.clear()
                         rs, wall = clients(bases[b], prompts, n, args, args.requests_per_client, spread)
-                        rounds[b, n].append((rs, wall))
+                        rounds[b, n].append((rs, wall, list(apps[b].state.bench_ttft)))
                         errors = [x["error"] for x in rs if "error" in x]
                         tokens = sum(x["tokens"] for x in rs if "error" not in x)
                         log(f"round {r + 1}, max-batch {b:>3}, {n:>3} streams: {len(rs) - len(errors)} requests, {tokens} "
@@ -403,13 +416,15 @@ def report(results, args):
     N = args.max_batch
     log("")
     log(f"| streams | tok/s (max-batch {N}) | tok/s (max-batch 1) | ratio | TTFT p50 / p95 ms ({N}) | TTFT p50 / p95 ms (1) "
-        f"| TPOT p50 / p95 ms ({N}) | TPOT p50 / p95 ms (1) | requests ({N} / 1) | mean tokens ({N} / 1) |")
-    log("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        f"| TPOT p50 / p95 ms ({N}) | TPOT p50 / p95 ms (1) | requests ({N} / 1) | mean tokens ({N} / 1) "
+        f"| server TTFT p50 / p95 ms ({N}) |")
+    log("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in args.concurrency:
         a, p = results[N, n], results[1, n]
         log(f"| {n} | {a['tokens_per_s']:,.0f} | {p['tokens_per_s']:,.0f} | {a['tokens_per_s'] / p['tokens_per_s']:.2f}x "
             f"| {p50_95(a, 'ttft')} | {p50_95(p, 'ttft')} | {p50_95(a, 'tpot')} | {p50_95(p, 'tpot')} "
-            f"| {a['requests']} / {p['requests']} | {a['mean_tokens']:.1f} / {p['mean_tokens']:.1f} |")
+            f"| {a['requests']} / {p['requests']} | {a['mean_tokens']:.1f} / {p['mean_tokens']:.1f} "
+            f"| {p50_95(a, 'server_ttft')} |")
     if {(N, TARGET_STREAMS), (1, TARGET_STREAMS), (N, 1)} <= results.keys():
         a, lone = results[N, TARGET_STREAMS], results[N, 1]
         speedup = a["tokens_per_s"] / results[1, TARGET_STREAMS]["tokens_per_s"]
@@ -418,6 +433,9 @@ def report(results, args):
             f"(target >= {TARGET_SPEEDUP:g}x: {'met' if speedup >= TARGET_SPEEDUP else 'NOT met'}); TTFT p95 "
             f"{ms(a['ttft_p95'])} ms = {ttft:.2f}x a lone request's ({ms(lone['ttft_p50'])} ms, the median at 1 stream; "
             f"target <= {TARGET_TTFT:g}x: {'met' if ttft <= TARGET_TTFT else 'NOT met'})")
+        log(f"server-side TTFT (replica got the job -> first token sampled), p50 / p95 ms: {p50_95(a, 'server_ttft')} "
+            f"at {TARGET_STREAMS} streams, {p50_95(lone, 'server_ttft')} alone; the rest of the client's is the HTTP "
+            f"request, the event loop and the client")
     if args.sweep:
         log("\n| max-batch | streams | tok/s | vs max-batch 1 | TTFT p50 / p95 ms | TPOT p50 / p95 ms |")
         log("|---:|---:|---:|---:|---:|---:|")

@@ -14,7 +14,8 @@ at tiny-scale defaults. --suite=recipe (section "Recipe ablation d<depth>"): the
 (nanochat.recipe.RECIPE_CHANGES) over the late-2025 reference recipe, whose flag values every run is given
 explicitly. docs/ablation.md has the rules and a recorded run, docs/recipe.md the recipe's.
 
-    python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --target-flops=1.4e13 --seeds=3
+    python -m scripts.ablate --data=../shared/data/pretrain/wikipedia:0.45,... --depth=3 --head-dim=48 \\
+        --target-flops=7.1e12 --seeds=3                                 # the recorded run (docs/ablation.md)
     python -m scripts.ablate --only="MLP 3x|SiLU" --seeds=2 --sft-steps=0        # text bpb only, two changes
     python -m scripts.ablate --from-runs=$NANOCHAT_BASE_DIR/report/_ablation-runs.json   # re-tabulate, no training
 
@@ -26,6 +27,7 @@ import contextlib
 import math
 import os
 import sys
+import time
 
 from nanochat.ablation import (NOISE_P, compute_multiplier, loss_rise, mean_curve, mean_std, paired_test,
                                plot_ablation, welch_test)
@@ -78,12 +80,13 @@ def get_args(argv=None):
                     **TINY_SCALE)
     g = p.add_argument_group("pretraining (every run)")
     g.add_argument("--target-flops", type=positive_float, default=1.4e13,
-                   help="training FLOPs of every run (60 steps of 8192 tokens for the tiny-scale reference)")
+                   help="training FLOPs of every run (60 steps of 8192 tokens for the tiny-scale reference; "
+                        "7.1e12 at --depth=3 --head-dim=48)")
     g.add_argument("--total-batch-size", type=positive_int, default=8192, help="tokens per optimizer step")
-    g.add_argument("--device-batch-size", type=positive_int, default=8, help="rows per forward pass at the reference context")
-    g.add_argument("--eval-every", type=int, default=8,
+    g.add_argument("--device-batch-size", type=positive_int, default=16, help="rows per forward pass at the reference context")
+    g.add_argument("--eval-every", type=int, default=10,
                    help="validation bpb every N steps: the curves and the reference curve the multiplier reads")
-    g.add_argument("--eval-tokens", type=positive_int, default=32768, help="held-out text tokens per validation")
+    g.add_argument("--eval-tokens", type=positive_int, default=16384, help="held-out text tokens per validation")
     g = p.add_argument_group("seeds and variants")
     g.add_argument("--suite", default="planned", choices=["planned", "recipe"],
                    help="planned: the first user's architecture changes; recipe: the 2026 pretraining recipe changes")
@@ -229,12 +232,14 @@ def run_variant(label, flags, args, heldout, recorded=None, save=None):
             runs.append(old)
             continue
         print0(f"=== {label} seed {seed}: {' '.join(flags) or '(reference)'} -> {tag}")
+        started = time.perf_counter()
         out = base_train.main(argv)
         curve, rise = read_log(tag)
         run = {"label": label, "seed": seed, "tag": tag, "steps": out["steps"], "flops": curve[-1][0],
                "text_bpb": out["val_bpb"], "curve": curve, "loss_rise": rise, "chat_bpb": None, "key": key}
         if args.sft_steps > 0:
             run["chat_bpb"] = conversation_bpb(tag, seed, args, heldout)
+        run["seconds"] = round(time.perf_counter() - started, 1)  # pretraining + SFT + scoring, wall
         print0(f"=== {label} seed {seed}: text bpb {run['text_bpb']:.4f}"
                + (f", assistant bpb {run['chat_bpb']:.4f}" if run["chat_bpb"] is not None else ""))
         runs.append(run)
@@ -354,9 +359,13 @@ def main(argv=None):
     atomic_write_text(os.path.join(report_dir, runs_file), json.dumps(record, indent=1) + "\n")  # "_": no section
     png = plot_ablation(rows, os.path.join(report_dir, png_file))
     ref = rows[0]
+    seconds = [r["seconds"] for runs in runs_by_label.values() for r in runs if r.get("seconds") is not None]
+    timing = (f" The {len(seconds)} timed runs took {sum(seconds) / 60:.1f} minutes of wall time in all (median "
+              f"{sorted(seconds)[len(seconds) // 2]:.0f} s a run)." if seconds else "")
+    print0(timing.strip())
     body = (f"Equal training FLOPs ({ref['flops']:.2e} for the reference) per run, {len(ref['seeds'])} seeds per variant "
             f"({', '.join(map(str, ref['seeds']))}), depth {args.depth}, reference context {args.max_seq_len}, data "
-            f"`{args.data or 'reference shards'}`. Text bpb: validation bits per byte on held-out text at the end of "
+            f"`{args.data or 'reference shards'}`.{timing} Text bpb: validation bits per byte on held-out text at the end of "
             f"pretraining ({args.eval_tokens:,} tokens). "
             + (f"Chat bpb: assistant-turn bits per byte after {args.sft_steps} SFT steps on {args.sft_mixture} "
                f"({args.sft_examples_per_step} conversations per step), on {note}. " if note else "")

@@ -321,6 +321,10 @@ def test_recipe_suite_pins_the_reference_recipe(monkeypatch, base_dir):
     assert config_from_flags(new, 512).value_embeds and not config_from_flags(new, 512).residual_scalars
     assert read_section_metrics("Recipe ablation d4")["reference"] == pytest.approx(2.6 + 0.0425)
     assert os.path.exists(os.path.join(get_report_dir(), "_recipe-ablation-d4-runs.json"))
+    # every run's wall time is recorded, and the section says what the whole ablation took
+    assert all(r["seconds"] >= 0 for runs in out["runs"].values() for r in runs)
+    with open(os.path.join(get_report_dir(), "recipe-ablation-d4.md"), encoding="utf-8") as f:
+        assert "The 6 timed runs took" in f.read()
     assert "ablate-reference-s42" not in seen  # the planned suite's runs are not touched
     # --resume: the recorded runs with identical settings are kept, only the new variant trains
     seen.clear()

@@ -31,6 +31,8 @@ def test_tiny_serving_bench(tokenizer, base_dir, capsys):
         assert 0 < c["tokens"] <= 6 * c["requests"]
         assert math.isfinite(c["tokens_per_s"]) and min(c["tokens_per_s_rounds"]) <= c["tokens_per_s"] <= max(c["tokens_per_s_rounds"])
         assert 0 < c["ttft_p50"] <= c["ttft_p95"] and 0 < c["tpot_p50"] <= c["tpot_p95"], c
+        # the server's own part of it (job at its replica -> first token sampled): within what the client saw
+        assert 0 < c["server_ttft_p50"] <= c["server_ttft_p95"] and c["server_ttft_p50"] < c["ttft_p50"], c
     for n in (1, 3):  # same prompts and seeds: in fp32 a request's tokens do not depend on the batch it ran in
         assert len({c["tokens"] for (b, m), c in cells.items() if m == n}) == 1
     assert result["stagger_s"] > 0 and result["recommended_max_batch"] in (2, 3)
@@ -40,6 +42,7 @@ def test_tiny_serving_bench(tokenizer, base_dir, capsys):
     for row in main_rows:
         batched, single = (float(x.replace(",", "")) for x in row[1:3])
         assert float(row[3].rstrip("x")) == pytest.approx(batched / single, rel=0.02, abs=0.01)  # from unrounded figures
+        assert len(row) == 11 and " / " in row[10]  # the server-side TTFT column
     assert [r[:2] for r in markdown_rows(out, "| max-batch |")] == [["2", "3"], ["3", "3"]]
     assert f"recommended --max-batch: {result['recommended_max_batch']}" in out
 
