@@ -12,11 +12,12 @@ Each step: cancelled requests leave (their cache row is reused at once); waiting
 FIFO order while they fit (their prompts prefilled together in one forward, right-padded to the longest,
 straight into free rows, each row's logits taken at its own last token) and take their first token; then
 one forward feeds every other request's newest token and they take their next. Every request samples from
-its own logits, with its own sampling settings and random generator (so its tokens are what Engine.generate gives it alone, with the same seed) and its own
-calculator state machine (Engine's RowState); finished requests leave, and the tokens are returned at once
-(the forward that feeds them is the next step's). The new requests' first tokens can be handed out before
-the batch's forward (on_first_tokens), so that a request arriving at a full batch waits for the one prefill
-of those admitted with it, not for a decode step as well (nor for a prefill per request before it).
+its own logits, with its own sampling settings and random generator (so its tokens are what Engine.generate
+gives it alone, with the same seed) and its own calculator state machine (Engine's RowState); finished
+requests leave, and the tokens are returned at once (the forward that feeds them is the next step's). The
+new requests' first tokens can be handed out before the batch's forward (on_first_tokens), so that a request
+arriving at a full batch waits for the one prefill of those admitted with it, not for a decode step as well
+(nor for a prefill per request before it).
 
 The cache (RowKVCache) is one tensor with a row per active request and a length per row: row b attends to
 its own first lengths[b] positions through a boolean mask, and its rotary positions start at lengths[b].

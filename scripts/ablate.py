@@ -26,6 +26,7 @@ keeps the runs already in the record (rewritten after every run) and trains the 
 import contextlib
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -360,9 +361,11 @@ def main(argv=None):
     png = plot_ablation(rows, os.path.join(report_dir, png_file))
     ref = rows[0]
     seconds = [r["seconds"] for runs in runs_by_label.values() for r in runs if r.get("seconds") is not None]
-    timing = (f" The {len(seconds)} timed runs took {sum(seconds) / 60:.1f} minutes of wall time in all (median "
-              f"{sorted(seconds)[len(seconds) // 2]:.0f} s a run)." if seconds else "")
-    print0(timing.strip())
+    timing = ""
+    if seconds:
+        timing = (f" The {len(seconds)} timed runs took {sum(seconds) / 60:.1f} minutes of wall time in all (median "
+                  f"{statistics.median(seconds):.0f} s a run).")
+        print0(timing.strip())
     body = (f"Equal training FLOPs ({ref['flops']:.2e} for the reference) per run, {len(ref['seeds'])} seeds per variant "
             f"({', '.join(map(str, ref['seeds']))}), depth {args.depth}, reference context {args.max_seq_len}, data "
             f"`{args.data or 'reference shards'}`.{timing} Text bpb: validation bits per byte on held-out text at the end of "
