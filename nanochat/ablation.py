@@ -41,17 +41,14 @@ def _beta_continued_fraction(a, b, x):
     c, d = 1.0, 1.0 / guard(1.0 - (a + b) * x / (a + 1.0))
     h = d
     for m in range(1, 1000):
-        # even step: d_2m = m (b - m) x / ((a + 2m - 1)(a + 2m))
-        num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 / guard(1.0 + num * d)
-        c = guard(1.0 + num / c)
-        h *= d * c
-        # odd step: d_2m+1 = -(a + m)(a + b + m) x / ((a + 2m)(a + 2m + 1))
-        num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        d = 1.0 / guard(1.0 + num * d)
-        c = guard(1.0 + num / c)
-        delta = d * c
-        h *= delta
+        # the coefficients d_2m and d_2m+1 of the fraction, each followed by the same Lentz update
+        even = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        odd = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        for num in (even, odd):
+            d = 1.0 / guard(1.0 + num * d)
+            c = guard(1.0 + num / c)
+            delta = d * c
+            h *= delta
         if abs(delta - 1.0) < 1e-15:
             break
     return h
@@ -121,11 +118,8 @@ def paired_test(reference, variant):
     n = len(reference)
     diff, diff_std = mean_std([v - r for r, v in zip(reference, variant)])
     se = diff_std / math.sqrt(n)
-    if se == 0.0:
-        t, p = (0.0 if diff == 0 else math.copysign(math.inf, diff)), (1.0 if diff == 0 else 0.0)
-    else:
-        t = diff / se
-        p = t_two_sided_p(t, n - 1)
+    t = diff / se if se else (0.0 if diff == 0 else math.copysign(math.inf, diff))  # no spread: p is 1 or 0
+    p = t_two_sided_p(t, n - 1)
     return {"diff": diff, "diff_std": diff_std, "se": se, "t": t, "df": n - 1, "p": p, "ci": t_critical(n - 1) * se,
             "beyond_noise": p < NOISE_P}
 
@@ -135,9 +129,8 @@ def mean_curve(curves):
     if not curves or not curves[0]:
         raise ValueError("mean_curve needs at least one non-empty curve")
     xs = [x for x, _ in curves[0]]
-    for c in curves[1:]:
-        if [x for x, _ in c] != xs:
-            raise ValueError("the seeds' curves were evaluated at different FLOPs; they cannot be averaged")
+    if any([x for x, _ in c] != xs for c in curves[1:]):
+        raise ValueError("the seeds' curves were evaluated at different FLOPs; they cannot be averaged")
     return [(x, sum(c[i][1] for c in curves) / len(curves)) for i, x in enumerate(xs)]
 
 
@@ -213,9 +206,8 @@ def plot_ablation(rows, path):
         ref = r["label"] == "reference"
         curves.plot([f for f, _ in pts], [b for _, b in pts], marker="." if not ref else "o", ms=3 if not ref else 4,
                     lw=2.2 if ref else 1.0, color="k" if ref else colors[i % 20], label=r["label"], zorder=3 if ref else 2)
-    curves.set_xscale("log")
-    curves.set_xlabel("training FLOPs")
-    curves.set_ylabel("validation bpb on held-out text (mean over seeds; lower is better)")
+    curves.set(xscale="log", xlabel="training FLOPs",
+               ylabel="validation bpb on held-out text (mean over seeds; lower is better)")
     curves.legend(fontsize=8)
     curves.grid(True, which="both", alpha=0.3)
     others = [r for r in rows if r["label"] != "reference"]
@@ -224,8 +216,7 @@ def plot_ablation(rows, path):
                                                        ("chat_bpb", "s", "tab:orange", "assistant bpb"))):
         pts = [(i, r[metric]) for i, r in enumerate(others) if r.get(metric)]
         for i, m in pts:
-            y = i + (k - 0.5) * spread
-            diffs.errorbar(m["diff"], y, xerr=m["ci"], fmt=marker, color=color, capsize=2,
+            diffs.errorbar(m["diff"], i + (k - 0.5) * spread, xerr=m["ci"], fmt=marker, color=color, capsize=2,
                            mfc=color if m["beyond_noise"] else "white", label=name if i == pts[0][0] else None)
     diffs.axvline(0, color="k", lw=0.8)
     diffs.set_yticks(range(len(others)), [r["label"] for r in others])

@@ -94,8 +94,7 @@ class RowKVCache:
         fresh rows while the rows before them wait.) valid: per row, how many of the t tokens are real (prompts
         right-padded to t); a row's length then grows by that many only, so the padding's keys lie beyond it:
         masked out, then overwritten by the row's next tokens."""
-        rows = range(start, start + n)
-        self._rows, self._grow = rows, list(valid) if valid is not None else [t] * n
+        self._rows, self._grow = range(start, start + n), list(valid) if valid is not None else [t] * n
         if len(self._grow) != n or not all(0 < g <= t for g in self._grow):
             raise ValueError(f"RowKVCache.begin: valid must give 1..{t} real tokens for each of the {n} rows, got {valid}")
         longest = max(self.lengths[start:start + n], default=0)
@@ -171,11 +170,10 @@ class BatchScheduler:
     Request.cancel(); one thread calls submit/step (the web server's worker thread)."""
 
     def __init__(self, engine, max_batch=8, max_cached_tokens=None):
-        model = engine.model
-        self.engine, self.model, self.max_batch = engine, model, max_batch
-        config = model.config
+        self.engine, self.model, self.max_batch = engine, engine.model, max_batch
+        config = self.model.config
         self.max_cached_tokens = max_cached_tokens or max_batch * config.sequence_len
-        weight = next(model.parameters())
+        weight = next(self.model.parameters())
         self.device = weight.device
         self.compute_dtype = get_compute_dtype(self.device.type)
         cache_dtype = weight.dtype if self.compute_dtype == torch.float32 else self.compute_dtype  # as Engine
@@ -193,8 +191,7 @@ class BatchScheduler:
         if request.reserved > self.max_cached_tokens:
             raise ValueError(f"the request needs {request.reserved} cached tokens (prompt {len(tokens)} + max_tokens "
                              f"{max_tokens}), more than the replica's budget of {self.max_cached_tokens}")
-        request.rng = torch.Generator(device=self.device)
-        request.rng.manual_seed(seed)
+        request.rng = torch.Generator(device=self.device).manual_seed(seed)
         if max_tokens == 0:
             request.finish_reason = "length"
         else:
@@ -300,13 +297,9 @@ class BatchScheduler:
 
     @torch.no_grad()
     def step(self):
-        """One scheduling step; returns the tokens it produced, as Events (one per active request). Newly
-        admitted requests are prefilled and sampled first, then one batched forward feeds the other requests'
-        previous tokens and they are sampled: a step's tokens are handed out as soon as they are sampled (the
-        forward that feeds them is the next step's). With on_first_tokens set (a callable), the new requests'
-        events go to it before that forward, and are not in the list returned: a new request's first token
-        then waits for its own prefill only, not for the decode forward of the whole batch (time to first
-        token under load)."""
+        """One scheduling step, as the module docstring describes; returns the tokens it produced, as Events
+        (one per active request). With on_first_tokens set (a callable), the newly admitted requests' events
+        go to it before the batch's decode forward, and are not in the list returned."""
         for request in [r for r in self.active if r.cancelled]:
             self._leave(request, "cancelled")
         old = len(self.active)  # rows [0, old) hold a token that the model has not seen yet

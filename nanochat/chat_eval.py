@@ -186,8 +186,7 @@ def run_chat_eval(model, tokenizer, engine, task_names=None, max_problems=None, 
     "settings": {...}}. Collective under torchrun: every rank must call it with the same arguments."""
     tasks = dict(tasks or {})
     names = parse_task_names(list(tasks) if task_names is None else task_names)
-    absent = [name for name in names if name not in tasks]
-    if absent:
+    if absent := [name for name in names if name not in tasks]:
         raise ValueError(f"task(s) {'|'.join(absent)} not loaded: pass tasks={{name: task}}, as built by "
                          f"tasks.registry.load_tasks({'|'.join(names)!r})")
     if engine is None and any(tasks[n].eval_type == "generative" for n in names):

@@ -29,7 +29,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce_sum, dist_rank_world, is_ddp_initialized, print0, read_jsonl
-from nanochat.conversation import validate_conversation
+from nanochat.conversation import content_text, validate_conversation
 from nanochat.serve import ServeConfig
 
 SERVING = ServeConfig()  # the web server's generation defaults: temperature 0.8, top-k 50
@@ -91,11 +91,6 @@ def is_english(text):
     return len(ws) < 4 or sum(w in STOPWORDS for w in ws) >= 0.1 * len(ws)
 
 
-def is_plain(conversation):
-    """True when no message uses tool parts (content is a string everywhere)."""
-    return all(isinstance(m["content"], str) for m in validate_conversation(conversation, strict=False))
-
-
 def load_conversations(path):
     """(conversations, sources) of a {"messages": [...]} JSONL(.gz) file, each row checked by the one validator
     (ValueError naming file and line); a row's "source" string names its source, else the file's name."""
@@ -155,10 +150,9 @@ def score_rows(model, rows, token_bytes, batch_size=8):
     order = sorted(range(len(rows)), key=lambda r: -len(rows[r][0]))
     for b in range(0, len(order), batch_size):
         batch = [rows[r] for r in order[b:b + batch_size]]
-        x = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in batch], batch_first=True)
+        x = pad_sequence([torch.tensor(ids[:-1]) for ids, _ in batch], batch_first=True).to(device)
         y = pad_sequence([torch.tensor(ids[1:]).where(torch.tensor(mask[1:], dtype=torch.bool), -1)
-                          for ids, mask in batch], batch_first=True, padding_value=-1)
-        x, y = x.to(device), y.to(device)
+                          for ids, mask in batch], batch_first=True, padding_value=-1).to(device)
         nats = model(x, y, loss_reduction="none").double()  # 0 where y == -1
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[y.clamp(min=0)], 0)
@@ -274,10 +268,9 @@ def reply_stats(replies, plain=None):
 
 def evaluate_replies(engine, tokenizer, conversations, max_new_tokens=256, temperature=SERVING.temperature,
                      top_k=SERVING.top_k, seed=42):
-    """{"serving": stats, "greedy": stats, "reference": stats, "samples": [...]}: a reply to each
-    conversation's last user turn (its final assistant message, if any, is the reference) at the serving
-    settings (seed + i) and greedily. Prompts keep their last max(T // 2, T - max_new_tokens) tokens.
-    Collective under torchrun."""
+    """{"serving": stats, "greedy": stats, "reference": stats, "samples": [...]}: a reply to each conversation's last
+    user turn (its final assistant message, if any, is the reference) at the serving settings (seed + i) and greedily.
+    Prompts keep their last max(T // 2, T - max_new_tokens) tokens. Collective under torchrun."""
     rank, world = dist_rank_world()
     T = engine.model.config.sequence_len
     keep = max(T // 2, T - max_new_tokens)
@@ -290,17 +283,13 @@ def evaluate_replies(engine, tokenizer, conversations, max_new_tokens=256, tempe
         if n % 25 == 0:
             print0(f"  replies: {n} on rank 0 ({time.time() - t0:.0f}s)")
     done = [r for _, r in _gather(mine)]
-    plain = [is_plain(c) for c in conversations]
-    refs = []
-    for c in conversations:
-        last = c["messages"][-1]
-        if last["role"] == "assistant":
-            content = last["content"]
-            refs.append({"text": content if isinstance(content, str) else "".join(p["text"] for p in content)})
-    samples = []
-    for c, r in list(zip(conversations, done))[:3]:
-        user = next(m["content"] for m in reversed(c["messages"]) if m["role"] == "user")
-        samples.append({"user": user, "serving": r["serving"]["text"], "greedy": r["greedy"]["text"]})
+    plain = [all(isinstance(m["content"], str) for m in validate_conversation(c, strict=False))  # no tool parts
+             for c in conversations]
+    refs = [{"text": content_text(c["messages"][-1]["content"])} for c in conversations
+            if c["messages"][-1]["role"] == "assistant"]
+    samples = [{"user": next(m["content"] for m in reversed(c["messages"]) if m["role"] == "user"),
+                "serving": r["serving"]["text"], "greedy": r["greedy"]["text"]}
+               for c, r in list(zip(conversations, done))[:3]]
     return {"serving": reply_stats([r["serving"] for r in done], plain),
             "greedy": reply_stats([r["greedy"] for r in done], plain),
             "reference": reply_stats(refs), "samples": samples}
@@ -347,8 +336,7 @@ def _cell(v, digits=4):
 
 def _quote(text, limit=160):
     text = " ".join(text.split())
-    text = text if len(text) <= limit else text[:limit] + "..."
-    return text.replace("|", "\\|") or "(empty)"
+    return (text if len(text) <= limit else text[:limit] + "...").replace("|", "\\|") or "(empty)"
 
 
 def report_markdown(out, info=None):

@@ -1,16 +1,14 @@
 """
-Checkpoints: one directory per step, written so that a crash at any moment never leaves
-something that looks complete.
+Checkpoints: one directory per step, written so that a crash at any moment never leaves something that looks complete.
 
     $NANOCHAT_BASE_DIR/{base,mid,sft,rl}_checkpoints/<model_tag>/step_000100/
         model.pt           weights (rank 0)
         optim_rank0.pt     optimizer state + RNG states of rank 0 (one file per rank: state is sharded)
         meta.json          model config, training metadata, file sizes and hashes; written last
 
-All files are first written into `step_000100.partial/`; rank 0 writes meta.json and renames the
-directory into place only after every rank has finished. A step directory without the
-`.partial` suffix and with a readable meta.json is complete. Under several nodes the checkpoint
-directory must be on a filesystem every rank sees.
+All files are first written into `step_000100.partial/`; rank 0 writes meta.json and renames the directory into
+place only after every rank has finished. A step directory without the `.partial` suffix and with a readable
+meta.json is complete. Under several nodes the checkpoint directory must be on a filesystem every rank sees.
 Loading never runs code from the files, and treats them as hostile: tensors via torch.load(weights_only=True,
 mmap=True) (nothing is allocated beyond what the file holds), metadata as JSON of a bounded size, checked for its
 shape and types; the model config is checked against the weight file before the model is built, weights must
@@ -181,8 +179,7 @@ def config_from_meta(meta, path):
     fields = meta.get("model_config")
     if not isinstance(fields, dict):
         raise CheckpointError(f"{where}: field 'model_config' is missing or not an object")
-    unknown = sorted(set(fields) - set(GPTConfig.__dataclass_fields__))
-    if unknown:
+    if unknown := sorted(set(fields) - set(GPTConfig.__dataclass_fields__)):
         raise CheckpointError(f"{where}: model_config has unknown field {unknown[0]!r}")
     try:
         return GPTConfig(**fields).validate()

@@ -44,9 +44,7 @@ def get_dist_info():
 
 def dist_rank_world():
     """(rank, world_size) of the initialized process group; (0, 1) without one."""
-    if is_ddp_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return (dist.get_rank(), dist.get_world_size()) if is_ddp_initialized() else (0, 1)
 
 def all_reduce_sum(values):
     """The element-wise sum of a tensor over all ranks, on the tensor's device; the tensor itself without a
@@ -132,10 +130,9 @@ MALLOC_SETTINGS = ((-3, 32 << 20), (-1, 1 << 30), (-2, 64 << 20))  # M_MMAP_THRE
 def keep_freed_memory():
     """Tell glibc malloc to keep freed memory for reuse (CPU training and inference). Does nothing,
     and returns False, off glibc, when NANOCHAT_TUNE_MALLOC=0, or when the user set MALLOC_* tunables."""
-    if os.environ.get("NANOCHAT_TUNE_MALLOC", "1") == "0":
-        return False
-    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
-        return False  # the user's own malloc settings win
+    user_set = any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ)
+    if os.environ.get("NANOCHAT_TUNE_MALLOC", "1") == "0" or user_set:
+        return False  # turned off, or the user's own malloc settings win
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -202,8 +199,7 @@ def atomic_write_bytes(path, data):
         f.write(data)
 
 def atomic_write_text(path, text):
-    with atomic_open(path, "w") as f:
-        f.write(text)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 def sha256_file(path, chunk=1 << 24):
     """Hex sha256 of a file's contents, read `chunk` bytes at a time so a multi-GB checkpoint is never
@@ -246,8 +242,7 @@ def read_jsonl(path, check=None, expected="a valid row"):
 
 def format_duration(seconds):
     """'1h02m03s', or '2m03s' under an hour."""
-    seconds = int(max(seconds, 0))
-    h, rem = divmod(seconds, 3600)
+    h, rem = divmod(int(max(seconds, 0)), 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
@@ -355,8 +350,7 @@ def gpu_peak_flops(device_name):
 @functools.lru_cache(maxsize=None)
 def measure_matmul_flops(device_type="cpu", dtype=torch.bfloat16, n=1024, reps=5):
     """Best-of-reps dense matmul FLOP/s on this device: the practical ceiling to quote MFU against."""
-    a = torch.randn(n, n, dtype=dtype, device=device_type)
-    b = torch.randn(n, n, dtype=dtype, device=device_type)
+    a, b = torch.randn(2, n, n, dtype=dtype, device=device_type)
     a @ b  # warm up the kernel selection
     synchronize(device_type)
     best = float("inf")

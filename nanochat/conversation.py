@@ -77,6 +77,4 @@ def validate_conversation(conversation, *, strict=True, ends_with_user=False):
 
 def content_text(content):
     """The plain text of a message's content (parts joined, tool calls and outputs included as their text)."""
-    if isinstance(content, str):
-        return content
-    return "".join(part["text"] for part in content)
+    return content if isinstance(content, str) else "".join(part["text"] for part in content)

@@ -21,7 +21,7 @@ a joke are not worth the same. The next document comes from the source furthest 
 point of the stream. The seed shifts each source's starting point by up to 1,000 characters, so
 seeds interleave differently. A source that runs out starts over (a new epoch), with a warning.
 """
-import collections
+import collections.abc
 import glob
 import gzip
 import itertools
@@ -210,13 +210,10 @@ class SourceReader:
     file); restoring it skips ahead within one file only."""
 
     def __init__(self, source, split, on_bad_line="skip"):
-        self.source = source
-        self.split = split
-        self.on_bad_line = on_bad_line
+        self.source, self.split, self.on_bad_line = source, split, on_bad_line
         self.files, self.hash_split = source_files(source, split)
         self.names = [os.path.basename(f) for f in self.files] + [None]  # None: past the last file
-        self.epoch = 0
-        self.file_index = 0
+        self.epoch = self.file_index = 0
         self.doc_index = 0      # documents read from files[file_index] (before the hash split)
         self.docs_in_epoch = 0  # documents of this split returned in this epoch
         self._docs = None       # open iterator over files[file_index]
@@ -260,7 +257,7 @@ class SourceReader:
 # -----------------------------------------------------------------------------
 # The weighted mixture of sources
 
-class DocumentMixture:
+class DocumentMixture(collections.abc.Iterator):
     """An iterator of documents (str) over the sources of `spec` (None: the reference shards), each source's
     share of the text following its weight (see the module docstring). infinite=False is one pass over each
     source (tokenizer training). Paths, weights and the split are checked here (DataError); a file's contents
@@ -277,8 +274,7 @@ class DocumentMixture:
                             "--data=PATH")
         self.sources = parse_data_spec(spec) if spec is not None else [DataSource(get_shard_dir(), reference=True)]
         self.readers = [SourceReader(s, split, on_bad_line) for s in self.sources]
-        self.split = split
-        self.infinite = infinite
+        self.split, self.infinite = split, infinite
         total = sum(s.weight for s in self.sources)
         self.shares = [s.weight / total for s in self.sources]
         rng = random.Random(seed)
@@ -286,27 +282,23 @@ class DocumentMixture:
         self.done = [False] * len(self.sources)  # one-pass mode: sources that are finished
         self.index = 0  # documents returned so far: the position in the global stream
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         while True:
-            live = [i for i in range(len(self.readers)) if not self.done[i]]
+            live = [i for i, done in enumerate(self.done) if not done]
             if not live:
                 raise StopIteration
             i = min(live, key=lambda j: (self.passes[j], j))
             text = self.readers[i].next_document()
-            if text is None:
-                if not self.infinite:
-                    self.done[i] = True
-                    continue
-                epochs = ", ".join(f"{s.path} {r.epoch + 1}" for s, r in zip(self.sources, self.readers))
-                logger.warning(f"data source {self.sources[i].path} ({self.split}) ran out and starts epoch "
-                               f"{self.readers[i].epoch + 1}; epochs started per source: {epochs}")
+            if text is not None:
+                self.passes[i] += len(text) / self.shares[i]
+                self.index += 1
+                return text
+            if not self.infinite:
+                self.done[i] = True
                 continue
-            self.passes[i] += len(text) / self.shares[i]
-            self.index += 1
-            return text
+            epochs = ", ".join(f"{s.path} {r.epoch + 1}" for s, r in zip(self.sources, self.readers))
+            logger.warning(f"data source {self.sources[i].path} ({self.split}) ran out and starts epoch "
+                           f"{self.readers[i].epoch + 1}; epochs started per source: {epochs}")
 
     def state_dict(self):
         """Small and JSON-serialisable: restoring it continues the stream exactly."""

@@ -26,16 +26,14 @@ from nanochat.common import autocast_context, get_compute_dtype
 
 
 class KVCache:
-    """
-    Preallocated keys and values for every layer: one tensor of shape (L, 2, B, Hkv, T, D).
+    """Preallocated keys and values for every layer: one tensor of shape (L, 2, B, Hkv, T, D).
 
     The model's attention calls insert_kv(layer_idx, k, v) with the new chunk's keys/values of shape
     (B, Hkv, t, D) and gets back views covering positions [0, pos + t) to attend over. The position
     advances AUTOMATICALLY when the last layer has inserted its chunk, so one model forward = one
     advance by t; get_pos() read before a forward is the position of the chunk's first token (the
     model offsets its rotary embeddings by it). When a sequence outruns the preallocated length the
-    buffer grows (capacity doubles), so callers may size it for the common case.
-    """
+    buffer grows (capacity doubles), so callers may size it for the common case."""
 
     row_mask = None  # every row at the same position: attention needs no per-row mask (see batching.RowKVCache)
 
@@ -203,18 +201,17 @@ class _InductorSettings:
 
 
 class Engine:
-    """Generation for a GPT-like model (forward(idx, kv_cache=..., last_only=...) -> (B, T or 1, V) logits;
-    .config with vocab_size, n_layer, n_kv_head, head_dim, sequence_len) and a nanochat Tokenizer. Special tokens the
-    tokenizer lacks turn their feature off (no <|python_start|>: no tool use; no stop tokens: every row
-    runs to max_tokens). The engine never changes the model; it generates on the model's device.
+    """Generation for a GPT-like model (forward(idx, kv_cache=..., last_only=...) -> (B, T or 1, V) logits; .config
+    with vocab_size, n_layer, n_kv_head, head_dim, sequence_len) and a nanochat Tokenizer. Special tokens the
+    tokenizer lacks turn their feature off (no <|python_start|>: no tool use; no stop tokens: every row runs to
+    max_tokens). The engine never changes the model; it generates on the model's device.
 
-    compile=True runs the single-token decode step through torch.compile with inductor's "freezing"
-    (weights become constants: prepacked for the CPU's matmul kernels, their casts to the compute dtype
-    folded away) and, on CPU, the C++ wrapper (less Python per step). Decode then runs ~1.4-1.7x faster
-    on CPU (docs/benchmarks.md), at the price of a compilation (seconds to tens of seconds) for batch 1
-    and again for the first batch > 1, and a prepacked copy of the weights. For serving a fixed
-    checkpoint: frozen weights must not change, so a model that trains (RL) needs compile=False; the
-    engine checks and raises if they did."""
+    compile=True runs the single-token decode step through torch.compile with inductor's "freezing" (weights
+    become constants: prepacked for the CPU's matmul kernels, their casts to the compute dtype folded away) and,
+    on CPU, the C++ wrapper (less Python per step): decode ~1.4-1.7x faster on CPU (docs/benchmarks.md), at the
+    cost of a compilation (seconds to tens of seconds) at batch 1 and again at the first batch > 1, and a
+    prepacked copy of the weights. For serving a fixed checkpoint: frozen weights must not change, so a model
+    that trains (RL) needs compile=False (the engine raises if they did)."""
 
     def __init__(self, model, tokenizer, compile=False):
         self.model = model
@@ -239,9 +236,7 @@ class Engine:
         """Validated (tokens, max_tokens, top_k, top_p, seed); a clear ValueError otherwise."""
         def is_int(x):
             return isinstance(x, int) and not isinstance(x, bool)
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.tolist()
-        tokens = list(tokens)
+        tokens = list(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
         vocab = self.model.config.vocab_size
         if not tokens:
             raise ValueError("generate: the prompt is empty (give at least one token, e.g. <|bos|>)")
@@ -268,8 +263,7 @@ class Engine:
     # --- generation --------------------------------------------------------
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """
-        Stream num_samples continuations of the prompt `tokens` (a list of ids). Yields, once per step,
+        """Stream num_samples continuations of the prompt `tokens` (a list of ids). Yields, once per step,
         (token_column, token_masks): lists of length num_samples with each row's next token and 1 if it was
         sampled, 0 if it was forced (calculator output). A row's terminal token (<|assistant_end|> or
         <|bos|>) is yielded once, with mask 1; after that the row is done and, while other rows go on,
@@ -280,8 +274,7 @@ class Engine:
 
         For speed, wrap the loop in nanochat.common.autocast_context (as the web server does): the
         weights' casts to the compute dtype are then cached across steps; each step enters autocast itself,
-        so it is correct without.
-        """
+        so it is correct without."""
         tokens, max_tokens, top_k, top_p, seed = self._check_args(tokens, num_samples, max_tokens, temperature,
                                                                   top_k, top_p, seed)
         return self._generate(tokens, num_samples, max_tokens, float(temperature), top_k, top_p, seed)
@@ -300,9 +293,7 @@ class Engine:
         compute_dtype = get_compute_dtype(device.type)
         # keys/values come out in the compute dtype under autocast, else in the weights' dtype
         cache_dtype = weight.dtype if compute_dtype == torch.float32 else compute_dtype
-        rng = torch.Generator(device=device)
-        rng.manual_seed(seed)
-
+        rng = torch.Generator(device=device).manual_seed(seed)
         decode_model = self._decoder() if self.compile else model
 
         def forward(net, ids, cache, **kwargs):
@@ -388,11 +379,9 @@ class Engine:
             row.expr.append(token)
 
     def generate_batch(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42):
-        """
-        All of generate() at once: (results, masks), one list per row. results[i] = prompt + the row's
+        """All of generate() at once: (results, masks), one list per row. results[i] = prompt + the row's
         generated tokens (forced calculator outputs inline, the terminal token not included); masks[i] = 0
-        for every prompt token, then per generated token 1 if sampled, 0 if forced.
-        """
+        for every prompt token, then per generated token 1 if sampled, 0 if forced."""
         tokens = list(tokens.tolist() if isinstance(tokens, torch.Tensor) else tokens)
         gen = self.generate(tokens, num_samples, max_tokens, temperature, top_k, top_p, seed)
         results = [list(tokens) for _ in range(num_samples)]

@@ -29,9 +29,7 @@ import torch.nn.functional as F
 from nanochat.common import dist_rank_world
 from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attention
 
-ACTIVATIONS = ("relu2", "gelu", "silu")
-
-
+ACTIVATIONS = {"relu2": lambda x: F.relu(x).square(), "gelu": F.gelu, "silu": F.silu}  # name -> function
 MAX_SEQUENCE_LEN = 1 << 20
 VE_GATE_CHANNELS = 32  # a value-embedding gate reads this many leading channels of its layer's input
 
@@ -92,7 +90,7 @@ class GPTConfig:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
                 raise ValueError(f"GPTConfig.{name} must be a positive finite number, got {value!r}")
         if self.activation not in ACTIVATIONS:
-            raise ValueError(f"GPTConfig.activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+            raise ValueError(f"GPTConfig.activation must be one of {tuple(ACTIVATIONS)}, got {self.activation!r}")
         for name in ("tie_embeddings", "residual_scalars", "value_embeds"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"GPTConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -114,13 +112,11 @@ def config_for_depth(depth, vocab_size, sequence_len=2048, head_dim=128, **knobs
     """The reference sizing rule: width 64 * depth, heads of about head_dim channels. If n_embd // head_dim
     heads do not divide the width, the largest head count below it that does is used. Other GPTConfig
     fields (n_kv_head, mlp_ratio, activation, tie_embeddings, softcap, rope_base) pass through `knobs`."""
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth <= 0:
-        raise ValueError(f"depth must be a positive int, got {depth!r}")
-    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0:
-        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    for name, value in (("depth", depth), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
     allowed = {f.name for f in fields(GPTConfig)} - {"n_layer", "n_embd", "n_head", "vocab_size", "sequence_len"}
-    unknown = set(knobs) - allowed
-    if unknown:
+    if unknown := set(knobs) - allowed:
         raise ValueError(f"config_for_depth: unknown config field(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     n_embd = 64 * depth
     n_head = largest_divisor(n_embd, n_embd // head_dim)
@@ -170,45 +166,31 @@ class CausalSelfAttention(nn.Module):
         q = apply_rotary(norm(q), cos, sin).transpose(1, 2)  # (B, H, T, D)
         k = apply_rotary(norm(k), cos, sin).transpose(1, 2)
         v = v.transpose(1, 2)
-        row_mask = None
+        # mask: a sliding window, GPT.forward's (the keys each query sees, rows' lengths included), or None
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in another dtype
-            row_mask = kv_cache.row_mask  # rows at different lengths (continuous batching): which keys each row sees
+            if mask is None:  # rows at different lengths (continuous batching): which keys each row sees
+                mask = kv_cache.row_mask
         Tk = k.size(2)
-        gqa = self.n_kv_head != self.n_head
-        if mask is not None:  # a sliding window: GPT.forward built the keys each query sees (rows' lengths included)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        elif row_mask is not None:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=row_mask, enable_gqa=gqa)
-        elif Tk == T:  # training, or a prefill into an empty cache: plain causal
-            y = causal_attention(q, k, v)
-        elif T == 1:  # decode: the one new query sees every cached position
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # chunk after cached tokens: sees the whole prefix, causal inside the chunk
+        if mask is None and T > 1 and Tk != T:  # a chunk after cached tokens: the whole prefix, causal inside it
             mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.c_proj(y)
+        if mask is None and Tk == T:  # training, or a prefill into an empty cache: plain causal
+            y = causal_attention(q, k, v)
+        else:  # a mask, or a decode step (T == 1: the new query sees every cached position)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        hidden = config.mlp_hidden_dim
         self.activation = config.activation
-        self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
-        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
+        self.c_fc = nn.Linear(config.n_embd, config.mlp_hidden_dim, bias=False)
+        self.c_proj = nn.Linear(config.mlp_hidden_dim, config.n_embd, bias=False)
 
     def forward(self, x):
-        x = self.c_fc(x)
-        if self.activation == "relu2":
-            x = F.relu(x).square()
-        elif self.activation == "gelu":
-            x = F.gelu(x)
-        else:
-            x = F.silu(x)
-        return self.c_proj(x)
+        return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))
 
 
 class Block(nn.Module):
@@ -219,8 +201,7 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, kv_cache, ve=None, mask=None):
         x = x + self.attn(norm(x), cos, sin, kv_cache, ve, mask)
-        x = x + self.mlp(norm(x))
-        return x
+        return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -256,23 +237,19 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Reference initialization (normal std given). Untied: embedding std 1; q/k/v/c_fc std n_embd**-0.5; the output
-        projections (attn c_proj, mlp c_proj) and lm_head zero, so every block starts as the identity and
-        the first logits are uniform. Tied: one matrix cannot be both std 1 and zero, and a large tied
-        matrix has a trap: with the blocks starting as the identity, the final hidden state is the
-        normalized embedding of the input token, so the head gives that same token the logit
-        ||w||^2 / rms(w) = n_embd * std while other logits have std sqrt(n_embd) * std (at std n_embd**-0.5
-        that is 36 vs 1 at width 1280: the model starts out predicting "repeat the input"). We use
-        std n_embd**-0.75: the self-logit is n_embd**0.25 (~6 at width 1280, e^6 << vocab), the others
-        ~0, so the first loss is ~ln(vocab) as with the zero head. As an embedding the scale does not
-        matter (an RMSNorm follows the lookup) and the entries stay far above the norm's eps. The
-        matrix gets the head's LR (see setup_optimizers)."""
+        """Reference initialization (normal stds). Untied: embedding 1; q/k/v/c_fc n_embd**-0.5; the output
+        projections (attn and mlp c_proj) and lm_head zero, so every block starts as the identity and the
+        first logits are uniform. Tied: one matrix cannot be both std 1 and zero, and a large one is a trap:
+        with identity blocks the final hidden state is the input token's normalized embedding, so the head
+        gives that token the logit ||w||^2 / rms(w) = n_embd * std, the others std sqrt(n_embd) * std (36 vs
+        1 at std n_embd**-0.5, width 1280: the model starts out predicting "repeat the input"). At std
+        n_embd**-0.75 the self-logit is n_embd**0.25 (~6 at width 1280, e^6 << vocab), the others ~0, so the
+        first loss is ~ln(vocab) as with the zero head. As an embedding the scale does not matter (an RMSNorm
+        follows the lookup; the entries stay far above its eps). The matrix gets the head's LR (setup_optimizers)."""
         d = self.config.n_embd
         wte = self.transformer.wte.weight
-        if self.config.tie_embeddings:
-            nn.init.normal_(wte, mean=0.0, std=d ** -0.75)
-        else:
-            nn.init.normal_(wte, mean=0.0, std=1.0)
+        nn.init.normal_(wte, mean=0.0, std=d ** -0.75 if self.config.tie_embeddings else 1.0)
+        if self.lm_head is not None:
             nn.init.zeros_(self.lm_head.weight)
         for block in self.transformer.h:
             for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
@@ -329,17 +306,16 @@ class GPT(nn.Module):
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0,
                          adam_betas=(0.8, 0.95), scalar_lr=0.5, muon_ortho="newton-schulz", normuon_beta2=0.0,
                          muon_weight_decay=0.0, cautious_wd=False):
-        """Muon for the 2-D matrices inside the blocks, AdamW for embedding and head. AdamW LRs scale
-        as (n_embd / 768) ** -0.5 like the reference (tuned at width 768). The tied matrix is one
-        AdamW group at the head's LR: Adam steps are a fixed size per element, and an embedding-sized
-        step (0.2) would be several times the tied matrix's entries (std n_embd**-0.75); the embedding use
-        does not care about scale (RMSNorm follows it), the head use does. Value-embedding tables: AdamW at
-        the embedding's LR. Residual scalars: AdamW without weight decay, x0_lambdas (additive, forgiving)
-        at scalar_lr, resid_lambdas (multiplicative, compounding over layers) at scalar_lr / 100, as
-        upstream measured. The muon_* options, normuon_beta2 and cautious_wd are Muon's (nanochat/optim.py).
-        Under torch.distributed with world_size > 1 the sharded versions are returned; they average
-        gradients themselves, so do not wrap the model in DDP. Every param group carries "initial_lr" and
-        "initial_weight_decay" for schedules."""
+        """Muon for the 2-D matrices inside the blocks, AdamW for embedding and head, its LRs scaled by
+        (n_embd / 768) ** -0.5 like the reference (tuned at width 768). The tied matrix is one AdamW group at
+        the head's LR: Adam steps are a fixed size per element, and an embedding-sized step (0.2) would be
+        several times its entries (std n_embd**-0.75); the embedding use does not care about scale (RMSNorm
+        follows it), the head use does. Value-embedding tables: AdamW at the embedding's LR. Residual scalars:
+        AdamW without weight decay, x0_lambdas (additive, forgiving) at scalar_lr, resid_lambdas
+        (multiplicative, compounding over layers) at scalar_lr / 100, as upstream measured. The muon_* options,
+        normuon_beta2 and cautious_wd are Muon's (nanochat/optim.py). With world_size > 1 it returns the sharded
+        versions, which average gradients themselves: do not wrap the model in DDP. Every param group carries
+        "initial_lr" and "initial_weight_decay" for schedules."""
         from nanochat.optim import AdamW, DistAdamW, DistMuon, Muon
         scale = (self.config.n_embd / 768) ** -0.5
         matrix_params = list(self.transformer.h.parameters())
@@ -425,8 +401,7 @@ class GPT(nn.Module):
             raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
         targets = targets.reshape(-1)
         if loss_reduction == "none":  # per-token losses (evaluation, RL): whole logits, per-token gradients
-            logits = self._head(x)
-            return SoftcapCrossEntropy.apply(logits.view(-1, logits.size(-1)), targets, cap).view(B, T)
+            return SoftcapCrossEntropy.apply(self._head(x).flatten(0, 1), targets, cap).view(B, T)
         # training: the head's matmul happens inside, by chunks (lm_head's forward hooks do not run)
         head = self.transformer.wte.weight if self.lm_head is None else self.lm_head.weight
         loss = ChunkedHeadLoss.apply(x.reshape(-1, x.size(-1)), head, targets, cap, torch.is_grad_enabled())

@@ -25,7 +25,7 @@ from dataclasses import fields
 import torch
 
 from nanochat.common import atomic_write_text, logger
-from nanochat.gpt import GPTConfig
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.hf_tokenizer import tokenizer_config, tokenizer_json
 from nanochat.tokenizer import TokenizerError
 from nanochat.tokenizer_import import from_hf_json
@@ -86,7 +86,6 @@ def from_hf_state(tensors, config, source):
     """transformers' tensors -> our state_dict, checked against `config` by name and shape; fp32 (bf16 and
     fp16 convert exactly). HFFormatError naming `source` and the tensor otherwise. A tied export that also
     stores lm_head.weight is accepted when it equals the embedding."""
-    from nanochat.gpt import GPT
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     names = expected_names(config)
@@ -121,10 +120,9 @@ def _dtype_name(dtype):
 def hf_config(config, tokenizer, dtype):
     """config.json's contents for GPTConfig `config`. HFFormatError naming the knob the format cannot express.
     tokenizer None (a benchmark's random model): no BOS / EOS ids."""
-    unmapped = [f.name for f in fields(config) if f.name not in CONFIG_FIELDS and getattr(config, f.name) != f.default]
+    unmapped = [f for f in fields(config) if f.name not in CONFIG_FIELDS and getattr(config, f.name) != f.default]
     if unmapped:
-        name = unmapped[0]
-        default = next(f.default for f in fields(config) if f.name == name)
+        name, default = unmapped[0].name, unmapped[0].default
         default = str(default).lower() if isinstance(default, bool) else default
         raise HFFormatError(f"GPTConfig.{name}={getattr(config, name)!r} has no counterpart in transformers' "
                             f"NanoChatConfig: this model cannot be exported in the NanoChat format (train with "
@@ -216,8 +214,7 @@ def generation_config(tokenizer, temperature, top_k, max_new_tokens):
 def export(state, config, tokenizer, out_dir, dtype=None):
     """Write the NanoChat directory `out_dir` (made if missing; other files in it are left alone) for our
     model state, GPTConfig and Tokenizer. Each file is written to a temp name and renamed (never a partial
-    file), config.json last. dtype: the weights' dtype (None: as stored).
-    Returns {file name: bytes}."""
+    file), config.json last. dtype: the weights' dtype (None: as stored). Returns {file name: bytes}."""
     from safetensors.torch import save_file
 
     from nanochat.serve import ServeConfig

@@ -24,8 +24,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         y = y.reshape(-1)
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[torch.where(valid, y, 0)], 0)
-        counted = nbytes > 0
-        total_nats += torch.where(counted, losses, 0.0).sum()
+        total_nats += torch.where(nbytes > 0, losses, 0.0).sum()
         total_bytes += nbytes.sum()
     total_nats, total_bytes = all_reduce_sum(torch.stack([total_nats, total_bytes.double()]))  # bytes exact below 2^53
     if total_bytes.item() == 0:

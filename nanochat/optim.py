@@ -95,8 +95,7 @@ class DistAdamW(AdamW):
         for group, p, grad, work, owner in jobs:
             work.wait()
             if owner is None:
-                rows = p.size(0) // world
-                p_shard = p.data[rank * rows:(rank + 1) * rows]
+                p_shard = p.data.chunk(world)[rank]  # this rank's rows (dim 0 divides by world)
                 adamw_update([p_shard], [grad.div_(world)], [self.state[p]], group)
                 gathers.append(_all_gather(p.data, p_shard, async_op=True))  # in place: p_shard is a view of p
             else:
@@ -172,19 +171,18 @@ def orthogonalize(G, steps=5, method="newton-schulz"):
 
 @torch.no_grad()
 def normuon_scale(O, states, beta2, eps=1e-10):
-    """NorMuon (Li et al. 2025, arXiv 2510.05491): per-neuron adaptive scale of the orthogonalized
-    update O, a stack (n, rows, cols); returns the fp32 factors to multiply it by, (n, rows, 1) or (n, 1, cols)
-    (muon_apply folds them into the parameter update, so the rescaled stack is never materialised).
+    """NorMuon (Li et al. 2025, arXiv 2510.05491): per-neuron adaptive scale of the orthogonalized update O, a
+    stack (n, rows, cols); returns the fp32 factors to multiply it by, (n, rows, 1) or (n, 1, cols) (muon_apply
+    folds them into the parameter update, so the rescaled stack is never materialised).
 
-    One second-moment value per row when rows >= cols, else per column (as upstream nanochat), i.e.
-    per entry of the larger dimension, averaging O^2 along the smaller one. The other choice would do
-    nothing: a semi-orthogonal matrix has orthonormal columns when tall (every column norm is 1) and
-    orthonormal rows when wide, so only the larger dimension's slices differ in size. With that mean m,
-    states[i]["second_moment"] (fp32, (rows, 1) or (1, cols)) keeps v = beta2 v + (1 - beta2) m, and
-    O_hat = O / sqrt(v + eps), rescaled to O's Frobenius norm so the learning rate keeps its meaning:
-    only the distribution across neurons changes. No bias correction: with v starting at 0 it is v's
-    true value times (1 - beta2^t), one scalar for every neuron, which the rescale to ||O|| cancels.
-    One pass over O: the squared norms of its slices give m and both Frobenius norms
+    One second-moment value per entry of the larger dimension (per row when rows >= cols, as upstream nanochat),
+    averaging O^2 along the smaller one. The other choice would do nothing: a semi-orthogonal matrix has
+    orthonormal columns when tall (every column norm is 1) and orthonormal rows when wide, so only the larger
+    dimension's slices differ in size. With that mean m, states[i]["second_moment"] (fp32, (rows, 1) or
+    (1, cols)) keeps v = beta2 v + (1 - beta2) m, and O_hat = O / sqrt(v + eps), rescaled to O's Frobenius norm
+    so the learning rate keeps its meaning: only the distribution across neurons changes. No bias correction:
+    with v starting at 0 it is v's true value times (1 - beta2^t), one scalar for every neuron, which the
+    rescale to ||O|| cancels. One pass over O: its slices' squared norms give m and both Frobenius norms
     (||O_hat||^2 = sum of the slices' squared norms times their factor squared)."""
     dim = -1 if O.size(-2) >= O.size(-1) else -2
     sum_sq = torch.linalg.vector_norm(O, dim=dim, keepdim=True, dtype=torch.float32).square()  # (n, rows, 1) or (n, 1, cols)
@@ -238,14 +236,6 @@ def muon_apply(params, grads, states, group):
 MUON_VARIANT_DEFAULTS = dict(ortho="newton-schulz", normuon_beta2=0.0, weight_decay=0.0, cautious_wd=False)
 
 
-def _check_muon_group(group):
-    _ortho_coeffs(group["ortho"], group["ns_steps"])
-    if not 0.0 <= group["normuon_beta2"] < 1.0:
-        raise ValueError(f"normuon_beta2 must be in [0, 1) (0 turns NorMuon off), got {group['normuon_beta2']}")
-    if group["weight_decay"] < 0:
-        raise ValueError(f"weight_decay must be >= 0 (0 turns it off), got {group['weight_decay']}")
-
-
 class Muon(torch.optim.Optimizer):
     """Muon for 2-D parameters only (the matrices inside the transformer blocks). The defaults are plain
     Muon; ortho="polar-express", normuon_beta2 > 0 (NorMuon; upstream uses 0.95), weight_decay > 0 and
@@ -257,7 +247,11 @@ class Muon(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ortho=ortho,
                                       normuon_beta2=normuon_beta2, weight_decay=weight_decay, cautious_wd=cautious_wd))
         for group in self.param_groups:
-            _check_muon_group(group)
+            _ortho_coeffs(group["ortho"], group["ns_steps"])  # ValueError: unknown method, too many steps
+            if not 0.0 <= group["normuon_beta2"] < 1.0:
+                raise ValueError(f"normuon_beta2 must be in [0, 1) (0 turns NorMuon off), got {group['normuon_beta2']}")
+            if group["weight_decay"] < 0:
+                raise ValueError(f"weight_decay must be >= 0 (0 turns it off), got {group['weight_decay']}")
             for p in group["params"]:
                 if p.ndim != 2:
                     raise ValueError(f"Muon only handles 2-D parameters, got shape {tuple(p.shape)}")

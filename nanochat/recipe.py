@@ -114,8 +114,7 @@ def planned_changes(max_seq_len, context_label="context"):
     rows, together = [], {}
     for label, change, in_plan in PLANNED_CHANGES:
         change = dict(change)
-        divisor = change.pop("context_divisor", None)
-        if divisor:
+        if divisor := change.pop("context_divisor", None):
             change["max_seq_len"] = max_seq_len // divisor
             label = f"{context_label} {change['max_seq_len']}"
         rows.append((label, change))
@@ -148,10 +147,7 @@ RECIPE_CHANGES = (
 
 def recipe_changes():
     """[(label, flag values)]: each recipe change alone, then "new recipe" (the marked ones merged in order)."""
-    together = {}
-    for _, change, in_recipe in RECIPE_CHANGES:
-        if in_recipe:
-            together.update(change)
+    together = {k: v for _, change, in_recipe in RECIPE_CHANGES if in_recipe for k, v in change.items()}
     return [(label, dict(change)) for label, change, _ in RECIPE_CHANGES] + [("new recipe", together)]
 
 

@@ -235,8 +235,7 @@ def code_size(root=REPO_ROOT):
 
 def list_sections(report_dir):
     """Section slugs present, in pipeline order, then the others sorted."""
-    present = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(report_dir, "*.md"))}
-    present.discard(REPORT_FILE[:-3])
+    present = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(report_dir, "*.md"))} - {REPORT_FILE[:-3]}
     known = [slugify(t) for t in SECTION_ORDER if slugify(t) in present]
     return known + sorted(present - set(known))
 
@@ -290,10 +289,8 @@ def cost_markdown(all_metrics, gpu_hour_cost, wall_seconds, num_gpus):
 # Assembling report.md
 
 def header_markdown(start, now, hw, git, code):
-    cores = f"{hw['logical_cores']} logical"
-    if hw["physical_cores"]:
-        cores = f"{hw['physical_cores']} physical / {cores}"
-    gpus = ", ".join(f"{name} ({mem:.0f} GiB)" for name, mem in hw["gpus"]) if hw["gpus"] else "none"
+    physical = f"{hw['physical_cores']} physical / " if hw["physical_cores"] else ""
+    gpus = ", ".join(f"{name} ({mem:.0f} GiB)" for name, mem in hw["gpus"])
     exts = ", ".join(f"{e} {n:,}" for e, n in sorted(code["lines_by_ext"].items(), key=lambda kv: -kv[1]))
     deps = "unknown" if code["dependencies"] is None else len(code["dependencies"])
     started = "unknown" if start is None else datetime.fromtimestamp(start).astimezone().isoformat(timespec="seconds")
@@ -303,7 +300,7 @@ def header_markdown(start, now, hw, git, code):
         f"Run started: {started}", "",
         "## Environment", "",
         f"- Git: branch {git['branch']}, commit {git['commit']} ({git['dirty']})",
-        f"- CPU: {hw['cpu']} ({cores} cores)",
+        f"- CPU: {hw['cpu']} ({physical}{hw['logical_cores']} logical cores)",
         f"- GPUs: {len(hw['gpus'])} x {gpus}" if hw["gpus"] else "- GPUs: none",
         f"- Memory: {hw['memory_gib']:.1f} GiB",
         f"- Software: Python {platform.python_version()}, PyTorch {torch.__version__}, {platform.platform()}",

@@ -3,9 +3,8 @@ Byte-level BPE tokenizer in the GPT-4 style: text is pre-split by a regex, merge
 split boundaries, and every byte sequence encodes and decodes back exactly.
 
 Training uses the native `rustbpe` trainer: on 50 MB at vocab 32k it was 3.5x faster than Hugging
-Face `tokenizers` with identical compression (bench/tokenizer.py, docs/benchmarks.md). Encoding
-always goes through tiktoken. On disk a tokenizer is three files that
-loading cannot execute code from (no pickle):
+Face `tokenizers` with identical compression (bench/tokenizer.py, docs/benchmarks.md). Encoding always
+goes through tiktoken. On disk a tokenizer is three files that loading cannot execute code from (no pickle):
     ranks.tiktoken    one "base64(token bytes) rank" line per mergeable token (tiktoken's format)
     token_bytes.pt    int32 tensor: UTF-8 byte length of every token id, 0 for special tokens
     meta.json         split pattern, special tokens, vocab size and the files' sha256, written last
@@ -168,8 +167,7 @@ class Tokenizer:
         if len(ranks) < vocab_size - len(SPECIAL_TOKENS):
             logger.warning(f"the corpus ({stats['chars']:,} chars) only supports {len(ranks) - 256} merges; "
                            f"vocab is {len(ranks) + len(SPECIAL_TOKENS)} instead of {vocab_size}")
-        special_tokens = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-        tok = cls(ranks, special_tokens, pattern)
+        tok = cls(ranks, {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}, pattern)
         tok.train_stats = stats
         return tok
 
@@ -303,10 +301,9 @@ class Tokenizer:
         and empty content are fine), a leading system message merged into the first user turn (a new
         dict: the caller's conversation is not modified)."""
         messages = validate_conversation(conversation, strict=False)
-        if messages[0]["role"] == "system":
-            merged = {"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
-            messages = [merged] + messages[2:]
-        return messages
+        if messages[0]["role"] != "system":
+            return messages
+        return [{"role": "user", "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}] + messages[2:]
 
     def _render(self, messages):
         s = self.encode_special
@@ -353,14 +350,10 @@ class Tokenizer:
         the rest grey; without, learned tokens are wrapped in [ ] and tokens separated by |."""
         if len(ids) != len(mask):
             raise ValueError(f"ids and mask differ in length ({len(ids)} vs {len(mask)})")
-        out = []
-        for i, m in zip(ids, mask):
-            text = self.id_to_token(i)
-            if color:
-                out.append(("\033[92m" if m else "\033[90m") + text + "\033[0m")
-            else:
-                out.append(f"[{text}]" if m else text)
-        return ("" if color else "|").join(out)
+        texts = [self.id_to_token(i) for i in ids]
+        if color:
+            return "".join(("\033[92m" if m else "\033[90m") + t + "\033[0m" for t, m in zip(texts, mask))
+        return "|".join(f"[{t}]" if m else t for t, m in zip(texts, mask))
 
 
 class StreamDecoder:
@@ -381,12 +374,10 @@ class StreamDecoder:
         self.window.append(token_id)
         text = self.tokenizer.decode(self.window)
         complete = len(text.rstrip("\ufffd"))
-        if complete == len(text) or len(self.window) >= self.MAX_WINDOW:
-            piece = text[self.emitted:]
-            self.window, self.emitted = [], 0
-            return piece
+        if complete == len(text) or len(self.window) >= self.MAX_WINDOW:  # a clean cut: emit everything
+            complete, self.window = len(text), []
         piece = text[self.emitted:complete]
-        self.emitted = max(self.emitted, complete)
+        self.emitted = max(self.emitted, complete) if self.window else 0
         return piece
 
     def flush(self):

@@ -1,15 +1,10 @@
 """
-What every training stage (base, mid, SFT, RL) shares, so that each script keeps only its own loop:
-
-- batch arithmetic and the learning-rate / momentum schedules;
-- the device-batch-size probe;
-- the gradient step: accumulation over micro-batches, clipping on the global gradient, the optimizer step;
-- per-step bookkeeping (StepStats: timing, smoothed loss, throughput/MFU, ETA) and the log (StepLogger:
-  console, JSON lines, optional wandb);
-- checkpoint state a run resumes from exactly, and the model a chat stage starts from;
-- the end-of-stage report section.
-
-The command-line side (flag groups, exit-with-message helpers) lives with the scripts in scripts/_cli.py.
+What every training stage (base, mid, SFT, RL) shares, so that each script keeps only its own loop: batch
+arithmetic and the learning-rate / momentum schedules; the device-batch-size probe; the loop's skeleton; the
+gradient step (accumulation over micro-batches, clipping on the global gradient, the optimizer step); per-step
+bookkeeping (StepStats: timing, smoothed loss, throughput/MFU, ETA) and the log (StepLogger: console, JSON lines,
+optional wandb); checkpoint state a run resumes from exactly, and the model a chat stage starts from; the end of a
+stage (its report section). The command-line side (flag groups, exit-with-message helpers) is scripts/_cli.py.
 """
 import dataclasses
 import functools
@@ -21,8 +16,8 @@ import torch
 
 from nanochat.checkpoint import (CheckpointError, checkpoints_root, find_largest_model, find_last_step, load_checkpoint,
                                  load_model, resolve_checkpoint, save_checkpoint)
-from nanochat.common import (DummyWandb, all_reduce_sum, autocast_context, autodetect_device_type, compute_init,
-                             format_duration, get_compute_dtype, get_peak_memory, print0, synchronize)
+from nanochat.common import (DummyWandb, all_reduce_sum, autocast_context, autodetect_device_type, compute_cleanup,
+                             compute_init, format_duration, get_compute_dtype, get_peak_memory, print0, synchronize)
 
 # -----------------------------------------------------------------------------
 # Batch arithmetic and schedules
@@ -108,6 +103,22 @@ def init_device(device_type, seed):
     return device_type, rank, world_size, device, dtype, functools.partial(autocast_context, device_type, dtype)
 
 # -----------------------------------------------------------------------------
+# The stage loop
+
+
+def stage_steps(start_step, num_iterations, resumed=False):
+    """The skeleton of every stage's loop: (step, last, fresh) for the weights after each `step` steps, which the
+    stage evaluates and saves, then (unless `last`) trains one step further. `fresh` is False only on a resumed
+    run's first step, whose evaluations its log holds already."""
+    for step in range(start_step, num_iterations + 1):
+        yield step, step == num_iterations, not (resumed and step == start_step)
+
+
+def every(step, n):
+    """Whether a job run every `n` steps (evaluation, samples, checkpoints; n <= 0: never) falls on `step` > 0."""
+    return n > 0 and step > 0 and step % n == 0
+
+# -----------------------------------------------------------------------------
 # The gradient step
 
 
@@ -134,25 +145,19 @@ def accumulate_gradients(train_model, batches, autocast, world_size=1, per_token
     return total / n
 
 
-def average_gradients_(params, world_size):
-    """All-reduce gradients to their mean across ranks, in place. Only needed before gradient clipping
-    under torchrun: the clip must see the global gradient, exactly as a single process with gradient
-    accumulation would. The distributed optimizers then reduce again (sum / world_size) and get the
-    same mean back, so their update is unchanged."""
-    import torch.distributed as dist
-    works = [dist.all_reduce(p.grad, async_op=True) for p in params if p.grad is not None]
-    for work in works:
-        work.wait()
-    for p in params:
-        if p.grad is not None:
-            p.grad.div_(world_size)
-
-
 def optimizer_step(model, optimizers, grad_clip=0.0, world_size=1):
-    """Clip (on the global gradient under torchrun), step every optimizer, zero the gradients."""
+    """Clip, step every optimizer, zero the gradients. Under torchrun the clip must see the global gradient, exactly
+    as a single process with gradient accumulation would, so the gradients are first all-reduced to their mean
+    across ranks, in place; the distributed optimizers then reduce again (sum / world_size) and get the same mean
+    back, so their update is unchanged."""
     if grad_clip > 0:
         if world_size > 1:
-            average_gradients_(list(model.parameters()), world_size)
+            import torch.distributed as dist
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            for work in [dist.all_reduce(g, async_op=True) for g in grads]:
+                work.wait()
+            for g in grads:
+                g.div_(world_size)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     for opt in optimizers:
         opt.step()
@@ -225,9 +230,7 @@ class StepLogger:
     and wandb when a run name is given. Only rank 0 writes."""
 
     def __init__(self, run_dir, run_name, config, rank=0, project="nanochat", resume=False):
-        self.rank = rank
-        self.path = os.path.join(run_dir, "log.jsonl")
-        self.wandb = DummyWandb()
+        self.rank, self.path, self.wandb = rank, os.path.join(run_dir, "log.jsonl"), DummyWandb()
         if rank != 0:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -294,8 +297,9 @@ class HeldOutLoss:
 
 
 def save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank=0, world_size=1):
-    """A checkpoint a run can resume from exactly: weights, each rank's optimizer and loader states, RNG.
-    Collective under torchrun."""
+    """A checkpoint a run can resume from exactly: weights, each rank's optimizer and loader states, RNG; `meta`
+    with the model's config first. Collective under torchrun."""
+    meta = {"model_config": dataclasses.asdict(model.config), **meta}
     state = {"optimizers": [opt.state_dict() for opt in optimizers], "loaders": [l.state_dict() for l in loaders]}
     rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None}
     return save_checkpoint(ckpt_dir, step, model.state_dict(), state, meta, rank=rank, world_size=world_size,
@@ -349,21 +353,24 @@ def open_stage(stage, input_source, device, model_tag=None, step=None, output_ta
 # The end of a stage
 
 
-def report_stage(title, rows, flags, metrics, stats, world_size, device_type, dtype, summary="", extra=""):
-    """Print the closing line and (rank 0) write the stage's report section: the stage's `rows` (metric, value)
-    followed by what every stage reports (training time, peak memory, world size, device, dtype), `extra`
-    markdown, and the flags the run was given; `metrics` go to the summary table, with GPU hours on CUDA."""
+def finish_stage(title, rows, flags, metrics, stats, logger, world_size, device_type, dtype, summary="", extra=""):
+    """Print the closing line, (rank 0) write the stage's report section, finish the log and leave the process
+    group. The section holds the stage's `rows` (metric, value) followed by what every stage reports (training
+    time, peak memory, world size, device, dtype), `extra` markdown, and the flags the run was given; `metrics` go
+    to the summary table, with GPU hours on CUDA."""
     peak_mem = get_peak_memory(device_type)
     print0(f"peak memory {peak_mem / 2**20:,.0f} MiB | training time {format_duration(stats.total_time)}"
            + (f" | {summary}" if summary else ""))
-    if int(os.environ.get("RANK", 0)) != 0:
-        return
-    from nanochat.report import write_section
-    rows = rows + [("training time", format_duration(stats.total_time)), ("peak memory (MiB)", f"{peak_mem / 2**20:,.0f}"),
-                   ("world size", world_size), ("device", device_type), ("dtype", str(dtype).removeprefix("torch."))]
-    body = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
-    flag_text = " ".join(f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if v not in (None, ""))
-    metrics = {**metrics, "training_seconds": stats.total_time}
-    if device_type == "cuda":
-        metrics["gpu_hours"] = world_size * stats.total_time / 3600
-    write_section(title, f"{body}{extra}\n\nflags: `{flag_text}`", metrics=metrics)
+    if int(os.environ.get("RANK", 0)) == 0:
+        from nanochat.report import write_section
+        rows = rows + [("training time", format_duration(stats.total_time)),
+                       ("peak memory (MiB)", f"{peak_mem / 2**20:,.0f}"), ("world size", world_size),
+                       ("device", device_type), ("dtype", str(dtype).removeprefix("torch."))]
+        body = "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+        flag_text = " ".join(f"--{k.replace('_', '-')}={v}" for k, v in flags.items() if v not in (None, ""))
+        metrics = {**metrics, "training_seconds": stats.total_time}
+        if device_type == "cuda":
+            metrics["gpu_hours"] = world_size * stats.total_time / 3600
+        write_section(title, f"{body}{extra}\n\nflags: `{flag_text}`", metrics=metrics)
+    logger.finish()
+    compute_cleanup()

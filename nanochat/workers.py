@@ -11,7 +11,7 @@ import asyncio
 import queue
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from contextlib import nullcontext
 
 import torch
@@ -178,22 +178,17 @@ class Job:
         self.put("closed")
         self.put("release", (self.generated, time.perf_counter() - self.t0))
 
-    async def _next_events(self):
-        """The next batch of events: what one flush of the worker (one step) brought this job."""
-        while not self.events:
-            self.ready = self.loop.create_future()
-            await self.ready
-        return self.events.popleft()
-
     async def pieces(self):
         """The reply's text as it is generated, in non-empty pieces that never split a character and never
         show a stop string (text that may be the start of one is held back until it is known not to be);
         at a stop string the text before it is the last piece and generation is cancelled. Sets
         finish_reason; raises RuntimeError if generation failed."""
-        decoder, stops, held = StreamDecoder(self.pool.tokenizer), self.request.stop, ""
-        closed = False
+        decoder, stops, held, closed = StreamDecoder(self.pool.tokenizer), self.request.stop, "", False
         while not closed:
-            for kind, value in await self._next_events():
+            while not self.events:  # until the worker's next flush (one step) brings this job a batch of events
+                self.ready = self.loop.create_future()
+                await self.ready
+            for kind, value in self.events.popleft():
                 if kind == "closed":
                     closed = True
                     break
@@ -342,9 +337,7 @@ class WorkerPool:
         self._prune(now)
         span = min(self.window, max(now - self.started_at, 1e-9))
         step_seconds = sum(w.step_seconds for w in self.workers)
-        active = {id(w): 0 for w in self.workers}
-        for j in self.jobs:
-            active[id(j.worker)] += 1
+        active = Counter(id(j.worker) for j in self.jobs)
         return dict(
             workers=len(self.workers), slots=self.slots, busy=self.busy, queue=self.waiting, max_queue=self.max_queue,
             **self.counts, tokens=self.tokens,

@@ -1,16 +1,16 @@
 """
 The command-line plumbing the scripts share: the training stages' (base_train, mid_train, chat_sft, chat_rl)
-flag groups, and start-up steps that turn a missing file or a bad flag into a one-line exit naming the script.
-Not an entry point; the library side of the stages (schedules, the gradient step, step stats, checkpoint state,
-the report section) is nanochat/training.py.
+flag groups, the optimizer step their flags schedule, and start-up steps that turn a missing file or a bad flag
+into a one-line exit naming the script. Not an entry point; the library side of the stages (schedules, the
+gradient step, step stats, checkpoint state, the report section) is nanochat/training.py.
 """
-import os
 import sys
 
 from nanochat.checkpoint import CheckpointError, find_last_step, load_model, resolve_checkpoint
 from nanochat.common import (auto_bool, autodetect_device_type, non_negative_float, non_negative_int, positive_float,
                              positive_int, print0, str2bool)
-from nanochat.training import open_stage, restore_training_state
+from nanochat.training import (lr_multiplier, muon_momentum, open_stage, optimizer_step, restore_training_state,
+                               set_learning_rates, wd_multiplier)
 
 CATEGORICAL = "ARC-Easy|ARC-Challenge|MMLU"
 
@@ -91,7 +91,7 @@ def add_optimizer_flags(g, *, init_lr_frac, warmdown_ratio, warmdown_help="fract
 
 
 def check_optimizer_flags(parser, args):
-    """parser.error (exit 2, naming the flag) on add_optimizer_flags values out of range."""
+    """`args`, or parser.error (exit 2, naming the flag) on add_optimizer_flags values out of range."""
     for name in ("warmup_ratio", "warmdown_ratio", "final_lr_frac"):
         if not 0.0 <= getattr(args, name, 0.0) <= 1.0:
             parser.error(f"argument --{name.replace('_', '-')}: must be between 0 and 1")
@@ -99,6 +99,7 @@ def check_optimizer_flags(parser, args):
         parser.error("--warmup-ratio plus --warmdown-ratio must not exceed 1")
     if not getattr(args, "init_lr_frac", 1.0) > 0:
         parser.error("argument --init-lr-frac: must be positive")
+    return args
 
 
 def add_chat_data_flags(parser, eval_every, with_mask_loss=False):
@@ -160,15 +161,30 @@ def setup_stage_optimizers(model, args, num_iterations=None):
 
 def resume_or_exit(script, logger, ckpt_dir, step, optimizers, loaders, device, device_type, rank=0, world_size=1,
                    accum=1, model=None):
-    """restore_training_state (with `model`: its weights too), then drop the log's records after `step`; exits
-    with '<script>: cannot resume: <why>' when the checkpoint does not fit this run."""
+    """restore_training_state from `step` (None: the last complete one; with `model`: its weights too), then drop
+    the log's records after it; returns the step. Exits with '<script>: cannot resume: <why>' when there is no
+    checkpoint or it does not fit this run."""
     try:
+        step = find_last_step(ckpt_dir) if step is None else step
         restore_training_state(ckpt_dir, step, optimizers, loaders, device, device_type, rank, world_size, accum,
                                model=model)
     except (CheckpointError, ValueError) as e:
         stage_error(f"{script}: cannot resume: {e}")
     logger.truncate_after(step)
     print0(f"resumed from {ckpt_dir} step {step}")
+    return step
+
+
+def step_optimizers(args, model, optimizers, step, num_iterations, world_size, momentum=True):
+    """The optimizer step after the gradients of `step`: the rates of the add_optimizer_flags schedule (Muon's
+    momentum ramp unless momentum=False; the weight-decay schedule where the stage has --wd-schedule), then
+    optimizer_step with --grad-clip. Returns the learning-rate multiplier."""
+    lrm = lr_multiplier(step, num_iterations, getattr(args, "warmup_ratio", 0.0), args.warmdown_ratio,
+                        args.final_lr_frac, getattr(args, "warmup_steps", 0))
+    wdm = wd_multiplier(step, num_iterations, args.wd_schedule) if hasattr(args, "wd_schedule") else None
+    set_learning_rates(optimizers, lrm, momentum=muon_momentum(step) if momentum else None, wdm=wdm)
+    optimizer_step(model, optimizers, args.grad_clip, world_size)
+    return lrm
 
 # -----------------------------------------------------------------------------
 # The trained model a chat script (chat_cli, chat_web, chat_eval) loads

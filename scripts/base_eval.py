@@ -44,10 +44,9 @@ def write_results_csv(out, tag):
     with atomic_open(path, "w") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(["Task", "Accuracy", "Centered", "Items", "Status"])
-        for label, r in out["results"].items():
-            w.writerow([label, f"{r['accuracy']:.6f}", f"{r['centered']:.6f}", r["num_items"], "ok"])
-        for label in out["missing"]:
-            w.writerow([label, "", "", 0, "missing"])
+        w.writerows([label, f"{r['accuracy']:.6f}", f"{r['centered']:.6f}", r["num_items"], "ok"]
+                    for label, r in out["results"].items())
+        w.writerows([label, "", "", 0, "missing"] for label in out["missing"])
         w.writerow(["CORE", "", f"{out['core']:.6f}", "", ""])
     return path
 
@@ -57,13 +56,12 @@ def write_report(out, info):
     with the metric CORE for the summary table; returns its path."""
     from nanochat.report import write_section
     lines = [f"- {k}: {v}" for k, v in info.items()]
-    lines.append(f"- max per task: {out['max_per_task'] if out['max_per_task'] > 0 else 'all'}")
-    lines.append(f"- CORE: {out['core']:.4f} (mean centered accuracy over {len(out['results'])} tasks)")
-    lines.append(f"- missing tasks: {', '.join(out['missing']) if out['missing'] else 'none'}")
-    lines += ["", "| Task | Type | Shots | Items | Accuracy | Centered |", "|---|---|---|---|---|---|"]
-    for label, r in out["results"].items():
-        lines.append(f"| {label} | {r['task_type']} | {r['num_fewshot']} | {r['num_items']} | "
-                     f"{r['accuracy']:.4f} | {r['centered']:.4f} |")
+    lines += [f"- max per task: {out['max_per_task'] if out['max_per_task'] > 0 else 'all'}",
+              f"- CORE: {out['core']:.4f} (mean centered accuracy over {len(out['results'])} tasks)",
+              f"- missing tasks: {', '.join(out['missing']) if out['missing'] else 'none'}",
+              "", "| Task | Type | Shots | Items | Accuracy | Centered |", "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {r['task_type']} | {r['num_fewshot']} | {r['num_items']} | {r['accuracy']:.4f} | "
+              f"{r['centered']:.4f} |" for label, r in out["results"].items()]
     return write_section("Base model evaluation", "\n".join(lines), metrics={"CORE": out["core"]})
 
 # -----------------------------------------------------------------------------

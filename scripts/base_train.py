@@ -17,18 +17,17 @@ import time
 
 import torch
 
-from nanochat.checkpoint import CheckpointError, checkpoints_root, find_last_step
-from nanochat.common import (all_reduce_sum, compute_cleanup, format_duration, get_peak_flops, make_parser,
-                             positive_float, positive_int, print0, str2bool)
+from nanochat.checkpoint import checkpoints_root
+from nanochat.common import (all_reduce_sum, format_duration, get_peak_flops, make_parser, positive_float, positive_int,
+                             print0, str2bool)
 from nanochat.dataset import DataError
 from nanochat.engine import SAMPLE_PROMPTS, greedy_samples
 from nanochat.recipe import add_model_flags, batch_size_flag, config_from_flags, training_horizon
-from nanochat.training import (StepLogger, StepStats, accumulate_gradients, find_device_batch_size, grad_accum_steps,
-                               init_device, lr_multiplier, muon_momentum, optimizer_step, report_stage,
-                               save_training_state, set_learning_rates, wd_multiplier)
+from nanochat.training import (StepLogger, StepStats, accumulate_gradients, every, find_device_batch_size, finish_stage,
+                               grad_accum_steps, init_device, save_training_state, stage_steps)
 
-from ._cli import (add_optimizer_flags, add_run_flags, check_optimizer_flags, resume_or_exit,
-                         setup_stage_optimizers, stage_error, use_compile)
+from ._cli import (add_optimizer_flags, add_run_flags, check_optimizer_flags, resume_or_exit, setup_stage_optimizers,
+                   stage_error, step_optimizers, use_compile)
 
 
 def get_args(argv=None):
@@ -64,8 +63,7 @@ def get_args(argv=None):
             args.device_batch_size = positive_int(args.device_batch_size)
         except Exception:
             p.error(f"argument --device-batch-size: expected a positive integer or 'auto', got {args.device_batch_size!r}")
-    check_optimizer_flags(p, args)
-    return args
+    return check_optimizer_flags(p, args)
 
 
 def main(argv=None):
@@ -121,7 +119,6 @@ def main(argv=None):
         B = args.device_batch_size
     accum = grad_accum_steps(args.total_batch_size, B, T, world_size)
 
-    total_params = params["total"]
     print0(f"batch: {B} rows x {T} tokens x {world_size} rank(s) x {accum} accumulation step(s) = "
            f"{args.total_batch_size:,} tokens/step; {num_iterations:,} steps = {total_tokens:,} tokens "
            f"({total_tokens / params['scaling']:.1f} tokens per scaling parameter, {flops_per_token * total_tokens:e} FLOPs)")
@@ -141,25 +138,16 @@ def main(argv=None):
             eval_dir = resolve_eval_dir(args.eval_dir)
         except (OSError, RuntimeError, ValueError) as e:
             stage_error(f"base_train: CORE bundle: {e}")
-    start_step = 0
-    user_config = dict(vars(args))
-    logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
-    if args.resume:
-        try:
-            start_step = find_last_step(ckpt_dir)
-        except CheckpointError as e:
-            stage_error(f"base_train: cannot resume: {e}")
-        resume_or_exit("base_train", logger, ckpt_dir, start_step, optimizers, loaders, device, device_type, rank,
-                       world_size, accum, model=model)
+    logger = StepLogger(ckpt_dir, args.run, vars(args), rank=rank, resume=args.resume)
+    start_step = (resume_or_exit("base_train", logger, ckpt_dir, None, optimizers, loaders, device, device_type, rank,
+                                 world_size, accum, model=model) if args.resume else 0)
     stats = StepStats(num_iterations, start_step, device_type, per_step=args.total_batch_size,
                       flops_per_unit=flops_per_token, peak_flops=get_peak_flops(device_type, dtype) * world_size)
 
     eval_steps = max(1, args.eval_tokens // (B * T * world_size))
     val_bpb, min_val_bpb, core = None, float("inf"), None
     wall_start = time.time()
-    step = start_step
-    while True:
-        last = step == num_iterations
+    for step, last, _ in stage_steps(start_step, num_iterations):
         # ---- evaluation, samples, checkpoint (on the weights after `step` steps)
         if last or (args.eval_every > 0 and step % args.eval_every == 0):
             model.eval()
@@ -174,7 +162,7 @@ def main(argv=None):
             logger.log({"step": step, "val_bpb": val_bpb, "total_training_flops": flops_per_token * args.total_batch_size * step},
                        f"step {step:05d} | validation bpb {val_bpb:.4f}")
             model.train()
-        if args.core_metric_every > 0 and (last or (step > 0 and step % args.core_metric_every == 0)):
+        if args.core_metric_every > 0 and (last or every(step, args.core_metric_every)):
             from nanochat.core_eval import evaluate_core
             model.eval()
             with autocast():
@@ -182,16 +170,15 @@ def main(argv=None):
             core = result["core"]
             logger.log({"step": step, "core_metric": core}, f"step {step:05d} | CORE {core:.4f}")
             model.train()
-        if args.sample_every > 0 and rank == 0 and (last or (step > 0 and step % args.sample_every == 0)):
+        if args.sample_every > 0 and rank == 0 and (last or every(step, args.sample_every)):
             model.eval()
             with autocast():
                 for text in greedy_samples(model, tokenizer, SAMPLE_PROMPTS):
                     print0(f"sample: {text!r}")
             model.train()
-        if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            meta = {"model_config": dataclasses.asdict(config), "user_config": user_config, "val_bpb": val_bpb,
-                    "accum": accum, "device_batch_size": B, "num_iterations": num_iterations,
-                    "tokenizer_vocab_size": tokenizer.get_vocab_size()}
+        if step > start_step and (last or every(step, args.save_every)):
+            meta = {"user_config": vars(args), "val_bpb": val_bpb, "accum": accum, "device_batch_size": B,
+                    "num_iterations": num_iterations, "tokenizer_vocab_size": tokenizer.get_vocab_size()}
             save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank, world_size)
         if last:
             break
@@ -200,25 +187,18 @@ def main(argv=None):
         stats.begin()
         loss = accumulate_gradients(train_model, [next(loader) for loader in loaders], autocast, world_size,
                                     per_token=False)
-        lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac,
-                            args.warmup_steps)
-        set_learning_rates(optimizers, lrm, momentum=muon_momentum(step),
-                           wdm=wd_multiplier(step, num_iterations, args.wd_schedule))
-        optimizer_step(model, optimizers, args.grad_clip, world_size)
-        step += 1
-        logger.log(*stats.end(step, lrm, loss=all_reduce_sum(loss).item()))
+        lrm = step_optimizers(args, model, optimizers, step, num_iterations, world_size)
+        logger.log(*stats.end(step + 1, lrm, loss=all_reduce_sum(loss).item()))
 
     total_flops = flops_per_token * total_tokens
-    rows = [("model tag", model_tag), ("depth", args.depth), ("parameters", f"{total_params:,}"),
+    rows = [("model tag", model_tag), ("depth", args.depth), ("parameters", f"{params['total']:,}"),
             ("FLOPs per token", f"{flops_per_token:e}"), ("training tokens", f"{total_tokens:,}"),
             ("steps", num_iterations), ("total FLOPs", f"{total_flops:e}"), ("min validation bpb", f"{min_val_bpb:.4f}"),
             ("final validation bpb", f"{val_bpb:.4f}"), ("CORE", "n/a" if core is None else f"{core:.4f}")]
-    report_stage("Base model training", rows, user_config, {"val_bpb": min_val_bpb, "CORE": core, "parameters": total_params,
-                 "total_flops": total_flops}, stats, world_size, device_type, dtype,
-                 summary=f"wall {format_duration(time.time() - wall_start)} | total FLOPs {total_flops:e} | "
-                         f"min validation bpb {min_val_bpb:.4f}")
-    logger.finish()
-    compute_cleanup()
+    finish_stage("Base model training", rows, vars(args), {"val_bpb": min_val_bpb, "CORE": core,
+                 "parameters": params["total"], "total_flops": total_flops}, stats, logger, world_size, device_type,
+                 dtype, summary=f"wall {format_duration(time.time() - wall_start)} | total FLOPs {total_flops:e} | "
+                                f"min validation bpb {min_val_bpb:.4f}")
     return {"val_bpb": val_bpb, "min_val_bpb": min_val_bpb, "steps": num_iterations}
 
 

@@ -55,7 +55,7 @@ class Chat:
             print(f"[note: the conversation is {len(self.tokens)} tokens, beyond the model's {context}-token "
                   "context; replies degrade; `clear` starts over]", flush=True)
         a = self.args
-        decoder, generated, stopped = StreamDecoder(self.tokenizer), [], ""
+        decoder, generated = StreamDecoder(self.tokenizer), []
         gen = self.engine.generate(self.tokens, num_samples=1, max_tokens=a.max_tokens, temperature=a.temperature,
                                    top_k=a.top_k or None, seed=a.seed + self.replies)
         self.replies += 1
@@ -72,9 +72,7 @@ class Chat:
             # one autocast around the whole reply: the weights' casts are cached across tokens
             with autocast_context(self.device_type, get_compute_dtype(self.device_type)):
                 for column, _ in gen:
-                    if interrupt.is_set():
-                        break
-                    if column[0] in self.engine.stop_tokens:
+                    if interrupt.is_set() or column[0] in self.engine.stop_tokens:
                         break
                     generated.append(column[0])
                     print(decoder.push(column[0]), end="", flush=True)
@@ -84,9 +82,7 @@ class Chat:
             if ours:
                 signal.signal(signal.SIGINT, previous)
             gen.close()  # frees the KV cache now
-        if interrupt.is_set():
-            stopped = " [stopped]"
-        print(decoder.flush() + stopped, flush=True)
+        print(decoder.flush() + (" [stopped]" if interrupt.is_set() else ""), flush=True)
         self.tokens += generated + [self.assistant_end]
         return self.tokenizer.decode(generated)
 
@@ -99,16 +95,14 @@ def interactive(chat):
         except (EOFError, KeyboardInterrupt):  # Ctrl-D / Ctrl-C at the prompt: leave
             print(flush=True)
             return
-        if not text:
-            continue
         if text.lower() in ("quit", "exit", "/quit", "/exit"):
             return
         if text.lower() in ("clear", "/clear"):
             chat.clear()
             print("(conversation cleared)", flush=True)
-            continue
-        print("\nAssistant: ", end="", flush=True)
-        chat.reply(text)
+        elif text:
+            print("\nAssistant: ", end="", flush=True)
+            chat.reply(text)
 
 
 def main(argv=None):

@@ -46,16 +46,15 @@ def get_parser():
 def main(argv=None):
     parser = get_parser()
     args = parser.parse_args(argv)
-    names = args.task_name  # argparse ran task_list on the default too
     _, rank, _, _, device = compute_init(device_type_or_exit(parser, args))
     model, tokenizer, _, step = load_model_or_exit("chat_eval", args, device)
     try:
-        tasks = load_tasks(names)
+        tasks = load_tasks(args.task_name)  # argparse ran task_list on the default too
     except OSError as e:  # missing data, or no sandbox to score HumanEval in (nanochat.sandbox.SandboxUnavailable)
         stage_error(f"chat_eval: {e}")
     engine = Engine(model, tokenizer, compile=args.compile)  # cheap: compiles on first use, if ever
     with autocast_context(device.type, get_compute_dtype(device.type)):
-        out = run_chat_eval(model, tokenizer, engine, names, max_problems=args.max_problems,
+        out = run_chat_eval(model, tokenizer, engine, args.task_name, max_problems=args.max_problems,
                             batch_size=args.batch_size, num_samples=args.num_samples,
                             max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             seed=args.seed, device=device, tasks=tasks)

@@ -19,7 +19,7 @@ from nanochat.chat_quality import (SERVING, decontaminate, load_conversations, r
 from nanochat.common import (autocast_context, compute_cleanup, compute_init, get_compute_dtype, make_parser,
                              non_negative_float, non_negative_int, positive_int, print0)
 from nanochat.engine import Engine
-from tasks.mixtures import MIXTURES
+from tasks.mixtures import MIXTURES, build_mixture
 
 from ._cli import add_model_source_flags, device_type_or_exit, load_model_or_exit, stage_error
 
@@ -48,7 +48,6 @@ def get_parser():
 def heldout_from_mixture(name):
     """(conversations, sources, note) of the named mixture's held-out slices, decontaminated against its training
     rows (the slices depend only on each source's rows: the same for midtraining and SFT)."""
-    from tasks.mixtures import build_mixture
     mixture = build_mixture(name, "sft")
     refs = mixture.val_rows()
     heldout = [mixture.get(r) for r in refs]

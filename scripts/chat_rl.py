@@ -14,17 +14,16 @@ writes rl checkpoints.
 (tasks/toy.py): a dense reward for testing the machinery on CPU. Each prompt's samples are seeded by the
 prompt's position in the run, so the samples do not depend on how prompts are split across ranks.
 """
-import dataclasses
 import sys
 
 import torch
 
-from nanochat.common import all_reduce_sum, compute_cleanup, make_parser, positive_int, print0, str2bool
-from nanochat.training import (StepLogger, StepStats, all_reduce_mean, init_device, lr_multiplier, optimizer_step,
-                               report_stage, save_training_state, set_learning_rates)
+from nanochat.common import all_reduce_sum, make_parser, positive_int, print0, str2bool
+from nanochat.training import (StepLogger, StepStats, all_reduce_mean, every, finish_stage, init_device,
+                               save_training_state, stage_steps)
 
-from ._cli import (add_optimizer_flags, add_run_flags, add_stage_io_flags, check_optimizer_flags,
-                         open_stage_or_exit, resume_or_exit, setup_stage_optimizers, stage_error)
+from ._cli import (add_optimizer_flags, add_run_flags, add_stage_io_flags, check_optimizer_flags, open_stage_or_exit,
+                   resume_or_exit, setup_stage_optimizers, stage_error, step_optimizers)
 
 TASKS = ("gsm8k", "toy")
 
@@ -51,8 +50,7 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (-1 = start and end only)")
     g.add_argument("--eval-problems", type=positive_int, default=400, help="evaluation problems (a fixed sample)")
     g.add_argument("--eval-samples", type=positive_int, default=4, help="samples per problem: pass@1 .. pass@k")
-    args = p.parse_args(argv)
-    check_optimizer_flags(p, args)
+    args = check_optimizer_flags(p, p.parse_args(argv))
     if not args.temperature > 0:
         p.error("argument --temperature: must be positive (RL samples)")
     if args.top_k < 0:
@@ -94,28 +92,25 @@ def main(argv=None):
         stage_error(f"chat_rl: {len(train_task)} training prompts are fewer than --prompts-per-step={P}")
     else:
         num_iterations = args.num_epochs * steps_per_epoch
-    print0(f"rl on {args.task}: {origin['source']} {origin['model_tag']} step {origin['step']} -> {ckpt_dir}")
+    input_name = "{source} {model_tag} step {step}".format(**origin)
+    print0(f"rl on {args.task}: {input_name} -> {ckpt_dir}")
     print0(f"{P} prompts x {args.num_samples} samples per step over {world_size} rank(s); {num_iterations:,} steps")
 
     optimizers = setup_stage_optimizers(model, args)
-    user_config = dict(vars(args))
-    logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
+    logger = StepLogger(ckpt_dir, args.run, vars(args), rank=rank, resume=args.resume)
     if args.resume:
         resume_or_exit("chat_rl", logger, ckpt_dir, start_step, optimizers, [], device, device_type, rank, world_size)
 
     def sample(prompt, n, seed):
         """n completions of one prompt: (token lists, sampled-flag lists)."""
-        completions, sampled = [], []
+        pairs = []
         for chunk, start in enumerate(range(0, n, B)):
             with autocast():
                 results, masks = engine.generate_batch(prompt, num_samples=min(B, n - start), max_tokens=args.max_new_tokens,
                                                        temperature=args.temperature, top_k=args.top_k or None,
                                                        seed=seed * 1009 + chunk)
-            for result, mask in zip(results, masks):
-                c, m = split_completion(prompt, result, mask)
-                completions.append(c)
-                sampled.append(m)
-        return completions, sampled
+            pairs += [split_completion(prompt, result, mask) for result, mask in zip(results, masks)]
+        return [c for c, _ in pairs], [m for _, m in pairs]
 
     def evaluate(step):
         """pass@1..K on a fixed sample of evaluation problems, summed over ranks."""
@@ -134,22 +129,18 @@ def main(argv=None):
         logger.log({"step": step, **result}, f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
         return result
 
-    first_eval, evals = None, resume_meta.get("pass_at_k") if resume_meta else None
+    first_eval, evals = None, (resume_meta or {}).get("pass_at_k")
     rewards_log = []
     stats = StepStats(num_iterations, start_step, device_type, per_step=P * args.num_samples, rate_key="samples_per_sec",
                       rate_unit="samples/s")
-    step = start_step
-    while True:
-        last = step == num_iterations
-        fresh = not (args.resume and step == start_step)  # a resumed run logged its start already
+    for step, last, fresh in stage_steps(start_step, num_iterations, args.resume):
         # ---- pass@k and checkpoint, on the weights after `step` steps
-        if fresh and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if fresh and (last or step == 0 or every(step, args.eval_every)):
             evals = evaluate(step)
             first_eval = evals if first_eval is None else first_eval
-        if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            meta = {"model_config": dataclasses.asdict(model.config), "user_config": user_config, "input": origin,
-                    "task": args.task, "pass_at_k": evals, "accum": 1, "num_iterations": num_iterations,
-                    "tokenizer_vocab_size": tokenizer.get_vocab_size()}
+        if step > start_step and (last or every(step, args.save_every)):
+            meta = {"user_config": vars(args), "input": origin, "task": args.task, "pass_at_k": evals, "accum": 1,
+                    "num_iterations": num_iterations, "tokenizer_vocab_size": tokenizer.get_vocab_size()}
             save_training_state(ckpt_dir, step, model, optimizers, [], meta, device_type, rank, world_size)
         if last:
             break
@@ -177,29 +168,24 @@ def main(argv=None):
                 with autocast():
                     loss = policy_gradient_loss(model, x.to(device), y.to(device), adv[s:s + B], normalizer)
                 loss.backward()
-        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, args.final_lr_frac)
-        set_learning_rates(optimizers, lrm)
-        optimizer_step(model, optimizers, args.grad_clip, world_size)
-        step += 1
+        lrm = step_optimizers(args, model, optimizers, step, num_iterations, world_size, momentum=False)
         mean_reward = all_reduce_mean(sum(rewards_mine) / len(rewards_mine), device, world_size)
         mean_length = all_reduce_mean(sum(lengths) / len(lengths), device, world_size)
         rewards_log.append(mean_reward)
-        logger.log(*stats.end(step, lrm, reward=mean_reward, completion_tokens=mean_length))
+        logger.log(*stats.end(step + 1, lrm, reward=mean_reward, completion_tokens=mean_length))
 
     window = max(1, min(10, len(rewards_log) // 4))
     reward_start = sum(rewards_log[:window]) / window if rewards_log else None
     reward_end = sum(rewards_log[-window:]) / window if rewards_log else None
     fmt = lambda v: "n/a" if v is None else f"{v:.4f}"
-    rows = [("input", f"{origin['source']} {origin['model_tag']} step {origin['step']}"), ("output", ckpt_dir),
-            ("task", args.task), ("steps", num_iterations), ("prompts x samples per step", f"{P} x {args.num_samples}"),
+    rows = [("input", input_name), ("output", ckpt_dir), ("task", args.task), ("steps", num_iterations),
+            ("prompts x samples per step", f"{P} x {args.num_samples}"),
             (f"mean reward, first {window} steps", fmt(reward_start)), (f"mean reward, last {window} steps", fmt(reward_end))]
     for k in range(1, K + 1):
         rows.append((f"pass@{k} start -> end ({args.eval_problems} problems max)",
                      f"{fmt((first_eval or {}).get(f'pass@{k}'))} -> {fmt((evals or {}).get(f'pass@{k}'))}"))
-    report_stage("Chat RL", rows, user_config, {"mean_reward": reward_end, **(evals or {})}, stats, world_size,
+    finish_stage("Chat RL", rows, vars(args), {"mean_reward": reward_end, **(evals or {})}, stats, logger, world_size,
                  device_type, dtype, summary=f"mean reward {fmt(reward_end)}")
-    logger.finish()
-    compute_cleanup()
     return {"rewards": rewards_log, "first_eval": first_eval, "eval": evals, "steps": num_iterations, "ckpt_dir": ckpt_dir}
 
 

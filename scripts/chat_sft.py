@@ -14,17 +14,16 @@ Rows are truncated to the model's context. The steps of an epoch are the trainin
 mixture (SFT weights) / --examples-per-step. Held-out loss (val_loss) is the mean loss on the assistant tokens
 of each source's fixed validation slice, the same number midtraining reports.
 """
-import dataclasses
 import sys
 
-from nanochat.common import all_reduce_sum, compute_cleanup, make_parser, positive_int, print0
-from nanochat.training import (HeldOutLoss, StepLogger, StepStats, accumulate_gradients, init_device, lr_multiplier, muon_momentum,
-                               optimizer_step, report_stage, save_training_state, set_learning_rates)
+from nanochat.common import all_reduce_sum, make_parser, positive_int, print0
+from nanochat.training import (HeldOutLoss, StepLogger, StepStats, accumulate_gradients, every, finish_stage,
+                               init_device, save_training_state, stage_steps)
 from tasks.mixtures import describe_mixtures
 
 from ._cli import (CATEGORICAL, add_chat_data_flags, add_optimizer_flags, add_run_flags, add_stage_io_flags,
-                         check_optimizer_flags, load_chat_data_or_exit, open_stage_or_exit, resume_or_exit,
-                         setup_stage_optimizers, stage_error)
+                   check_optimizer_flags, load_chat_data_or_exit, open_stage_or_exit, resume_or_exit,
+                   setup_stage_optimizers, stage_error, step_optimizers)
 
 
 def get_args(argv=None):
@@ -42,9 +41,7 @@ def get_args(argv=None):
     g.add_argument("--device-batch-size", type=positive_int, default=4, help="conversations per forward pass per device")
     g.add_argument("--examples-per-step", type=positive_int, default=32, help="conversations per optimizer step")
     add_optimizer_flags(g, init_lr_frac=0.02, warmdown_ratio=1.0)
-    args = p.parse_args(argv)
-    check_optimizer_flags(p, args)
-    return args
+    return check_optimizer_flags(p, p.parse_args(argv))
 
 
 def main(argv=None):
@@ -58,20 +55,21 @@ def main(argv=None):
     model, tokenizer, ckpt_dir, start_step, resume_meta, origin = open_stage_or_exit("chat_sft", "sft", args.source,
                                                                                      device, args)
     mixture, eval_tasks = load_chat_data_or_exit("chat_sft", "sft", args)
-    config = model.config
-    T, B = config.sequence_len, args.device_batch_size
+    T, B = model.config.sequence_len, args.device_batch_size
     if args.examples_per_step % (B * world_size):
         stage_error(f"chat_sft: --examples-per-step={args.examples_per_step} is not a multiple of --device-batch-size x "
                     f"world size = {B} x {world_size}")
     accum = args.examples_per_step // (B * world_size)
-    print0(f"finetuning {origin['source']} {origin['model_tag']} step {origin['step']} -> {ckpt_dir}")
-    print0(f"mixture {args.mixture}{' + ' + args.extra_data if args.extra_data else ''} (SFT weights):\n{mixture.summary()}")
+    input_name = "{source} {model_tag} step {step}".format(**origin)
+    mixture_name = args.mixture + (f" + {args.extra_data}" if args.extra_data else "")
+    print0(f"finetuning {input_name} -> {ckpt_dir}")
+    print0(f"mixture {mixture_name} (SFT weights):\n{mixture.summary()}")
 
     # ---- data: one padded-row loader per data-parallel slot (rank x micro-step)
     optimizers = setup_stage_optimizers(model, args)
-    slots = world_size * accum
     try:
-        streams = [ConversationStream(mixture, rank * accum + a, slots, seed=args.seed) for a in range(accum)]
+        streams = [ConversationStream(mixture, rank * accum + a, world_size * accum, seed=args.seed)
+                   for a in range(accum)]
     except ValueError as e:
         stage_error(f"chat_sft: {e}")
     loaders = [PaddedLoader(tokenizer, s, B, T, device=device) for s in streams]
@@ -86,36 +84,31 @@ def main(argv=None):
     print0(f"batch: {B} conversations x {world_size} rank(s) x {accum} accumulation step(s) = {args.examples_per_step} "
            f"per step; {steps_per_epoch:,} steps per epoch; {num_iterations:,} steps")
 
-    user_config = dict(vars(args))
-    logger = StepLogger(ckpt_dir, args.run, user_config, rank=rank, resume=args.resume)
+    logger = StepLogger(ckpt_dir, args.run, vars(args), rank=rank, resume=args.resume)
     if args.resume:
         resume_or_exit("chat_sft", logger, ckpt_dir, start_step, optimizers, loaders, device, device_type, rank,
                        world_size, accum)
     held_out = HeldOutLoss(model, tokenizer, [mixture.get(r) for r in mixture.val_rows(args.eval_conversations)], B,
-                           device, autocast, logger, last=resume_meta.get("val_loss") if resume_meta else None)
+                           device, autocast, logger, last=(resume_meta or {}).get("val_loss"))
     stats = StepStats(num_iterations, start_step, device_type, per_step=args.examples_per_step,
                       rate_key="examples_per_sec", rate_unit="conversations/s")
 
-    chat, chat_metrics = None, resume_meta.get("chat_metrics") if resume_meta else None
-    step = start_step
-    while True:
-        last = step == num_iterations
-        fresh = not (args.resume and step == start_step)  # a resumed run logged its start already
+    chat, chat_metrics = None, (resume_meta or {}).get("chat_metrics")
+    for step, last, fresh in stage_steps(start_step, num_iterations, args.resume):
         # ---- held-out loss, chat tasks and checkpoint, on the weights after `step` steps
-        if fresh and (last or step == 0 or (args.eval_every > 0 and step % args.eval_every == 0)):
+        if fresh and (last or step == 0 or every(step, args.eval_every)):
             held_out.evaluate(step)
-        if eval_tasks and fresh and (last or (args.eval_metrics_every > 0 and step > 0 and step % args.eval_metrics_every == 0)):
+        if eval_tasks and fresh and (last or every(step, args.eval_metrics_every)):
             with autocast():
                 chat = run_chat_eval(model, tokenizer, None, list(eval_tasks), max_problems=args.eval_max_problems,
                                      batch_size=B, tasks=eval_tasks, device=device)
             chat_metrics = chat["metrics"]
             logger.log({"step": step, **chat_metrics},
                        f"step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in chat_metrics.items()))
-        if step > start_step and (last or (args.save_every > 0 and step % args.save_every == 0)):
-            meta = {"model_config": dataclasses.asdict(config), "user_config": user_config, "input": origin,
-                    "val_loss": held_out.last, "chat_metrics": chat_metrics, "accum": accum, "device_batch_size": B,
-                    "num_iterations": num_iterations, "mixture": args.mixture, "extra_data": args.extra_data,
-                    "tokenizer_vocab_size": tokenizer.get_vocab_size()}
+        if step > start_step and (last or every(step, args.save_every)):
+            meta = {"user_config": vars(args), "input": origin, "val_loss": held_out.last, "chat_metrics": chat_metrics,
+                    "accum": accum, "device_batch_size": B, "num_iterations": num_iterations, "mixture": args.mixture,
+                    "extra_data": args.extra_data, "tokenizer_vocab_size": tokenizer.get_vocab_size()}
             save_training_state(ckpt_dir, step, model, optimizers, loaders, meta, device_type, rank, world_size)
         if last:
             break
@@ -123,25 +116,17 @@ def main(argv=None):
         # ---- one optimizer step over `accum` micro-batches, every target token weighing the same
         stats.begin()
         loss = accumulate_gradients(model, [next(loader) for loader in loaders], autocast, world_size)
-        lrm = lr_multiplier(step, num_iterations, 0.0, args.warmdown_ratio, args.final_lr_frac)
-        set_learning_rates(optimizers, lrm, momentum=muon_momentum(step))
-        optimizer_step(model, optimizers, args.grad_clip, world_size)
-        step += 1
-        logger.log(*stats.end(step, lrm, loss=all_reduce_sum(loss).item()))
+        lrm = step_optimizers(args, model, optimizers, step, num_iterations, world_size)
+        logger.log(*stats.end(step + 1, lrm, loss=all_reduce_sum(loss).item()))
 
-    rows = [("input", f"{origin['source']} {origin['model_tag']} step {origin['step']}"), ("output", ckpt_dir),
-            ("mixture", args.mixture + (f" + {args.extra_data}" if args.extra_data else "")),
-            ("steps", num_iterations), ("conversations per step", args.examples_per_step),
-            *held_out.report_rows(args.resume)]
-    extra = f"\n\nmixture (SFT weights):\n\n{mixture.summary()}"
-    if chat is not None:
-        extra += "\n\nchat evaluation:\n\n" + report_markdown(chat)
-    report_stage("Chat SFT", rows, user_config, {"val_loss": held_out.last, **(chat_metrics or {})}, stats, world_size,
-                 device_type, dtype, summary=f"held-out loss {held_out.last:.4f}", extra=extra)
-    logger.finish()
-    compute_cleanup()
-    return {"val_loss": held_out.last, "first_val_loss": held_out.first, "min_val_loss": held_out.min, "steps": num_iterations,
-            "ckpt_dir": ckpt_dir, "chat_eval": chat_metrics}
+    rows = [("input", input_name), ("output", ckpt_dir), ("mixture", mixture_name), ("steps", num_iterations),
+            ("conversations per step", args.examples_per_step), *held_out.report_rows(args.resume)]
+    extra = f"\n\nmixture (SFT weights):\n\n{mixture.summary()}" + (
+        f"\n\nchat evaluation:\n\n{report_markdown(chat)}" if chat is not None else "")
+    finish_stage("Chat SFT", rows, vars(args), {"val_loss": held_out.last, **(chat_metrics or {})}, stats, logger,
+                 world_size, device_type, dtype, summary=f"held-out loss {held_out.last:.4f}", extra=extra)
+    return {"val_loss": held_out.last, "first_val_loss": held_out.first, "min_val_loss": held_out.min,
+            "steps": num_iterations, "ckpt_dir": ckpt_dir, "chat_eval": chat_metrics}
 
 
 if __name__ == "__main__":

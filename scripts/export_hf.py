@@ -16,6 +16,7 @@ import torch
 
 from nanochat.checkpoint import step_dir
 from nanochat.common import make_parser, non_negative_int, str2bool
+from nanochat.gpt import GPT
 from nanochat.hf import HFFormatError, export
 from nanochat.tokenizer import TokenizerError
 from ._cli import load_model_or_exit
@@ -44,8 +45,6 @@ def verify(out_dir, state, config, seq_len=32, seed=0):
     as exported (a bf16 export is compared with our model on the same rounded weights)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never ask the hub
     from transformers import AutoModelForCausalLM
-
-    from nanochat.gpt import GPT
     theirs = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
     with torch.device("meta"):
         ours = GPT(config)

@@ -234,9 +234,7 @@ def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token
            else f"{args.total_batch_size:,} tokens per step, ") +
         f"{chars_per_token:g} chars/token from {cpt_source}, {human(args.chars_per_shard)} chars per shard, "
         f"KV cache in bf16.",
-        "",
-        "Model by depth (parameters from GPT.num_params_by_group, FLOPs from GPT.estimate_flops):",
-        "",
+        "", "Model by depth (parameters from GPT.num_params_by_group, FLOPs from GPT.estimate_flops):", "",
         table(["depth", "width", "heads q/kv", "embedding", "head", "attention", "mlp", "value emb", "total", "scaling",
                "FLOPs/token", "KV/token", "KV/1024 seq"],
               [[p.depth, p.config.n_embd, f"{p.config.n_head}/{p.config.n_kv_head}", human(p.params["embedding"]),
@@ -244,9 +242,7 @@ def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token
                 human(p.params["value_embeds"]), human(p.params["total"]), human(p.params["scaling"]),
                 f"{p.flops_per_token:.3g}", human_bytes(p.kv_bytes_per_token), human_bytes(1024 * p.kv_bytes_per_token)]
                for p in plans]),
-        "",
-        "Training at the data ratio:",
-        "",
+        "", "Training at the data ratio:", "",
         table(["depth", "batch", "steps", "tokens", "FLOPs", "hours", "cost", "chars", "shards", f"fits {budget:.2f} h"],
               [[p.depth, f"2^{round(math.log2(p.batch))}" if p.batch & (p.batch - 1) == 0 else f"{p.batch:,}",
                 f"{p.steps:,}", human(p.tokens), f"{p.total_flops:.3g}", f"{p.hours:.2f}", f"${p.cost:,.0f}",
@@ -271,19 +267,16 @@ def render(args, plans, invalid, chosen, comparison, peak_flops, chars_per_token
     if comparison:
         depth = (chosen or plans[0]).depth
         ref = comparison[0][1]
+        figures = lambda q: (q.params["total"], q.flops_per_token, q.kv_bytes_per_token, q.hours)  # the Δ columns
         rows, notes = [], []
         for label, p in comparison:
             if isinstance(p, str):
                 rows.append([label, "invalid"] + [""] * 8)
                 notes.append(f"{label}: {p}")
-            elif isinstance(ref, str):
-                rows.append([label, human(p.params["total"]), "", f"{p.flops_per_token:.3g}", "",
-                             human_bytes(p.kv_bytes_per_token), "", human(p.tokens), f"{p.hours:.2f}", ""])
-            else:
-                rows.append([label, human(p.params["total"]), _delta(p.params["total"], ref.params["total"]),
-                             f"{p.flops_per_token:.3g}", _delta(p.flops_per_token, ref.flops_per_token),
-                             human_bytes(p.kv_bytes_per_token), _delta(p.kv_bytes_per_token, ref.kv_bytes_per_token),
-                             human(p.tokens), f"{p.hours:.2f}", _delta(p.hours, ref.hours)])
+                continue
+            d = [""] * 4 if isinstance(ref, str) else [_delta(x, r) for x, r in zip(figures(p), figures(ref))]
+            rows.append([label, human(p.params["total"]), d[0], f"{p.flops_per_token:.3g}", d[1],
+                         human_bytes(p.kv_bytes_per_token), d[2], human(p.tokens), f"{p.hours:.2f}", d[3]])
         out += ["", f"What each planned change saves at depth {depth} (tokens and hours at the data ratio; "
                     "activation, softcap and RoPE base change neither parameters nor counted FLOPs; 'all together' = "
                     "tied, seq 1024, MLP 3x, n_kv_head = n_head // 4, SiLU, softcap off, RoPE 100000):", "",

@@ -58,18 +58,12 @@ def main(argv=None):
 
     token_bytes = tokenizer.token_bytes()
     lengths = token_bytes[token_bytes > 0].float()
-    rows = [
-        ("vocab size", f"{tokenizer.get_vocab_size():,}"),
-        ("special tokens", len(tokenizer.get_special_tokens())),
-        ("documents", f"{stats['docs']:,}"),
-        ("characters", f"{stats['chars']:,}"),
-        ("max chars / doc cap", f"{args.max_chars:,} / {args.doc_cap:,}"),
-        ("data", args.data or "reference shards"),
-        ("training time", f"{train_time:.1f}s"),
-        ("token bytes min / max", f"{int(lengths.min())} / {int(lengths.max())}"),
-        ("token bytes mean / std", f"{lengths.mean():.2f} / {lengths.std():.2f}"),
-        ("saved to", out_dir),
-    ]
+    rows = [("vocab size", f"{tokenizer.get_vocab_size():,}"), ("special tokens", len(tokenizer.get_special_tokens())),
+            ("documents", f"{stats['docs']:,}"), ("characters", f"{stats['chars']:,}"),
+            ("max chars / doc cap", f"{args.max_chars:,} / {args.doc_cap:,}"),
+            ("data", args.data or "reference shards"), ("training time", f"{train_time:.1f}s"),
+            ("token bytes min / max", f"{int(lengths.min())} / {int(lengths.max())}"),
+            ("token bytes mean / std", f"{lengths.mean():.2f} / {lengths.std():.2f}"), ("saved to", out_dir)]
     body = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     print(body)
     write_section("Tokenizer training", body, metrics={"vocab_size": tokenizer.get_vocab_size(), "train_chars": stats["chars"],

@@ -51,10 +51,9 @@ def render_mc(question, choices):
     """The user message of a multiple-choice question: the choices listed with letters, and an instruction
     to answer with just the letter, so the assistant's reply is a single letter token."""
     letters = LETTERS[:len(choices)]
-    lines = [question.strip(), ""]
-    lines += [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
-    lines += ["", f"Answer with the letter of the correct choice ({', '.join(letters[:-1])} or {letters[-1]})."]
-    return "\n".join(lines)
+    options = [f"{letter}. {str(choice).strip()}" for letter, choice in zip(letters, choices)]
+    return "\n".join([question.strip(), "", *options, "",
+                      f"Answer with the letter of the correct choice ({', '.join(letters[:-1])} or {letters[-1]})."])
 
 
 def mc_conversation(question, choices, gold, **extra):

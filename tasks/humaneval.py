@@ -27,10 +27,9 @@ def extract_code(reply):
 
 
 def build_program(prompt, completion):
-    """The model's program: prompt + completion. A completion with top-level code (a full function,
-    imports) is appended after the prompt, whose docstring-only function is valid Python and gets
-    redefined; an indented completion continues the prompt's function body. The tests are not part of it:
-    they run in the tester (check_function)."""
+    """The model's program: prompt + completion. A completion with top-level code (a full function, imports) is appended
+    after the prompt, whose docstring-only function is valid Python and gets redefined; an indented completion continues
+    the prompt's function body. The tests are not part of it: they run in the tester (check_function)."""
     code = extract_code(completion)
     top_level = re.search(r"^(def |import |from |class |@)", code, re.MULTILINE) is not None
     return (prompt + "\n" + code if top_level else prompt + code) + "\n"

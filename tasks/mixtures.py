@@ -85,10 +85,9 @@ def describe_mixtures():
     lines = []
     for name, mix in MIXTURES.items():
         lines.append(f"{name}: {mix.summary}{' (rows holding code dropped)' if mix.drop_code else ''}")
-        for s in mix.sources:
-            lines.append(f"    {s.name:<28} mid x{s.mid:<5g} sft x{s.sft:<5g} {s.note}")
-    lines.append("left out of both: " + "; ".join(f"{k} ({v})" for k, v in EXCLUDED.items()))
-    lines.append("weights: how many times each training row of a source appears per epoch (0.25 = a quarter of them)")
+        lines += [f"    {s.name:<28} mid x{s.mid:<5g} sft x{s.sft:<5g} {s.note}" for s in mix.sources]
+    lines += ["left out of both: " + "; ".join(f"{k} ({v})" for k, v in EXCLUDED.items()),
+              "weights: how many times each training row of a source appears per epoch (0.25 = a quarter of them)"]
     return "\n".join(lines)
 
 
@@ -172,7 +171,7 @@ class Mixture:
         """entries: [(name, task, weight)] or [(name, task, weight, drop_code)]; weight 0 entries are dropped.
         Training rows that repeat an evaluation question (decontaminate) or hold code (drop_code) are dropped;
         rows holding code are dropped from the validation slice too (drop_code)."""
-        self.names, self.tasks, self.weights, self.train, self.val, self.dropped = [], [], [], [], [], []
+        kept = []  # one (name, task, weight, train rows, val rows, dropped count) per source
         eval_keys = eval_question_keys() if decontaminate else frozenset()
         for name, task, weight, *rest in entries:
             drop_code = bool(rest and rest[0])
@@ -185,14 +184,10 @@ class Mixture:
                 val = [i for i in val if not looks_like_code(task[i])]
             if not clean:
                 raise ValueError(f"mixture source {name!r} has no training rows")
-            self.names.append(name)
-            self.tasks.append(task)
-            self.weights.append(float(weight))
-            self.train.append(clean)
-            self.val.append(val)
-            self.dropped.append(len(train) - len(clean))
-        if not self.names:
+            kept.append((name, task, float(weight), clean, val, len(train) - len(clean)))
+        if not kept:
             raise ValueError("the mixture has no sources")
+        self.names, self.tasks, self.weights, self.train, self.val, self.dropped = map(list, zip(*kept))
 
     def rows_per_epoch(self, s):
         return round(self.weights[s] * len(self.train[s]))
@@ -243,8 +238,7 @@ def build_mixture(name, stage, extra_data=None):
         raise ValueError(f"unknown mixture {name!r}; choose from {', '.join(MIXTURES)}")
     mix = MIXTURES[name]
     named = {s.name for s in mix.sources}
-    entries = [(s.name, getattr(s, stage)) for s in mix.sources]
-    entries += parse_extra_data(extra_data)
+    entries = [(s.name, getattr(s, stage)) for s in mix.sources] + parse_extra_data(extra_data)
     weights = {}  # a source named twice (e.g. a shared file added again by --extra-data) adds its weights
     for n, w in entries:
         weights[n] = weights.get(n, 0.0) + w

@@ -11,11 +11,6 @@ PHRASINGS = ("Write the letter {l} as many times as you can.", "Reply with nothi
              "Say {l}, over and over.", "Give me a long row of {l}s.")
 
 
-def letter_fraction(text, letter):
-    letters = [c for c in text.lower() if c.isalpha()]
-    return sum(c == letter for c in letters) / len(letters) if letters else 0.0
-
-
 class ToyLetters(Task):
     def __init__(self, letter="e", num_examples=256, **kwargs):
         super().__init__(**kwargs)
@@ -32,7 +27,8 @@ class ToyLetters(Task):
                              {"role": "assistant", "content": " ".join([self.letter * 4] * 4)}]}
 
     def reward(self, conversation, completion):
-        return letter_fraction(completion, self.letter)
+        letters = [c for c in completion.lower() if c.isalpha()]
+        return sum(c == self.letter for c in letters) / len(letters) if letters else 0.0
 
     def evaluate(self, conversation, completion):
         return int(self.reward(conversation, completion) >= 0.4)
