@@ -162,9 +162,10 @@ def run_variant(config, device, dtype_name, compiled, batch_size, rounds, warmup
     return out
 
 
-def loss_bench(config, device, batch_size, rounds, log):
-    """The head + loss alone (bf16 autocast, compiled, fwd+bwd): our ChunkedHeadLoss and SoftcapCrossEntropy vs
-    the composed F.cross_entropy(cap * tanh(logits / cap)) vs no softcap at all, round-robin, best of `rounds`."""
+def loss_bench(config, device, batch_size, rounds, log, mode="compiled"):
+    """The head + loss alone (bf16 autocast, fwd+bwd, `mode` eager or compiled): our ChunkedHeadLoss and
+    SoftcapCrossEntropy vs the composed F.cross_entropy(cap * tanh(logits / cap)) vs no softcap at all,
+    round-robin, best of `rounds`."""
     import torch.nn.functional as F
     from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy
     cap = float(config.softcap or 15.0)
@@ -187,7 +188,7 @@ def loss_bench(config, device, batch_size, rounds, log):
     }
     fns = {}
     for name, f in variants.items():
-        c = torch.compile(f, dynamic=False)
+        c = torch.compile(f, dynamic=False) if mode == "compiled" else f
 
         def run(c=c):
             c(h, W, y).backward()
@@ -200,7 +201,7 @@ def loss_bench(config, device, batch_size, rounds, log):
         for k, fn in fns.items():
             times[k].append(timed(fn, device))
     base = min(times["composed tanh + F.cross_entropy"])
-    log(f"\nhead + loss only ({N} tokens x vocab {config.vocab_size}, width {config.n_embd}, bf16, compiled, fwd+bwd):")
+    log(f"\nhead + loss only ({N} tokens x vocab {config.vocab_size}, width {config.n_embd}, bf16, {mode}, fwd+bwd):")
     log("| variant | best (ms) | vs composed |")
     log("|---|---:|---:|")
     for k, ts in times.items():
@@ -321,7 +322,8 @@ def main():
                 f"{r['reference_opt']:.3f} | medians {ratio('step', '_median'):.3f}, {ratio('fb', '_median'):.3f}, "
                 f"{ratio('opt', '_median'):.3f} |")
     if args.loss_bench and not args.gpu:
-        loss_bench(config, device, args.batch_size, args.rounds, log)
+        for mode in modes:
+            loss_bench(config, device, args.batch_size, args.rounds, log, mode)
     if device.type == "cuda":
         for d, m, b, r in rows:
             step_flops = r["flops_per_token"] * tok(b) / r["ours_step"]

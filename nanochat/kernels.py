@@ -8,7 +8,8 @@ composed reference in tests/test_gpt.py.
   training with gradients takes CausalAttentionRecompute (~10% of a d6 fwd+bwd), everything else SDPA.
 - SoftcapCrossEntropy: the per-token losses (loss_reduction "none": evaluation, RL).
 - ChunkedHeadLoss: the training loss, the head matmul included, a chunk of token rows at a time.
-_capped, _token_losses and _logit_grads are the softcap, losses and logits' gradient both losses share.
+_capped, _token_losses and _logit_grads are the softcap, losses and logits' gradient both losses share;
+_losses_and_grads is the two at once for eager CPU training (1.2-1.7x faster than the two in turn).
 """
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,21 @@ def _logit_grads(logits, safe, lse, scale, cap):
     return grad.to(logits.dtype)
 
 
+def _losses_and_grads(logits, safe, valid, cap):
+    """Eager, 0 < cap <= 40: _token_losses and _logit_grads (scale: valid) of one chunk together, in 10 passes over
+    the (tokens, vocab) tensor instead of their 18: t = tanh(logits / cap) is kept, the softmax is e^(cap t - cap)
+    over its row sum (the constant shift of _token_losses) and the cap's derivative is 1 - t^2 (nothing recomputed)."""
+    t = logits.to(torch.float32, copy=True).div_(cap).tanh_()
+    e = torch.add(t.new_tensor(-cap), t, alpha=cap).exp_()  # e^(z - cap) for the capped logits z = cap t
+    total = e.sum(dim=-1)
+    lse = cap + torch.log(total)
+    loss = torch.where(valid, lse - cap * t.gather(-1, safe[:, None]).squeeze(-1), 0.0)
+    scale = valid.float()
+    grad = e.mul_((scale / total)[:, None])  # softmax x the upstream gradient (0 for ignored targets)
+    grad.scatter_add_(-1, safe[:, None], -scale[:, None])  # minus one-hot
+    return loss, grad.addcmul_(grad, t.square_(), value=-1).to(logits.dtype)  # chain rule through the cap
+
+
 class SoftcapCrossEntropy(torch.autograd.Function):
     """Per-token cross-entropy of cap * tanh(logits / cap) (cap 0: of the logits), computed in fp32 from
     (bf16 or fp32) logits. Same values as F.cross_entropy on softcapped logits, but cheaper: nothing of
@@ -168,10 +184,13 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 rows = slice(start, start + chunk)
                 xc = x[rows].to(dtype)
                 logits = xc @ w.t()
-                loss, lse = _token_losses(logits, safe[rows], valid[rows], cap)
+                if needs_grad and 0 < cap <= 40 and not torch.compiler.is_compiling():
+                    loss, g = _losses_and_grads(logits, safe[rows], valid[rows], cap)
+                else:
+                    loss, lse = _token_losses(logits, safe[rows], valid[rows], cap)
+                    g = _logit_grads(logits, safe[rows], lse, valid[rows, None].float(), cap) if needs_grad else None
                 total = total + loss.sum()
                 if needs_grad:
-                    g = _logit_grads(logits, safe[rows], lse, valid[rows, None].float(), cap)
                     grad_x[rows] = g @ w
                     grad_w += (g.t() @ xc).float()
         if needs_grad:
