@@ -1101,3 +1101,30 @@ def test_browser_chat(tokenizer, tmp_path):
         finally:
             ctx.close()
     assert not external, f"the page tried to reach outside the server: {external}"
+
+
+def test_worker_pauses_after_first_tokens_only_before_a_decode_forward(monkeypatch, tokenizer):
+    """New requests' first tokens go to the event loop at once; the worker then pauses FIRST_TOKEN_PAUSE (so
+    the loop can send them) only when the step goes on to decode other rows, not for a batch of new ones."""
+    import types
+    from nanochat import workers
+    slept, sent = [], []
+    monkeypatch.setattr(workers.time, "sleep", slept.append)
+    scheduler = types.SimpleNamespace(max_batch=4, active=[], on_first_tokens=None)
+    worker = Worker(lambda: scheduler, tokenizer)
+    worker._attach(scheduler)
+    class Loop:  # the event loop's side of flush(): what one step sends
+        def call_soon_threadsafe(self, fn, items):
+            sent.append(items)
+    loop = Loop()
+    jobs = [types.SimpleNamespace(loop=loop, generated=0, first_token_at=None, put=None) for _ in range(3)]
+    for i, job in enumerate(jobs):
+        job.put = lambda kind, value=None, job=job: worker.outbox.append((job, (kind, value)))
+        worker.jobs[f"r{i}"] = job
+    event = lambda r: types.SimpleNamespace(request=r, token=7)
+    scheduler.active = ["r0", "r1"]  # two new requests, nothing else to decode: no pause
+    scheduler.on_first_tokens([event("r0"), event("r1")])
+    assert slept == [] and len(sent) == 1 and [j.generated for j in jobs] == [1, 1, 0]
+    scheduler.active = ["r0", "r1", "r2"]  # one new request joins two running ones: sent, then the pause
+    scheduler.on_first_tokens([event("r2")])
+    assert slept == [workers.FIRST_TOKEN_PAUSE] and len(sent) == 2 and jobs[2].first_token_at is not None
