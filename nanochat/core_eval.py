@@ -69,6 +69,13 @@ def _example_text(task, item):
     return item["context"] + d + item["continuation"]
 
 
+def split_at_whitespace(context, continuation):
+    """(context without its trailing whitespace, that whitespace + continuation): the same text, split
+    where the reference harness splits it (str.rstrip: any Unicode whitespace)."""
+    kept = context.rstrip()
+    return kept, context[len(kept):] + continuation
+
+
 def render_item(task, items, idx):
     """The prompts of item idx as (context, continuation) pairs, one per sequence to score; context +
     continuation is the prompt's text: the few-shot examples (each followed by a blank line), the item, the
@@ -85,8 +92,7 @@ def render_item(task, items, idx):
         pairs = [(prefix + option + d, item["continuation"]) for option in item["context_options"]]
     else:
         pairs = [(prefix + item["context"] + d, item["continuation"])]
-    # the same text, split where the reference harness splits it (str.rstrip: any Unicode whitespace)
-    return [(c.rstrip(), c[len(c.rstrip()):] + k) for c, k in pairs]
+    return [split_at_whitespace(c, k) for c, k in pairs]
 
 
 def tokenize_item(tokenizer, pairs):

@@ -64,6 +64,11 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != k.size(1))
 
 
+# Up to this softcap the capped logits' logsumexp is taken with the constant shift by cap instead of a row max
+# (_token_losses, _losses_and_grads): e^(-2 cap) cannot underflow in fp32.
+SHIFT_CAP_MAX = 40
+
+
 def _capped(logits, cap):
     """fp32 cap * tanh(logits / cap) (cap 0: the logits in fp32). Under torch.compile tanh is written as
     1 - 2 / (exp(2x) + 1): inductor's vectorized exp is ~2x faster than its tanh on CPU. In eager mode a
@@ -77,9 +82,9 @@ def _capped(logits, cap):
 def _token_losses(logits, safe, valid, cap):
     """Per-token cross-entropy (0 where not valid) of the capped logits, and their logsumexp."""
     z = _capped(logits, cap)
-    if cap and cap <= 40:
+    if 0 < cap <= SHIFT_CAP_MAX:
         # capped logits lie in [-cap, cap], so a constant shift by cap replaces logsumexp's row max:
-        # one reduction pass instead of two, no overflow, and e^(-2 cap) cannot underflow for cap <= 40
+        # one reduction pass instead of two, no overflow
         shifted = torch.exp(z - cap) if torch.compiler.is_compiling() else z.sub_(cap).exp_()
         lse = cap + torch.log(shifted.sum(dim=-1))
     else:
@@ -110,9 +115,10 @@ def _logit_grads(logits, safe, lse, scale, cap):
 
 
 def _losses_and_grads(logits, safe, valid, cap):
-    """Eager, 0 < cap <= 40: _token_losses and _logit_grads (scale: valid) of one chunk together, in 10 passes over
-    the (tokens, vocab) tensor instead of their 18: t = tanh(logits / cap) is kept, the softmax is e^(cap t - cap)
-    over its row sum (the constant shift of _token_losses) and the cap's derivative is 1 - t^2 (nothing recomputed)."""
+    """Eager, 0 < cap <= SHIFT_CAP_MAX: _token_losses and _logit_grads (scale: valid) of one chunk together, in 10
+    passes over the (tokens, vocab) tensor instead of their 18: t = tanh(logits / cap) is kept, the softmax is
+    e^(cap t - cap) over its row sum (the constant shift of _token_losses) and the cap's derivative is 1 - t^2
+    (nothing recomputed)."""
     t = logits.to(torch.float32, copy=True).div_(cap).tanh_()
     e = torch.add(t.new_tensor(-cap), t, alpha=cap).exp_()  # e^(z - cap) for the capped logits z = cap t
     total = e.sum(dim=-1)
@@ -184,7 +190,7 @@ class ChunkedHeadLoss(torch.autograd.Function):
                 rows = slice(start, start + chunk)
                 xc = x[rows].to(dtype)
                 logits = xc @ w.t()
-                if needs_grad and 0 < cap <= 40 and not torch.compiler.is_compiling():
+                if needs_grad and 0 < cap <= SHIFT_CAP_MAX and not torch.compiler.is_compiling():
                     loss, g = _losses_and_grads(logits, safe[rows], valid[rows], cap)
                 else:
                     loss, lse = _token_losses(logits, safe[rows], valid[rows], cap)

@@ -147,7 +147,10 @@ RECIPE_CHANGES = (
 
 def recipe_changes():
     """[(label, flag values)]: each recipe change alone, then "new recipe" (the marked ones merged in order)."""
-    together = {k: v for _, change, in_recipe in RECIPE_CHANGES if in_recipe for k, v in change.items()}
+    together = {}
+    for _, change, in_recipe in RECIPE_CHANGES:
+        if in_recipe:
+            together.update(change)
     return [(label, dict(change)) for label, change, _ in RECIPE_CHANGES] + [("new recipe", together)]
 
 

@@ -296,6 +296,9 @@ def uvicorn_config(app, config, host="127.0.0.1", port=8000, **kwargs):
         def connection_made(self, transport):
             super().connection_made(transport)
             self.request_seen = None
+            self._arm()
+
+        def _arm(self):
             self.deadline = self.loop.call_later(config.header_timeout, self._too_slow)
 
         def _too_slow(self):
@@ -319,7 +322,7 @@ def uvicorn_config(app, config, host="127.0.0.1", port=8000, **kwargs):
         def on_response_complete(self):
             super().on_response_complete()  # may already start a pipelined request
             if not self._headers_done() and not self.transport.is_closing():  # re-arm for the next request
-                self.deadline = self.loop.call_later(config.header_timeout, self._too_slow)
+                self._arm()
 
         def connection_lost(self, exc):
             if self.deadline is not None:

@@ -375,9 +375,11 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.window)
         complete = len(text.rstrip("\ufffd"))
         if complete == len(text) or len(self.window) >= self.MAX_WINDOW:  # a clean cut: emit everything
-            complete, self.window = len(text), []
+            piece = text[self.emitted:]
+            self.window, self.emitted = [], 0
+            return piece
         piece = text[self.emitted:complete]
-        self.emitted = max(self.emitted, complete) if self.window else 0
+        self.emitted = max(self.emitted, complete)
         return piece
 
     def flush(self):

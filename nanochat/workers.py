@@ -21,8 +21,8 @@ from nanochat.serve import RequestError
 from nanochat.tokenizer import StreamDecoder
 
 # Seconds the worker pauses after handing out new requests' first tokens when a decode forward of other rows
-# follows (Worker._first_tokens). Measured with bench/serve.py at 8 streams on 2 cores: TTFT p95 61-62 ms -> 41 ms
-# at 2 ms (45 ms at 5 ms, with lower tokens/s); one pause per admission, not per step.
+# follows (Worker._first_tokens). Measured with bench/serve.py at 8 streams on 2 cores: TTFT p95 61-62 ms -> 41-49 ms
+# at 2 ms, tokens/s unchanged (45 ms at 5 ms, with lower tokens/s); one pause per admission, not per step.
 FIRST_TOKEN_PAUSE = 0.002
 
 
@@ -193,6 +193,13 @@ class Job:
         self.put("closed")
         self.put("release", (self.generated, time.perf_counter() - self.t0))
 
+    async def _next_events(self):
+        """The next batch of events: what one flush of the worker (one step) brought this job."""
+        while not self.events:
+            self.ready = self.loop.create_future()
+            await self.ready
+        return self.events.popleft()
+
     async def pieces(self):
         """The reply's text as it is generated, in non-empty pieces that never split a character and never
         show a stop string (text that may be the start of one is held back until it is known not to be);
@@ -200,10 +207,7 @@ class Job:
         finish_reason; raises RuntimeError if generation failed."""
         decoder, stops, held, closed = StreamDecoder(self.pool.tokenizer), self.request.stop, "", False
         while not closed:
-            while not self.events:  # until the worker's next flush (one step) brings this job a batch of events
-                self.ready = self.loop.create_future()
-                await self.ready
-            for kind, value in self.events.popleft():
+            for kind, value in await self._next_events():
                 if kind == "closed":
                     closed = True
                     break

@@ -89,9 +89,6 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=10,
                    help="validation bpb every N steps: the curves and the reference curve the multiplier reads")
     g.add_argument("--eval-tokens", type=positive_int, default=16384, help="held-out text tokens per validation")
-    g.add_argument("--compile", type=str2bool, default=False,
-                   help="base_train --compile=true for every run: on CPU 1.6-2.2x faster steps at depth 3 after "
-                        "1-1.5 min compiling each variant (its seeds reuse it): pays back with more seeds or steps")
     g = p.add_argument_group("seeds and variants")
     g.add_argument("--suite", default="planned", choices=["planned", "recipe"],
                    help="planned: the first user's architecture changes; recipe: the 2026 pretraining recipe changes")
@@ -213,7 +210,6 @@ def run_variant(label, flags, args, heldout, recorded=None, save=None):
         common += [flag(k, v) for k, v in REFERENCE_RECIPE.items() if k not in MODEL_FLAGS]
     common += [f"--data={args.data}"] if args.data else []
     common += [f"--device-type={args.device_type}"] if args.device_type else []
-    common += ["--compile=true"] if args.compile else []
     # a shorter context keeps the tokens per forward pass: more rows per batch
     seq = next((int(f.split("=")[1]) for f in flags if f.startswith("--max-seq-len=")), args.max_seq_len)
     rows = max(1, args.device_batch_size * args.max_seq_len // seq)
@@ -344,9 +340,6 @@ def main(argv=None):
             runs_by_label[label] = runs
             atomic_write_text(path, json.dumps({"argv": sys.argv[1:] if argv is None else argv, "heldout": note,
                                                 "runs": runs_by_label, "partial": True}, indent=1) + "\n")
-        if args.compile:  # each variant is a graph of its own, in training and in evaluation: room for them all
-            import torch._dynamo
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(all_flags))
         with kept_report_sections(SUB_RUN_SECTIONS):
             for label, flags in all_flags.items():
                 if label == "reference" or not args.only or label in args.only:

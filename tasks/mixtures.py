@@ -171,7 +171,7 @@ class Mixture:
         """entries: [(name, task, weight)] or [(name, task, weight, drop_code)]; weight 0 entries are dropped.
         Training rows that repeat an evaluation question (decontaminate) or hold code (drop_code) are dropped;
         rows holding code are dropped from the validation slice too (drop_code)."""
-        kept = []  # one (name, task, weight, train rows, val rows, dropped count) per source
+        self.names, self.tasks, self.weights, self.train, self.val, self.dropped = [], [], [], [], [], []
         eval_keys = eval_question_keys() if decontaminate else frozenset()
         for name, task, weight, *rest in entries:
             drop_code = bool(rest and rest[0])
@@ -184,10 +184,14 @@ class Mixture:
                 val = [i for i in val if not looks_like_code(task[i])]
             if not clean:
                 raise ValueError(f"mixture source {name!r} has no training rows")
-            kept.append((name, task, float(weight), clean, val, len(train) - len(clean)))
-        if not kept:
+            self.names.append(name)
+            self.tasks.append(task)
+            self.weights.append(float(weight))
+            self.train.append(clean)
+            self.val.append(val)
+            self.dropped.append(len(train) - len(clean))
+        if not self.names:
             raise ValueError("the mixture has no sources")
-        self.names, self.tasks, self.weights, self.train, self.val, self.dropped = map(list, zip(*kept))
 
     def rows_per_epoch(self, s):
         return round(self.weights[s] * len(self.train[s]))
