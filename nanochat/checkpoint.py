@@ -220,6 +220,14 @@ def build_model(ckpt_dir, step, device, phase="eval"):
             model = GPT(config)
     except (RuntimeError, ValueError, OverflowError) as e:
         raise CheckpointError(f"checkpoint {path}: its model_config cannot be built: {str(e)[:200]}") from None
+    # every tensor's shape, compared on the meta device: a config that declares more (e.g. a huge mlp_ratio) is
+    # refused here, before to_empty() allocates it
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for name in sorted(wanted.keys() | model_state.keys()):
+        have = tuple(model_state[name].shape) if name in model_state else None
+        if have != wanted.get(name):
+            raise CheckpointError(f"checkpoint file {path}/model.pt does not match the model_config in meta.json: "
+                                  f"{name} is {have or 'missing'} in the file, {wanted.get(name) or 'absent'} in the model")
     model.to_empty(device=device)
     model.init_weights()  # buffers such as rotary tables are not in the state dict
     try:

@@ -102,7 +102,8 @@ def test_model_config_fields_out_of_range(step_copy, tmp_path):
 
 def test_declared_model_far_larger_than_the_weights_is_refused_before_allocating(step_copy, tmp_path):
     """A config claiming a model of ~10^15 parameters next to a small model.pt: refused in well under a
-    second (the model is never built; building it would need petabytes)."""
+    second (the model is never built; building it would need petabytes). So is one whose tensors are too large
+    while its blocks and embedding match the file."""
     ckpt_dir, step = mutable_copy(step_copy, tmp_path)
     good = read_meta_json(ckpt_dir, step)
     for big in (dict(n_layer=1_000_000), dict(vocab_size=1_000_000_000), dict(n_embd=2**24, n_head=2**14, n_kv_head=2**14)):
@@ -110,6 +111,10 @@ def test_declared_model_far_larger_than_the_weights_is_refused_before_allocating
         t0 = time.perf_counter()
         assert_refused(ckpt_dir, step, "does not match model.pt")
         assert time.perf_counter() - t0 < 5
+    # the blocks and the embedding as in the file, an MLP ~40 GB wide (found by the fuzz test below): refused
+    # by the shapes compared on the meta device, before anything is allocated
+    write_meta(ckpt_dir, step, json.dumps({**good, "model_config": {**good["model_config"], "mlp_ratio": 651570}}))
+    assert_refused(ckpt_dir, step, "mlp.c_fc.weight is")
 
 
 def test_weight_file_tampering(step_copy, tmp_path):
