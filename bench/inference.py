@@ -7,7 +7,9 @@ Inference benchmark: prefill and decode throughput of nanochat.engine.Engine aga
 (c) a second peer: transformers' NanoChatForCausalLM, this very architecture implemented there, holding our
     model's weights (mapped by nanochat/hf.py, as scripts.export_hf writes them), generated the same way;
     the largest difference between its logits on the prompt and ours is printed first (rounding only).
-Plus KV-cache bytes per token for MHA against n_kv_head = n_head // 4, computed and measured.
+Plus KV-cache bytes per token for MHA against n_kv_head = n_head // 4, computed and measured, and the time to
+sample one token per row with a generator per row (a server's requests): torch.multinomial per row against
+engine.draw, at the model's vocabulary and at 65,536.
 
 Prefill tokens/s: one forward of (batch, prompt_len) tokens into a fresh cache, logits of the last position
 only (what generation needs: our last_only=True, the peer's logits_to_keep=1).
@@ -178,6 +180,26 @@ def bench_batch(model, engine, peers, batch, prompt, new_tokens, repeats, device
     return out
 
 
+def bench_sampling(batch, vocab, repeats, device):
+    """Best seconds to sample one token for each of `batch` rows of `vocab` probabilities, every row with its own
+    generator (a server's requests): torch.multinomial per row (the peer) against engine.draw (one uniform per
+    row, inverse CDF), timed round robin."""
+    from nanochat.engine import draw
+    probs = torch.softmax(torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0)), dim=-1).to(device)
+    gens = [torch.Generator(device=device).manual_seed(i) for i in range(batch)]
+
+    def multinomial():
+        torch.cat([torch.multinomial(probs[i:i + 1], 1, generator=g) for i, g in enumerate(gens)]).tolist()
+
+    def inverse_cdf():
+        draw(probs, torch.cat([torch.rand(1, generator=g, device=device) for g in gens])).tolist()
+    times = {multinomial: [], inverse_cdf: []}
+    for _ in range(repeats + 1):  # the first round warms up
+        for fn, ts in times.items():
+            ts.append(timed(fn, device))
+    return min(times[multinomial][1:]), min(times[inverse_cdf][1:])
+
+
 def fmt(x):
     return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
@@ -201,6 +223,8 @@ def main(argv=None):
     parser.add_argument("--nanochat-peer", type=str2bool, default=True,
                         help="also time HF transformers NanoChatForCausalLM.generate holding our weights")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--sampling", type=str2bool, default=True,
+                        help="also time sampling a token per row: torch.multinomial against engine.draw")
     parser.add_argument("--compile", type=str2bool, default=True, help="also time Engine(compile=True): the decode step compiled")
     args = parser.parse_args(argv)
     if args.gpu:
@@ -306,6 +330,15 @@ def main(argv=None):
     for b, r in results.items():
         if "compiled" in r:
             log(f"batch {b}: first compiled generation (incl. compilation) {r['compiled']['compile_s']:.1f}s")
+    if args.sampling:
+        log("")
+        log("Sampling a token for each row, every row with its own generator (temperature 1, no filter):")
+        log("| rows | vocab | torch.multinomial per row ms | engine.draw ms | draw speed-up |")
+        log("|---:|---:|---:|---:|---:|")
+        for b in batches:
+            for vocab in sorted({args.vocab_size, 65536}):
+                peer_s, ours_s = bench_sampling(b, vocab, args.repeats, device)
+                log(f"| {b} | {vocab:,} | {peer_s * 1e3:.3f} | {ours_s * 1e3:.3f} | {peer_s / ours_s:.1f}x |")
 
     log("")
     log(f"KV cache bytes per token (all layers, keys + values, {args.dtype}), MHA vs n_kv_head = n_head // 4:")

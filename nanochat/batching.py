@@ -26,10 +26,12 @@ the forward uses plain views. This padded layout (each row sized to the longest)
 cache for simplicity; its cost is bounded by admission: a request joins only if (rows after it joins) x
 (the longest reservation among them) stays within max_cached_tokens, where a request reserves its prompt
 plus max_tokens positions. A request larger than the whole budget is refused at submit; the others wait,
-so the cache never grows past the budget. The decode step runs eagerly (the compiled decode of
-Engine(compile=True) is specialised to one batch layout); that is logged once.
+so the cache never grows past the budget. With Engine(compile=True) the decode forward is the engine's
+compiled model (its sizes come from tensors, so one graph serves one row and one serves any other row count
+and length; a prefill runs eagerly).
 """
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -37,15 +39,17 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast_context, get_compute_dtype
-from nanochat.engine import GREEDY_BELOW_TEMPERATURE, RowState, filtered_probs
+from nanochat.engine import GREEDY_BELOW_TEMPERATURE, RowState, draw, filtered_probs
 
 log = logging.getLogger(__name__)
 
 
 class RowKVCache:
     """Keys and values of up to `rows` sequences, row b holding lengths[b] positions. Before each forward,
-    begin(n, t) says that rows [0, n) each get t new tokens; the model then reads get_pos() (each row's start
-    position, a tensor), inserts its keys per layer (insert_kv) and applies row_mask in attention."""
+    begin(n, t) says that rows [0, n) each get t new tokens (and counts them in lengths); the model then reads
+    get_pos() (each row's start position, a tensor), inserts its keys per layer (insert_kv) and applies
+    row_mask in attention. The sizes the forward uses (rows, the longest row's end) are tensors' sizes, not
+    Python numbers, so a compiled forward is not specialised to them."""
 
     def __init__(self, num_kv_heads, head_dim, num_layers, dtype, device):
         self.shape = (num_layers, 2, num_kv_heads, head_dim)
@@ -53,7 +57,7 @@ class RowKVCache:
         self._set_buffer(torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device))
         self.lengths = []
         self.row_mask = None
-        self._rows, self._grow = range(0), []
+        self._start = 0  # the first row of the forward begin() prepared
 
     @property
     def rows(self):
@@ -77,11 +81,9 @@ class RowKVCache:
         self.lengths = (self.lengths + [0] * rows)[:rows]
 
     def _set_buffer(self, kv):
-        # per layer: keys and values as (rows, H, capacity, D), and as (rows * H * capacity, D) for insert_kv's
-        # one index_copy_ (a view: each layer's keys are contiguous)
+        # per layer: keys and values as (rows, H, capacity, D) views
         self.kv = kv
         self.layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.size(0))]
-        self.flat = [(k.view(-1, k.size(-1)), v.view(-1, v.size(-1))) for k, v in self.layers]
 
     def move_row(self, src, dst):
         n = self.lengths[src]
@@ -94,8 +96,8 @@ class RowKVCache:
         fresh rows while the rows before them wait.) valid: per row, how many of the t tokens are real (prompts
         right-padded to t); a row's length then grows by that many only, so the padding's keys lie beyond it:
         masked out, then overwritten by the row's next tokens."""
-        self._rows, self._grow = range(start, start + n), list(valid) if valid is not None else [t] * n
-        if len(self._grow) != n or not all(0 < g <= t for g in self._grow):
+        grow = list(valid) if valid is not None else [t] * n
+        if len(grow) != n or not all(0 < g <= t for g in grow):
             raise ValueError(f"RowKVCache.begin: valid must give 1..{t} real tokens for each of the {n} rows, got {valid}")
         longest = max(self.lengths[start:start + n], default=0)
         if start + n > self.rows or longest + t > self.capacity:
@@ -106,9 +108,11 @@ class RowKVCache:
         # row b, head h, token i goes to flat row (b * H + h) * T + write[b, i] of a layer's (rows * H * T, D)
         base = (torch.arange(start, start + n, device=self.device)[:, None] * H + torch.arange(H, device=self.device)) * T
         self._index = (base[:, :, None] + write[:, None, :]).reshape(-1)
-        self._end = longest + t
-        keys = torch.arange(self._end, device=self.device)
+        keys = torch.arange(longest + t, device=self.device)
         self.row_mask = keys[None, None, None, :] <= write[:, None, :, None]  # (n, 1, t, end)
+        self._start = start
+        for b, g in zip(range(start, start + n), grow):  # the lengths once the forward has written its keys
+            self.lengths[b] += g
 
     def get_pos(self):
         return self._pos
@@ -117,15 +121,13 @@ class RowKVCache:
         """k, v: (n, H, t, D) for the rows begin() named; returns (n, H, end, D) views over those rows' positions
         so far (beyond a row's length: stale values, masked out)."""
         D = self.shape[3]
-        flat_keys, flat_values = self.flat[layer_idx]
-        flat_keys.index_copy_(0, self._index, k.reshape(-1, D).to(self.dtype))
-        flat_values.index_copy_(0, self._index, v.reshape(-1, D).to(self.dtype))
-        if layer_idx == self.shape[0] - 1:
-            for b, grow in zip(self._rows, self._grow):
-                self.lengths[b] += grow
         keys, values = self.layers[layer_idx]
-        rows = slice(self._rows.start, self._rows.stop)
-        return keys[rows, :, :self._end], values[rows, :, :self._end]
+        # one index_copy_ each into the layer's keys and values seen as (rows * H * capacity, D) (contiguous)
+        keys.view(-1, D).index_copy_(0, self._index, k.reshape(-1, D).to(self.dtype))
+        values.view(-1, D).index_copy_(0, self._index, v.reshape(-1, D).to(self.dtype))
+        # sizes from tensors, not Python ints, so that one compiled decode step serves every row count and length
+        n, end = k.size(0), self.row_mask.size(-1)
+        return keys.narrow(0, self._start, n)[:, :, :end], values.narrow(0, self._start, n)[:, :, :end]
 
 
 @dataclass(eq=False)
@@ -180,8 +182,6 @@ class BatchScheduler:
         self.cache = RowKVCache(config.n_kv_head, config.head_dim, config.n_layer, cache_dtype, self.device)
         self.waiting, self.active = deque(), []  # active[b] holds cache row b
         self.on_first_tokens = None  # see step()
-        if engine.compile:
-            log.info("continuous batching decodes eagerly: Engine(compile=True)'s compiled step serves one batch layout")
 
     def submit(self, tokens, max_tokens=None, temperature=1.0, top_k=None, top_p=None, seed=42, logprobs=None):
         """Queue a request (FIFO); ValueError for bad arguments or one that can never fit max_cached_tokens."""
@@ -198,6 +198,30 @@ class BatchScheduler:
             self.waiting.append(request)
         return request
 
+    def warm_up(self):
+        """With Engine(compile=True): compile the decode step now, not in the first users' requests, for each
+        case torch.compile tells apart (a size of 1 is special to it): one row in a one-row cache, several rows,
+        one row in a larger cache; a few requests of one token each, run to the end. Returns the seconds it took, None
+        when there is nothing to compile or compiling failed: then the engine decodes eagerly from now on (a
+        warning says why). The scheduler is left empty."""
+        if not self.engine.compile:
+            return None
+        t0 = time.perf_counter()
+        try:
+            for rows in (1, 2, 1) if self.max_batch > 1 else (1,):
+                for _ in range(rows):
+                    self.submit([0], max_tokens=2, temperature=0.0)
+                while self.has_work():
+                    self.step()
+        except Exception as e:  # e.g. no C++ compiler for inductor: serve anyway, eagerly
+            log.warning(f"the compiled decode step failed ({type(e).__name__}: {e}); decoding eagerly")
+            self.engine.compile = False
+            self.waiting.clear()
+            self.active.clear()
+            self.cache.lengths = [0] * len(self.cache.lengths)
+            return None
+        return time.perf_counter() - t0
+
     def has_work(self):
         return bool(self.waiting or self.active)
 
@@ -205,9 +229,9 @@ class BatchScheduler:
     def cached_tokens(self):
         return sum(self.cache.lengths[:len(self.active)])
 
-    def _forward(self, ids, cache, **kwargs):
+    def _forward(self, ids, cache, model=None, **kwargs):
         with autocast_context(self.device.type, self.compute_dtype):
-            return self.model(ids, kv_cache=cache, **kwargs)[:, -1, :]
+            return (model or self.model)(ids, kv_cache=cache, **kwargs)[:, -1, :]
 
     def _leave(self, request, reason):
         """Finish `request` and give its row to the last active request."""
@@ -250,10 +274,9 @@ class BatchScheduler:
     @staticmethod
     def _next_tokens(requests):
         """Each request's next token from its own logits, requests with the same sampling settings sampled
-        together (a handful of tensor ops per step instead of a dozen per request). Each row draws with its
-        own generator exactly what Engine.generate's sample_next_token draws alone: torch.multinomial(probs,
-        1, generator) is argmax(probs / q), q ~ Exp(1) drawn from the generator in probs' shape (torch's
-        one-sample path; tests/test_batching.py checks the two agree)."""
+        together (a handful of tensor ops per step instead of a dozen per request). Each row draws one uniform
+        from its own generator, so it samples exactly what Engine.generate's sample_next_token samples alone
+        (engine.draw; tests/test_batching.py checks the two agree)."""
         groups = {}
         for i, r in enumerate(requests):
             greedy = r.temperature < GREEDY_BELOW_TEMPERATURE
@@ -265,8 +288,8 @@ class BatchScheduler:
                 picked = logits.argmax(dim=-1)
             else:
                 probs, idx = filtered_probs(logits, *key)
-                q = torch.cat([torch.empty_like(probs[:1]).exponential_(generator=requests[i].rng) for i in rows])
-                choice = (probs / q).argmax(dim=-1, keepdim=True)
+                u = torch.cat([torch.rand(1, generator=requests[i].rng, device=probs.device) for i in rows])
+                choice = draw(probs, u)
                 picked = choice.squeeze(-1) if idx is None else idx.gather(-1, choice).squeeze(-1)
             for i, token in zip(rows, picked.tolist()):
                 tokens[i] = token
@@ -311,7 +334,7 @@ class BatchScheduler:
         if old:
             self.cache.begin(old, 1)
             ids = torch.tensor([[r.row.last] for r in self.active[:old]], device=self.device)  # each row's newest token
-            logits = self._forward(ids, self.cache)
+            logits = self._forward(ids, self.cache, model=self.engine._decoder() if self.engine.compile else None)
             for b, request in enumerate(self.active[:old]):
                 request.logits = logits[b:b + 1]
             more, more_done = self._sample(self.active[:old])

@@ -13,6 +13,7 @@ between <|python_start|> and <|python_end|> goes to the calculator, whose answer
 row as <|output_start|> result <|output_end|> (one token per step, marked 0 = not sampled, and fed
 through the model like any token so the cache stays consistent).
 """
+import importlib
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -130,13 +131,29 @@ def filtered_probs(logits, temperature, top_k=None, top_p=None):
     return F.softmax(vals, dim=-1), idx
 
 
+def draw(probs, uniforms):
+    """Inverse-CDF sampling: (B, K) probabilities and (B,) uniforms in [0, 1) -> (B, 1) indices, in each row the
+    first whose cumulative probability exceeds the uniform times the row's total (an entry of probability 0 is
+    never drawn). One random number per row: torch.multinomial draws an exponential per entry, which on a CPU
+    costs ~15 ms a step for 8 rows of a 65,536-token vocabulary (against ~0.3 ms here; docs/benchmarks.md).
+    The same uniforms give the same tokens whatever other rows are in the batch (rows are summed on their own)."""
+    cdf = probs.cumsum(dim=-1)
+    total = cdf[:, -1:]
+    if not torch.isfinite(total).all():
+        raise RuntimeError("sampling: the probabilities are not finite (the logits hold NaN or inf)")
+    # strictly below the total, so that rounding of u * total cannot step past the last entry
+    target = torch.minimum(uniforms.view(-1, 1).to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target, right=True)
+
+
 def sample_next_token(logits, rng, temperature=1.0, top_k=None, top_p=None):
     """(B, V) logits -> (B,) token ids. A temperature below GREEDY_BELOW_TEMPERATURE (0 included) is greedy
-    (argmax; top_k / top_p do not matter). Otherwise the probabilities of filtered_probs, sampled with `rng`."""
+    (argmax; top_k / top_p do not matter). Otherwise the probabilities of filtered_probs, drawn (draw()) with
+    one uniform per row from `rng`, in row order."""
     if temperature < GREEDY_BELOW_TEMPERATURE:
         return logits.argmax(dim=-1)
     probs, idx = filtered_probs(logits, temperature, top_k, top_p)
-    choice = torch.multinomial(probs, 1, generator=rng)
+    choice = draw(probs, torch.rand(probs.size(0), generator=rng, device=probs.device))
     return choice.squeeze(-1) if idx is None else idx.gather(-1, choice).squeeze(-1)
 
 
@@ -172,32 +189,34 @@ class RowState:
     forced: deque = field(default_factory=deque)
 
 
-class _InductorSettings:
-    """Set inductor config values while any thread is inside (a count, so that one of several engine
-    threads, e.g. the web server's GPU workers, leaving does not restore the old values under the others)."""
+class _CompileSettings:
+    """Set torch.compile config values ({config module: {name: value}}) while any thread is inside (a count, so
+    that one of several engine threads, e.g. the web server's GPU workers, leaving does not restore the old
+    values under the others)."""
     _lock = threading.Lock()
     _inside = 0
-    _saved = {}
+    _saved = []
 
-    def __init__(self, **values):
+    def __init__(self, values):
         self.values = values
 
     def __enter__(self):
-        import torch._inductor.config as config
         with self._lock:
-            if _InductorSettings._inside == 0:
-                _InductorSettings._saved = {k: getattr(config, k) for k in self.values}
-                for k, v in self.values.items():
-                    setattr(config, k, v)
-            _InductorSettings._inside += 1
+            if _CompileSettings._inside == 0:
+                configs = [(importlib.import_module(name), values) for name, values in self.values.items()]
+                _CompileSettings._saved = [(config, {k: getattr(config, k) for k in values}) for config, values in configs]
+                for config, values in configs:
+                    for k, v in values.items():
+                        setattr(config, k, v)
+            _CompileSettings._inside += 1
 
     def __exit__(self, *exc):
-        import torch._inductor.config as config
         with self._lock:
-            _InductorSettings._inside -= 1
-            if _InductorSettings._inside == 0:
-                for k, v in _InductorSettings._saved.items():
-                    setattr(config, k, v)
+            _CompileSettings._inside -= 1
+            if _CompileSettings._inside == 0:
+                for config, saved in _CompileSettings._saved:
+                    for k, v in saved.items():
+                        setattr(config, k, v)
 
 
 class Engine:
@@ -346,7 +365,11 @@ class Engine:
             # graph inputs), so the inductor config is set around each call, which is also when a
             # (re)compilation happens; a global setting would also freeze other no_grad graphs, e.g. a
             # compiled training model's evaluation, whose weights do change.
-            settings = _InductorSettings(freezing=True, cpp_wrapper=next(self.model.parameters()).device.type == "cpu")
+            # Duck shaping off: sizes that happen to be equal when a graph is traced (e.g. 2 rows, 2 cached
+            # positions) would be tied by a guard, and a server would recompile mid-stream once they differ.
+            cpu = next(self.model.parameters()).device.type == "cpu"
+            settings = _CompileSettings({"torch._inductor.config": dict(freezing=True, cpp_wrapper=cpu),
+                                         "torch.fx.experimental._config": dict(use_duck_shape=False)})
 
             def decode_model(*args, **kwargs):
                 with settings:

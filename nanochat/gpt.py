@@ -367,7 +367,8 @@ class GPT(nn.Module):
             raise ValueError("last_only=True returns logits; it cannot be combined with targets")
         B, T = idx.shape
         T0 = 0 if kv_cache is None else kv_cache.get_pos()  # an int, or (B,) positions of rows at their own lengths
-        end = (int(T0.max()) if isinstance(T0, torch.Tensor) else T0) + T
+        row_mask = getattr(kv_cache, "row_mask", None)  # with (B,) positions: (B, 1, T, end) keys each query sees
+        end = row_mask.size(-1) if isinstance(T0, torch.Tensor) else T0 + T  # a size, not a tensor's value: compiles
         if end > self.cos.size(1):  # only reachable in long generations, never in training
             self.cos, self.sin = self._rotary_tables(2 * end, device=idx.device)
         if isinstance(T0, torch.Tensor):
@@ -379,7 +380,6 @@ class GPT(nn.Module):
         windows = self.config.layer_windows()
         masks = {}
         if any(windows):  # which keys each query sees, one mask per window length; the key count is a plain int
-            row_mask = getattr(kv_cache, "row_mask", None)
             qpos = positions if isinstance(T0, torch.Tensor) else torch.arange(T0, T0 + T, device=idx.device)[None]
             Tk = row_mask.size(-1) if row_mask is not None else T0 + T
             masks = {w: self._window_mask(w, qpos, Tk, row_mask) for w in set(windows) - {None}}

@@ -108,9 +108,13 @@ class Worker:
 
     def _loop(self):
         on_device = torch.cuda.device(self.device) if self.device.type == "cuda" else nullcontext()
-        self._attach(self.scheduler)
         # the worker's device, mixed precision (the weights' casts cached across steps), no grad
         with on_device, torch.no_grad(), autocast_context(self.device.type, get_compute_dtype(self.device.type)):
+            # a compiled decode step compiles before the first request (BatchScheduler.warm_up)
+            seconds = self.scheduler.warm_up() if hasattr(self.scheduler, "warm_up") else None
+            if seconds is not None:
+                print(f"{self.name}: decode step compiled in {seconds:.1f}s", flush=True)
+            self._attach(self.scheduler)
             while not self.stopping:
                 while not self.inbox.empty():
                     self._start(self.inbox.get())

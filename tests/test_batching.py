@@ -112,6 +112,38 @@ def test_cancelled_requests_leave_at_once_and_free_their_row(random_gpt):
     assert peak == 3 and scheduler.cache.rows <= 3
 
 
+def test_compiled_decode_step_gives_the_eager_tokens(random_gpt):
+    """Engine(compile=True): warm_up() compiles the batch's decode forward up front, its sizes read from tensors
+    (rows, the longest row's length), so three graphs (one row in a one-row cache, several rows, one row in a
+    larger cache) serve every row count and length: no compilation after warm-up while requests of different
+    lengths join, leave and are cancelled; and the greedy tokens are the eager scheduler's."""
+    from torch._dynamo.utils import counters
+    prompts = prompts_of(11, 6)
+    arrivals = [(2 * i, p, dict(max_tokens=[6, 18, 11][i % 3], temperature=0.0)) for i, p in enumerate(prompts)]
+    _, want, _ = run(BatchScheduler(Engine(random_gpt, NoSpecials()), max_batch=3), arrivals, cancel_at={2: 5})
+    compiled = BatchScheduler(Engine(random_gpt, NoSpecials(), compile=True), max_batch=3)
+    graphs = counters["stats"]["unique_graphs"]
+    assert compiled.warm_up() > 0 and not compiled.has_work() and compiled.cached_tokens == 0
+    assert counters["stats"]["unique_graphs"] - graphs == 3
+    requests, got, peak = run(compiled, arrivals, cancel_at={2: 5})
+    assert got == want and peak == 3 and requests[2].finish_reason == "cancelled"
+    assert counters["stats"]["unique_graphs"] - graphs == 3
+
+
+def test_a_failing_compiled_step_falls_back_to_eager(random_gpt, monkeypatch, caplog):
+    engine = Engine(random_gpt, NoSpecials(), compile=True)
+
+    def broken():
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(engine, "_decoder", broken)
+    scheduler = BatchScheduler(engine, max_batch=2)
+    assert scheduler.warm_up() is None and not engine.compile and not scheduler.has_work()
+    assert "no C++ compiler" in caplog.text and "decoding eagerly" in caplog.text
+    prompt = prompts_of(12, 1)[0]
+    _, got, _ = run(scheduler, [(0, prompt, dict(max_tokens=8, temperature=0.0))])
+    assert got[0] == alone(Engine(random_gpt, NoSpecials()), prompt, max_tokens=8, temperature=0.0)
+
+
 class ScriptedBigram(nn.Module):
     """A model whose next token depends only on the current one (a lookup table), with the attention-cache
     bookkeeping of a real one: it inserts (zero) keys into whatever cache it is given, so positions advance."""
@@ -206,7 +238,7 @@ def test_logprobs(random_gpt):
 
 def test_batched_sampling_draws_what_each_request_draws_alone():
     """The scheduler samples rows with equal settings together; each row's token and its generator's state
-    afterwards are what sample_next_token (torch.multinomial) gives the row alone, for every filter."""
+    afterwards are what sample_next_token gives the row alone, for every filter."""
     from types import SimpleNamespace
     from nanochat.engine import sample_next_token
     settings = [(1.0, None, None), (0.7, 20, None), (1.3, None, 0.8), (0.9, 5, 0.5), (0.0, None, None), (1.0, 300, None)]

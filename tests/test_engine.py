@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import nanochat.engine as engine_module
 from nanochat.calculator import use_calculator
-from nanochat.engine import Engine, KVCache, sample_next_token
+from nanochat.engine import Engine, KVCache, draw, sample_next_token
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -104,7 +104,8 @@ def test_compiled_decode_equals_eager_and_guards_frozen_weights(tok):
 def test_inductor_settings_restored_only_when_the_last_user_leaves():
     import torch._inductor.config as config
     before = config.freezing
-    a, b = engine_module._InductorSettings(freezing=not before), engine_module._InductorSettings(freezing=not before)
+    settings = {"torch._inductor.config": dict(freezing=not before)}
+    a, b = engine_module._CompileSettings(settings), engine_module._CompileSettings(settings)
     with a:
         assert config.freezing == (not before)
         b.__enter__()  # a second engine thread enters, then the first leaves
@@ -243,6 +244,19 @@ def test_top_k_and_top_p_restrict_the_support():
     # frequencies follow the renormalized distribution: top_k=2 -> 0.5/0.8 = 0.625 for token 0
     draws = sample_next_token(logits, rng, temperature=1.0, top_k=2)
     assert abs((draws == 0).float().mean().item() - 0.625) < 0.03
+
+
+def test_draw_follows_the_distribution_with_one_uniform_per_row():
+    """engine.draw: over 20,000 rows the frequencies are the probabilities and an entry of probability 0 is never
+    drawn; the uniforms 0 and the largest float32 below 1 give the first and the last possible entry (rounding
+    cannot step past it); probabilities that are not finite are an error, not a token."""
+    probs = torch.tensor([0.0, 0.2, 0.0, 0.5, 0.3, 0.0])
+    got = draw(probs.expand(20000, -1), torch.rand(20000, generator=torch.Generator().manual_seed(1))).squeeze(-1)
+    freq = torch.bincount(got, minlength=6).float() / 20000
+    assert freq[[0, 2, 5]].sum() == 0 and (freq - probs).abs().max() < 0.015
+    assert draw(probs.expand(2, -1), torch.tensor([0.0, 1 - 2 ** -24])).squeeze(-1).tolist() == [1, 4]
+    with pytest.raises(RuntimeError, match="not finite"):
+        draw(torch.tensor([[0.5, float("nan")]]), torch.tensor([0.3]))
 
 
 def test_argument_errors_are_raised_at_call_time(tok):
