@@ -16,7 +16,7 @@ judge, deterministically for a given seed, comparably across stages (base, mid, 
   (nanochat.serve.ServeConfig, prompt i seeded seed + i) and greedily; text statistics below (METRICS).
 
 Under torchrun every rank takes items rank::world_size; sums are all-reduced and replies gathered, so the
-figures do not depend on the number of ranks. This module imports nothing from tasks/: the caller hands in
+figures do not depend on the number of ranks. This module does not use the tasks/ package: the caller hands in
 the conversations (scripts/chat_quality.py picks the held-out split of a mixture or a file).
 """
 import math

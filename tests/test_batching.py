@@ -112,6 +112,7 @@ def test_cancelled_requests_leave_at_once_and_free_their_row(random_gpt):
     assert peak == 3 and scheduler.cache.rows <= 3
 
 
+@pytest.mark.slow  # three compilations, ~1 min on 2 cores: run with pytest -m slow
 def test_compiled_decode_step_gives_the_eager_tokens(random_gpt):
     """Engine(compile=True): warm_up() compiles the batch's decode forward up front, its sizes read from tensors
     (rows, the longest row's length), so three graphs (one row in a one-row cache, several rows, one row in a
