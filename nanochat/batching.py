@@ -27,8 +27,8 @@ cache for simplicity; its cost is bounded by admission: a request joins only if 
 (the longest reservation among them) stays within max_cached_tokens, where a request reserves its prompt
 plus max_tokens positions. A request larger than the whole budget is refused at submit; the others wait,
 so the cache never grows past the budget. With Engine(compile=True) the decode forward is the engine's
-compiled model (its sizes come from tensors, so one graph serves one row and one serves any other row count
-and length; a prefill runs eagerly).
+compiled model: its sizes come from tensors, so the three graphs warm_up() compiles serve every row count and
+length (a prefill runs eagerly).
 """
 import logging
 import time
@@ -201,9 +201,9 @@ class BatchScheduler:
     def warm_up(self):
         """With Engine(compile=True): compile the decode step now, not in the first users' requests, for each
         case torch.compile tells apart (a size of 1 is special to it): one row in a one-row cache, several rows,
-        one row in a larger cache; a few requests of one token each, run to the end. Returns the seconds it took, None
-        when there is nothing to compile or compiling failed: then the engine decodes eagerly from now on (a
-        warning says why). The scheduler is left empty."""
+        one row in a larger cache; a few requests of one token each, run to the end. Returns the seconds it
+        took; None when there is nothing to compile or compiling failed, and then the engine decodes eagerly
+        from now on (a warning says why). The scheduler is left empty."""
         if not self.engine.compile:
             return None
         t0 = time.perf_counter()
