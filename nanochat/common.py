@@ -325,13 +325,6 @@ non_negative_int = number_type(int, lambda n: n >= 0, "an integer >= 0", "non_ne
 positive_float = number_type(float, lambda x: 0 < x < float("inf"), "a finite number > 0", "positive_float")
 non_negative_float = number_type(float, lambda x: 0 <= x < float("inf"), "a finite number >= 0", "non_negative_float")
 
-class DummyWandb:
-    """Stands in for a wandb run when none is requested, so training code logs unconditionally."""
-    def log(self, *args, **kwargs):
-        pass
-    def finish(self):
-        pass
-
 # -----------------------------------------------------------------------------
 # Peak throughput, for MFU. GPUs: dense bf16 tensor-core FLOP/s from vendor datasheets (no sparsity).
 # CPUs have no datasheet figure we can trust, so we measure a large matmul in the compute dtype.

@@ -16,7 +16,7 @@ import torch
 
 from nanochat.checkpoint import (CheckpointError, checkpoints_root, find_largest_model, find_last_step, load_checkpoint,
                                  load_model, resolve_checkpoint, save_checkpoint)
-from nanochat.common import (DummyWandb, all_reduce_sum, autocast_context, autodetect_device_type, compute_cleanup,
+from nanochat.common import (all_reduce_sum, autocast_context, autodetect_device_type, compute_cleanup,
                              compute_init, format_duration, get_compute_dtype, get_peak_memory, print0, synchronize)
 
 # -----------------------------------------------------------------------------
@@ -230,7 +230,7 @@ class StepLogger:
     and wandb when a run name is given. Only rank 0 writes."""
 
     def __init__(self, run_dir, run_name, config, rank=0, project="nanochat", resume=False):
-        self.rank, self.path, self.wandb = rank, os.path.join(run_dir, "log.jsonl"), DummyWandb()
+        self.rank, self.path, self.wandb = rank, os.path.join(run_dir, "log.jsonl"), None
         if rank != 0:
             return
         os.makedirs(run_dir, exist_ok=True)
@@ -250,7 +250,8 @@ class StepLogger:
             print0(line)
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
-        self.wandb.log(record)
+        if self.wandb:
+            self.wandb.log(record)
 
     def truncate_after(self, step):
         """On resume, drop records of steps after the checkpoint so the log reads as one run."""
@@ -262,7 +263,8 @@ class StepLogger:
             f.writelines(kept)
 
     def finish(self):
-        self.wandb.finish()
+        if self.wandb:
+            self.wandb.finish()
 
 class HeldOutLoss:
     """The held-out conversation loss of the chat stages (midtraining, SFT): the mean loss on the assistant tokens
