@@ -106,7 +106,7 @@ def measured_kv_bytes_per_token(config, device, dtype):
     """The same, measured on an allocated KVCache: its buffer bytes / (rows * positions)."""
     from nanochat.engine import KVCache
     cache = KVCache(2, config.n_kv_head, 16, config.head_dim, config.n_layer, dtype=dtype, device=device)
-    return cache.kv.numel() * cache.kv.element_size() // (2 * 16)
+    return sum(t.numel() * t.element_size() for t in cache.keys + cache.values) // (2 * 16)
 
 
 def bench_batch(model, engine, peers, batch, prompt, new_tokens, repeats, device, no_cache, compiled_engine=None):

@@ -31,6 +31,7 @@ compiled model: its sizes come from tensors, so the three graphs warm_up() compi
 length (a prefill runs eagerly).
 """
 import logging
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ from nanochat.common import autocast_context, get_compute_dtype
 from nanochat.engine import GREEDY_BELOW_TEMPERATURE, RowState, draw, filtered_probs
 
 log = logging.getLogger(__name__)
+# One warm-up compiles at a time in a process. Two workers compiling at once (bench.serve's two servers; a server
+# with a replica per GPU) left a worker on a graph built without the engine's inductor settings (weights not
+# frozen): its decode steps took 2.3x as long (docs/benchmarks.md).
+_COMPILING = threading.Lock()
 
 
 class RowKVCache:
@@ -49,45 +54,47 @@ class RowKVCache:
     begin(n, t) says that rows [0, n) each get t new tokens (and counts them in lengths); the model then reads
     get_pos() (each row's start position, a tensor), inserts its keys per layer (insert_kv) and applies
     row_mask in attention. The sizes the forward uses (rows, the longest row's end) are tensors' sizes, not
-    Python numbers, so a compiled forward is not specialised to them."""
+    Python numbers, so a compiled forward is not specialised to them. Each layer's keys and values are
+    (rows, H, capacity, D) tensors of their own, as in engine.KVCache (the reason is there)."""
 
     def __init__(self, num_kv_heads, head_dim, num_layers, dtype, device):
-        self.shape = (num_layers, 2, num_kv_heads, head_dim)
-        self.dtype, self.device = dtype, device
-        self._set_buffer(torch.zeros(num_layers, 2, 0, num_kv_heads, 0, head_dim, dtype=dtype, device=device))
+        self.num_kv_heads, self.head_dim, self.dtype, self.device = num_kv_heads, head_dim, dtype, device
+        self.keys = [self._zeros(0, 0) for _ in range(num_layers)]
+        self.values = [self._zeros(0, 0) for _ in range(num_layers)]
         self.lengths = []
         self.row_mask = None
         self._start = 0  # the first row of the forward begin() prepared
 
+    def _zeros(self, rows, length):
+        return torch.zeros(rows, self.num_kv_heads, length, self.head_dim, dtype=self.dtype, device=self.device)
+
     @property
     def rows(self):
-        return self.kv.size(2)
+        return self.keys[0].size(0)
 
     @property
     def capacity(self):
-        return self.kv.size(4)
+        return self.keys[0].size(2)
 
     def reserve(self, rows, length):
-        """Room for rows [0, rows) of `length` positions each. When it must grow, the new buffer is exactly that
+        """Room for rows [0, rows) of `length` positions each. When it must grow, the new buffers are exactly that
         size (rows beyond `rows` are free, and no active row is longer than `length`), so the cache is never
         larger than the scheduler's admission rule allows; what rows [0, rows) hold is kept."""
         if rows <= self.rows and length <= self.capacity:
             return
-        L, two, H, D = self.shape
-        bigger = torch.zeros(L, two, rows, H, length, D, dtype=self.dtype, device=self.device)
         keep_rows, keep_len = min(rows, self.rows), min(length, self.capacity)
-        bigger[:, :, :keep_rows, :, :keep_len] = self.kv[:, :, :keep_rows, :, :keep_len]
-        self._set_buffer(bigger)
-        self.lengths = (self.lengths + [0] * rows)[:rows]
 
-    def _set_buffer(self, kv):
-        # per layer: keys and values as (rows, H, capacity, D) views
-        self.kv = kv
-        self.layers = [(kv[i, 0], kv[i, 1]) for i in range(kv.size(0))]
+        def grown(old):
+            new = self._zeros(rows, length)
+            new[:keep_rows, :, :keep_len] = old[:keep_rows, :, :keep_len]
+            return new
+        self.keys, self.values = [grown(k) for k in self.keys], [grown(v) for v in self.values]
+        self.lengths = (self.lengths + [0] * rows)[:rows]
 
     def move_row(self, src, dst):
         n = self.lengths[src]
-        self.kv[:, :, dst, :, :n] = self.kv[:, :, src, :, :n]
+        for buffer in self.keys + self.values:
+            buffer[dst, :, :n] = buffer[src, :, :n]
         self.lengths[dst], self.lengths[src] = n, 0
 
     def begin(self, n, t, start=0, valid=None):
@@ -102,7 +109,7 @@ class RowKVCache:
         longest = max(self.lengths[start:start + n], default=0)
         if start + n > self.rows or longest + t > self.capacity:
             raise RuntimeError("RowKVCache.begin: the rows outgrew their reservation")
-        H, T = self.shape[2], self.capacity
+        H, T = self.num_kv_heads, self.capacity
         self._pos = torch.tensor(self.lengths[start:start + n], device=self.device)
         write = self._pos[:, None] + torch.arange(t, device=self.device)  # (n, t) positions written
         # row b, head h, token i goes to flat row (b * H + h) * T + write[b, i] of a layer's (rows * H * T, D)
@@ -120,8 +127,8 @@ class RowKVCache:
     def insert_kv(self, layer_idx, k, v):
         """k, v: (n, H, t, D) for the rows begin() named; returns (n, H, end, D) views over those rows' positions
         so far (beyond a row's length: stale values, masked out)."""
-        D = self.shape[3]
-        keys, values = self.layers[layer_idx]
+        D = self.head_dim
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
         # one index_copy_ each into the layer's keys and values seen as (rows * H * capacity, D) (contiguous)
         keys.view(-1, D).index_copy_(0, self._index, k.reshape(-1, D).to(self.dtype))
         values.view(-1, D).index_copy_(0, self._index, v.reshape(-1, D).to(self.dtype))
@@ -206,13 +213,14 @@ class BatchScheduler:
         from now on (a warning says why). The scheduler is left empty."""
         if not self.engine.compile:
             return None
-        t0 = time.perf_counter()
         try:
-            for rows in (1, 2, 1) if self.max_batch > 1 else (1,):
-                for _ in range(rows):
-                    self.submit([0], max_tokens=2, temperature=0.0)
-                while self.has_work():
-                    self.step()
+            with _COMPILING:
+                t0 = time.perf_counter()
+                for rows in (1, 2, 1) if self.max_batch > 1 else (1,):
+                    for _ in range(rows):
+                        self.submit([0], max_tokens=2, temperature=0.0)
+                    while self.has_work():
+                        self.step()
         except Exception as e:  # e.g. no C++ compiler for inductor: serve anyway, eagerly
             log.warning(f"the compiled decode step failed ({type(e).__name__}: {e}); decoding eagerly")
             self.engine.compile = False

@@ -27,14 +27,19 @@ from nanochat.common import autocast_context, get_compute_dtype
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: one tensor of shape (L, 2, B, Hkv, T, D).
+    """Preallocated keys and values: per layer, a (B, Hkv, T, D) tensor of keys and one of values.
 
     The model's attention calls insert_kv(layer_idx, k, v) with the new chunk's keys/values of shape
     (B, Hkv, t, D) and gets back views covering positions [0, pos + t) to attend over. The position
     advances AUTOMATICALLY when the last layer has inserted its chunk, so one model forward = one
     advance by t; get_pos() read before a forward is the position of the chunk's first token (the
     model offsets its rotary embeddings by it). When a sequence outruns the preallocated length the
-    buffer grows (capacity doubles), so callers may size it for the common case."""
+    buffers grow (capacity doubles), so callers may size it for the common case.
+
+    Each buffer is a tensor of its own, not a view of one shared tensor: torch.compile turns writes into
+    views of one graph input's storage into a copy of the whole storage per step (a compiled decode step of
+    one row took 1.1 ms with a 1-row cache and 24.5 ms with a 64-row one, docs/benchmarks.md); into tensors
+    of their own it writes in place."""
 
     row_mask = None  # every row at the same position: attention needs no per-row mask (see batching.RowKVCache)
 
@@ -47,20 +52,17 @@ class KVCache:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.num_layers = num_layers
-        self._set_buffer(torch.zeros(num_layers, 2, batch_size, num_kv_heads, seq_len, head_dim, dtype=dtype, device=device))
+        self.dtype, self.device = dtype, device
+        self.keys, self.values = self._zeros(seq_len), self._zeros(seq_len)
         self.pos = 0
 
-    def _set_buffer(self, kv):
-        # per-layer views made once: insert_kv runs L times per decoded token, so it avoids re-indexing
-        self.kv = kv
-        # (plain indexing, not unbind: unbind's multi-output views refuse in-place writes of tensors
-        # that require grad, e.g. a cache used by a model outside torch.no_grad)
-        self.keys = [kv[i, 0] for i in range(kv.size(0))]
-        self.values = [kv[i, 1] for i in range(kv.size(0))]
+    def _zeros(self, seq_len):
+        shape = (self.batch_size, self.num_kv_heads, seq_len, self.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.num_layers)]
 
     @property
     def capacity(self):
-        return self.kv.size(4)
+        return self.keys[0].size(2)
 
     def get_pos(self):
         return self.pos
@@ -72,9 +74,10 @@ class KVCache:
         if needed <= self.capacity:
             return
         new_len = max(needed, 2 * self.capacity)
-        bigger = self.kv.new_zeros(*self.kv.shape[:4], new_len, self.head_dim)
-        bigger[..., :self.pos, :] = self.kv[..., :self.pos, :]
-        self._set_buffer(bigger)
+        keys, values = self._zeros(new_len), self._zeros(new_len)
+        for bigger, old in zip(keys + values, self.keys + self.values):
+            bigger[:, :, :self.pos] = old[:, :, :self.pos]
+        self.keys, self.values = keys, values
 
     def insert_kv(self, layer_idx, k, v):
         """Write this chunk at [pos, pos + t) of layer `layer_idx`; return (keys, values) for [0, pos + t)."""
@@ -99,7 +102,8 @@ class KVCache:
             raise ValueError(f"KVCache.prefill: source batch must be 1 or {self.batch_size}, got {other.batch_size}")
         self.pos = 0
         self._ensure_capacity(other.pos)
-        self.kv[..., :other.pos, :] = other.kv[..., :other.pos, :]  # broadcasts over the batch dim
+        for mine, theirs in zip(self.keys + self.values, other.keys + other.values):
+            mine[:, :, :other.pos] = theirs[:, :, :other.pos]  # broadcasts over the batch dim
         self.pos = other.pos
 
 # -----------------------------------------------------------------------------

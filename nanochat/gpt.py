@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.common import dist_rank_world
-from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attention
+from nanochat.kernels import ChunkedHeadLoss, SoftcapCrossEntropy, causal_attention, decode_attention
 
 ACTIVATIONS = {"relu2": lambda x: F.relu(x).square(), "gelu": F.gelu, "silu": F.silu}  # name -> function
 MAX_SEQUENCE_LEN = 1 << 20
@@ -177,7 +177,9 @@ class CausalSelfAttention(nn.Module):
             mask = torch.ones(T, Tk, dtype=torch.bool, device=q.device).tril(diagonal=Tk - T)
         if mask is None and Tk == T:  # training, or a prefill into an empty cache: plain causal
             y = causal_attention(q, k, v)
-        else:  # a mask, or a decode step (T == 1: the new query sees every cached position)
+        elif T == 1:  # a decode step: the new query sees every cached position (of its row, with a mask)
+            y = decode_attention(q, k, v, mask)
+        else:  # a chunk with a mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
 

@@ -6,6 +6,7 @@ composed reference in tests/test_gpt.py.
 
 - causal_attention: plain causal attention (training, a prefill into an empty cache); compiled CPU
   training with gradients takes CausalAttentionRecompute (~10% of a d6 fwd+bwd), everything else SDPA.
+- decode_attention: a decode step (one query per row); compiled on CPU, batched matmuls that inductor fuses.
 - SoftcapCrossEntropy: the per-token losses (loss_reduction "none": evaluation, RL).
 - ChunkedHeadLoss: the training loss, the head matmul included, a chunk of token rows at a time.
 _capped, _token_losses and _logit_grads are the softcap, losses and logits' gradient both losses share;
@@ -62,6 +63,25 @@ def causal_attention(q, k, v):
             and B * H * T * T <= RECOMPUTE_ATTENTION_MAX_SCORES):
         return CausalAttentionRecompute.apply(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != k.size(1))
+
+
+def decode_attention(q, k, v, mask):
+    """A decode step's attention: one query per row, (B, H, 1, D), over (B, Hkv, Tk, D) cached keys and values,
+    `mask` None or broadcastable to (B, 1, 1, Tk). Compiled on CPU it is two batched matmuls and a softmax (scores
+    in fp32, as the flash kernel keeps them), which inductor fuses: the flash kernel, called from the graph, works
+    per (row, head) block, and a compiled decode step with it took 1.3-1.5x as long at 1-16 rows (docs/benchmarks.md,
+    continuous batching). Eager, the composed version's extra ops cancel its gain, so SDPA stays. GQA: a KV head's
+    G query heads are G rows against its keys."""
+    B, H, _, D = q.shape
+    Hkv = k.size(1)
+    if (q.device.type != "cpu" or not torch.compiler.is_compiling()
+            or (mask is not None and mask.dim() == 4 and mask.size(1) != 1)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+    with torch.autocast(q.device.type, enabled=False):  # autocast would take the scores' matmul to bf16
+        scores = q.reshape(B, Hkv, H // Hkv, D).float() @ k.float().transpose(-1, -2) * D**-0.5  # (B, Hkv, G, Tk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (scores.softmax(-1).to(v.dtype) @ v).view(B, H, 1, D)
 
 
 # Up to this softcap the capped logits' logsumexp is taken with the constant shift by cap instead of a row max

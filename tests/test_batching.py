@@ -117,14 +117,24 @@ def test_compiled_decode_step_gives_the_eager_tokens(random_gpt):
     """Engine(compile=True): warm_up() compiles the batch's decode forward up front, its sizes read from tensors
     (rows, the longest row's length), so three graphs (one row in a one-row cache, several rows, one row in a
     larger cache) serve every row count and length: no compilation after warm-up while requests of different
-    lengths join, leave and are cancelled; and the greedy tokens are the eager scheduler's."""
+    lengths join, leave and are cancelled; and the greedy tokens are the eager scheduler's. Another worker's
+    scheduler warming up at the same time in another thread (a replica per device in one process) adds no graph:
+    compiled at once, the two left one worker on a fourth graph built without the engine's settings."""
+    import threading
     from torch._dynamo.utils import counters
     prompts = prompts_of(11, 6)
     arrivals = [(2 * i, p, dict(max_tokens=[6, 18, 11][i % 3], temperature=0.0)) for i, p in enumerate(prompts)]
     _, want, _ = run(BatchScheduler(Engine(random_gpt, NoSpecials()), max_batch=3), arrivals, cancel_at={2: 5})
     compiled = BatchScheduler(Engine(random_gpt, NoSpecials(), compile=True), max_batch=3)
+    other = BatchScheduler(Engine(random_gpt, NoSpecials(), compile=True), max_batch=1)
     graphs = counters["stats"]["unique_graphs"]
-    assert compiled.warm_up() > 0 and not compiled.has_work() and compiled.cached_tokens == 0
+    seconds = {}
+    threads = [threading.Thread(target=lambda s=s: seconds.update({s.max_batch: s.warm_up()})) for s in (compiled, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seconds[3] > 0 and seconds[1] > 0 and not compiled.has_work() and compiled.cached_tokens == 0
     assert counters["stats"]["unique_graphs"] - graphs == 3
     requests, got, peak = run(compiled, arrivals, cancel_at={2: 5})
     assert got == want and peak == 3 and requests[2].finish_reason == "cancelled"

@@ -514,6 +514,41 @@ def test_recompute_attention_matches_sdpa(monkeypatch, n_kv_head, dtype):
     assert "FlashAttention" in type(eager.grad_fn).__name__, type(eager.grad_fn).__name__
 
 
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_matches_sdpa(n_kv_head, dtype):
+    """A decode step's attention (one query per row), compiled on CPU: batched matmuls with the scores in fp32,
+    even under bf16 autocast (no SDPA call in the graph), for each mask a decode step passes (rows' lengths,
+    a window without rows, none) and GQA; the same output as SDPA. Eager, it is SDPA itself."""
+    import nanochat.kernels as kernels
+    from torch._dynamo.backends.common import aot_autograd
+    from functorch.compile import make_boxed_func
+    torch.manual_seed(0)
+    B, Tk = 5, 37
+    q = torch.randn(B, 4, 1, 32, dtype=dtype)
+    k, v = (torch.randn(B, n_kv_head, Tk, 32, dtype=dtype) for _ in range(2))
+    lengths = torch.tensor([1, 37, 20, 5, 30])
+    masks = [(torch.arange(Tk) < lengths[:, None])[:, None, None, :], torch.arange(Tk)[None, :] > 10, None]
+    graphs = []
+    def record(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return make_boxed_func(gm.forward)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for mask in masks:
+        ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
+                                             enable_gqa=n_kv_head != 4).to(dtype)
+        torch._dynamo.reset()
+        graphs.clear()
+        compiled = torch.compile(kernels.decode_attention, backend=aot_autograd(fw_compiler=record), fullgraph=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = compiled(q, k, v, mask)
+        assert len(graphs) == 1 and "scaled_dot_product" not in graphs[0]
+        assert dtype == torch.float32 or "torch.float32" in graphs[0]  # bf16 inputs: converted to fp32 for the scores
+        assert out.shape == q.shape and out.dtype == dtype
+        torch.testing.assert_close(out, ref, **tol)
+        torch.testing.assert_close(kernels.decode_attention(q, k, v, mask), ref, **tol)  # eager: SDPA
+
+
 def test_torch_compile_traces_whole_model():
     """Dynamo + AOT autograd without codegen (seconds): the model compiles as one graph, fwd + bwd."""
     _compile_check("aot_eager", torch.float32)
