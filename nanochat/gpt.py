@@ -178,7 +178,7 @@ class CausalSelfAttention(nn.Module):
         if mask is None and Tk == T:  # training, or a prefill into an empty cache: plain causal
             y = causal_attention(q, k, v)
         elif T == 1:  # a decode step: the new query sees every cached position (of its row, with a mask)
-            y = decode_attention(q, k, v, mask)
+            y = decode_attention(q, k, v, mask, self.n_kv_head != self.n_head)
         else:  # a chunk with a mask
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_head != self.n_head)
         return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))

@@ -65,9 +65,10 @@ def causal_attention(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=H != k.size(1))
 
 
-def decode_attention(q, k, v, mask):
+def decode_attention(q, k, v, mask, enable_gqa):
     """A decode step's attention: one query per row, (B, H, 1, D), over (B, Hkv, Tk, D) cached keys and values,
-    `mask` None or broadcastable to (B, 1, 1, Tk). Compiled on CPU it is two batched matmuls and a softmax (scores
+    `mask` None or broadcastable to (B, 1, 1, Tk); enable_gqa a Python bool (H != Hkv; from the config, since with
+    dynamic shapes the sizes here are symbols, and SDPA takes no symbolic bool). Compiled on CPU it is two batched matmuls and a softmax (scores
     in fp32, as the flash kernel keeps them), which inductor fuses: the flash kernel, called from the graph, works
     per (row, head) block, and a compiled decode step with it took 1.3-1.5x as long at 1-16 rows (docs/benchmarks.md,
     continuous batching). Eager, the composed version's extra ops cancel its gain, so SDPA stays. GQA: a KV head's
@@ -76,7 +77,7 @@ def decode_attention(q, k, v, mask):
     Hkv = k.size(1)
     if (q.device.type != "cpu" or not torch.compiler.is_compiling()
             or (mask is not None and mask.dim() == 4 and mask.size(1) != 1)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != Hkv)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
     with torch.autocast(q.device.type, enabled=False):  # autocast would take the scores' matmul to bf16
         scores = q.reshape(B, Hkv, H // Hkv, D).float() @ k.float().transpose(-1, -2) * D**-0.5  # (B, Hkv, G, Tk)
         if mask is not None:

@@ -519,7 +519,7 @@ def test_recompute_attention_matches_sdpa(monkeypatch, n_kv_head, dtype):
 def test_decode_attention_matches_sdpa(n_kv_head, dtype):
     """A decode step's attention (one query per row), compiled on CPU: batched matmuls with the scores in fp32,
     even under bf16 autocast (no SDPA call in the graph), for each mask a decode step passes (rows' lengths,
-    a window without rows, none) and GQA; the same output as SDPA. Eager, it is SDPA itself."""
+    a window without rows, none) and GQA; the same output as SDPA. Eager, or with a mask per head, it is SDPA."""
     import nanochat.kernels as kernels
     from torch._dynamo.backends.common import aot_autograd
     from functorch.compile import make_boxed_func
@@ -528,7 +528,10 @@ def test_decode_attention_matches_sdpa(n_kv_head, dtype):
     q = torch.randn(B, 4, 1, 32, dtype=dtype)
     k, v = (torch.randn(B, n_kv_head, Tk, 32, dtype=dtype) for _ in range(2))
     lengths = torch.tensor([1, 37, 20, 5, 30])
-    masks = [(torch.arange(Tk) < lengths[:, None])[:, None, None, :], torch.arange(Tk)[None, :] > 10, None]
+    per_head = torch.rand(B, 4, 1, Tk, generator=torch.Generator().manual_seed(1)) > 0.3
+    per_head[..., 0] = True
+    # a mask per head is left to SDPA (also compiled with symbolic sizes: no graph break)
+    masks = [(torch.arange(Tk) < lengths[:, None])[:, None, None, :], torch.arange(Tk)[None, :] > 10, None, per_head]
     graphs = []
     def record(gm, example_inputs):
         graphs.append(str(gm.graph))
@@ -539,14 +542,16 @@ def test_decode_attention_matches_sdpa(n_kv_head, dtype):
                                              enable_gqa=n_kv_head != 4).to(dtype)
         torch._dynamo.reset()
         graphs.clear()
-        compiled = torch.compile(kernels.decode_attention, backend=aot_autograd(fw_compiler=record), fullgraph=True)
+        compiled = torch.compile(kernels.decode_attention, backend=aot_autograd(fw_compiler=record), fullgraph=True,
+                                 dynamic=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = compiled(q, k, v, mask)
-        assert len(graphs) == 1 and "scaled_dot_product" not in graphs[0]
-        assert dtype == torch.float32 or "torch.float32" in graphs[0]  # bf16 inputs: converted to fp32 for the scores
+            out = compiled(q, k, v, mask, n_kv_head != 4)
+        assert len(graphs) == 1 and ("scaled_dot_product" in graphs[0]) == (mask is per_head)
+        # bf16 inputs: converted to fp32 for the scores
+        assert dtype == torch.float32 or mask is per_head or "torch.float32" in graphs[0]
         assert out.shape == q.shape and out.dtype == dtype
         torch.testing.assert_close(out, ref, **tol)
-        torch.testing.assert_close(kernels.decode_attention(q, k, v, mask), ref, **tol)  # eager: SDPA
+        torch.testing.assert_close(kernels.decode_attention(q, k, v, mask, n_kv_head != 4), ref, **tol)  # eager: SDPA
 
 
 def test_torch_compile_traces_whole_model():
