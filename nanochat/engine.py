@@ -139,7 +139,7 @@ def draw(probs, uniforms):
     """Inverse-CDF sampling: (B, K) probabilities and (B,) uniforms in [0, 1) -> (B, 1) indices, in each row the
     first whose cumulative probability exceeds the uniform times the row's total (an entry of probability 0 is
     never drawn). One random number per row: torch.multinomial draws an exponential per entry, which on a CPU
-    costs ~15 ms a step for 8 rows of a 65,536-token vocabulary (against ~0.3 ms here; docs/benchmarks.md).
+    cost 26.6 ms a step for 8 rows of a 65,536-token vocabulary (against 1.0 ms here; docs/benchmarks.md).
     The same uniforms give the same tokens whatever other rows are in the batch (rows are summed on their own)."""
     cdf = probs.cumsum(dim=-1)
     total = cdf[:, -1:]

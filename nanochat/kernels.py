@@ -67,12 +67,13 @@ def causal_attention(q, k, v):
 
 def decode_attention(q, k, v, mask, enable_gqa):
     """A decode step's attention: one query per row, (B, H, 1, D), over (B, Hkv, Tk, D) cached keys and values,
-    `mask` None or broadcastable to (B, 1, 1, Tk); enable_gqa a Python bool (H != Hkv; from the config, since with
-    dynamic shapes the sizes here are symbols, and SDPA takes no symbolic bool). Compiled on CPU it is two batched matmuls and a softmax (scores
-    in fp32, as the flash kernel keeps them), which inductor fuses: the flash kernel, called from the graph, works
-    per (row, head) block, and a compiled decode step with it took 1.3-1.5x as long at 1-16 rows (docs/benchmarks.md,
-    continuous batching). Eager, the composed version's extra ops cancel its gain, so SDPA stays. GQA: a KV head's
-    G query heads are G rows against its keys."""
+    `mask` None or broadcastable to (B, 1, 1, Tk); enable_gqa a Python bool, H != Hkv from the config (with
+    dynamic shapes the sizes here are symbols, and SDPA takes no symbolic bool).
+    Compiled on CPU it is two batched matmuls and a softmax (scores in fp32, as the flash kernel keeps them),
+    which inductor fuses: the flash kernel, called from the graph, works per (row, head) block, and a compiled
+    decode step with it took 1.3-1.5x as long at 1-16 rows (docs/benchmarks.md, continuous batching). Eager, the
+    composed version's extra ops cancel its gain, so SDPA stays. GQA: a KV head's G query heads are G rows
+    against its keys."""
     B, H, _, D = q.shape
     Hkv = k.size(1)
     if (q.device.type != "cpu" or not torch.compiler.is_compiling()
